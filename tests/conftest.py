@@ -1,0 +1,161 @@
+"""Offline fixtures shared by every test: a tiny Llama, two tokenizers trained on the spot, a small Alpaca data file.
+
+Everything is built in seconds from text the repo has, with no network. Session-scoped: build once, reuse.
+Tests must not modify the fixture folders; copy them first (e.g. shutil.copytree) if they need to.
+"""
+
+import io
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # so tests can `import utils`, `import train`, ... from any working directory
+
+from utils import PROMPT_DICT  # noqa: E402
+
+# The reference data lives beside the checkout (../shared/data); ALPACA_SHARED_DATA may point elsewhere.
+SHARED_DATA_DIR = Path(os.environ.get("ALPACA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+TINY_VOCAB_SIZE = 600
+
+# A small, varied Alpaca-format sample: with and without input, one empty output, non-ASCII text, long and short rows.
+SAMPLE_RECORDS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep seven to nine hours a night."},
+    {"instruction": "Translate the sentence into French.", "input": "The library opens at nine.",
+     "output": "La bibliothèque ouvre à neuf heures."},
+    {"instruction": "Classify the sentiment of the review as positive or negative.",
+     "input": "The battery died after two days and support never answered.", "output": "Negative"},
+    {"instruction": "What is the capital of Australia?", "input": "", "output": "Canberra."},
+    {"instruction": "Summarize the paragraph in one sentence.",
+     "input": "Bees pollinate a third of the crops we eat. Their numbers have fallen because of pesticides, "
+              "habitat loss and disease, which worries farmers and scientists alike.",
+     "output": "Falling bee numbers, caused by pesticides, habitat loss and disease, threaten crop pollination."},
+    {"instruction": "Rewrite the sentence in the passive voice.", "input": "The committee approved the budget.",
+     "output": "The budget was approved by the committee."},
+    {"instruction": "Compute the area of a rectangle.", "input": "Width 4 m, length 7.5 m.", "output": "30 square metres."},
+    {"instruction": "Suggest a name for a coffee shop near a university.", "input": "", "output": "The Study Bean"},
+    {"instruction": "Explain why the sky is blue.", "input": "",
+     "output": "Sunlight is scattered by air molecules, and short blue wavelengths scatter far more than red ones, "
+               "so blue light reaches our eyes from every direction of the sky."},
+    {"instruction": "Find the bug in the Python function.", "input": "def add(a, b):\n    return a - b",
+     "output": "It subtracts instead of adding; it should return a + b."},
+    {"instruction": "List the prime numbers between 10 and 30.", "input": "", "output": "11, 13, 17, 19, 23, 29"},
+    {"instruction": "Write a haiku about autumn rain.", "input": "",
+     "output": "Cold rain on red leaves\nthe gutter hums a low song\nthe street smells of earth"},
+    {"instruction": "Extract the dates mentioned in the text.",
+     "input": "The contract was signed on 3 March 2021 and renewed on 1 April 2023.",
+     "output": "3 March 2021; 1 April 2023"},
+    {"instruction": "Convert 72 degrees Fahrenheit to Celsius.", "input": "", "output": "About 22.2 °C."},
+    {"instruction": "Give an antonym for the word.", "input": "generous", "output": "stingy"},
+    {"instruction": "Answer the question with yes or no.", "input": "Is a tomato a fruit?", "output": ""},
+]
+
+
+def sample_text_lines():
+    """The text the tokenizers are trained on: the Alpaca templates, the sample records, and this repo's utils.py."""
+    lines = [PROMPT_DICT["prompt_input"], PROMPT_DICT["prompt_no_input"]]
+    for record in SAMPLE_RECORDS:
+        lines += [record["instruction"], record["input"], record["output"]]
+    lines += (REPO_ROOT / "utils.py").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def alpaca_sample_path(tmp_path_factory):
+    """A small Alpaca-format JSON file (16 records, one with an empty output), written like the original (indent 4)."""
+    path = tmp_path_factory.mktemp("data") / "alpaca_sample.json"
+    path.write_text(json.dumps(SAMPLE_RECORDS, indent=4), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_sample_records():
+    return [dict(r) for r in SAMPLE_RECORDS]
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(tmp_path_factory):
+    """A LLaMA-like tokenizer: sentencepiece BPE with byte fallback (unk 0, bos 1, eos 2, no pad), loaded through
+    LlamaTokenizer.from_pretrained on a folder holding tokenizer.model (add_bos_token=True), then save_pretrained.
+    (transformers 5 has no slow tokenizers; LlamaTokenizer(vocab_file=...) silently builds an empty vocab.)"""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    lines = sample_text_lines()
+    random.Random(0).shuffle(lines)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 3), model_writer=model, vocab_size=TINY_VOCAB_SIZE, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    raw_dir = tmp_path_factory.mktemp("llama_tokenizer_raw")
+    (raw_dir / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(str(raw_dir), add_bos_token=True)
+    out_dir = tmp_path_factory.mktemp("llama_tokenizer")
+    tokenizer.save_pretrained(str(out_dir))
+    # Keep the sentencepiece model beside it: some tests (weight_diff) need a tokenizer.model-only folder.
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer trained with the HF `tokenizers` library, with <unk>/<s>/</s> but no pad token and
+    no BOS added (like many non-LLaMA models), wrapped in PreTrainedTokenizerFast and saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(sample_text_lines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    out_dir = tmp_path_factory.mktemp("hf_tokenizer")
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random-init fp32 Llama (hidden 64, 2 layers, 4 heads, vocab 600), seed 0, saved with save_pretrained
+    (safetensors). Its vocabulary matches both fixture tokenizers (ids < 600)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(make_tiny_llama_config()).to(torch.float32)
+    out_dir = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """Path of ../shared/data (the original Alpaca / self-instruct reference files), or skip when it is absent."""
+    if not (SHARED_DATA_DIR / "alpaca_data.json").exists():
+        pytest.skip(f"reference data not found at {SHARED_DATA_DIR} (a fresh clone has no ../shared/data); "
+                    "set ALPACA_SHARED_DATA to its folder to run this test")
+    return SHARED_DATA_DIR

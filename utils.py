@@ -1,0 +1,311 @@
+"""The one prompt/format module every Alpaca stage imports.
+
+What lives here, and why here:
+  * PROMPT_DICT / format_prompt / IGNORE_INDEX: the Alpaca templates, character-for-character the original's, so that
+    data generation, training and inference all see the same text.
+  * jload / jdump (same signatures as the original) and jsonl helpers. Writes to a path are atomic: a temp file in the
+    same folder, fsync, then os.replace, so a crash leaves either the old file or the new one, never half of one.
+  * load_alpaca_data: reads Alpaca-format JSON or JSONL and validates every record, naming file, record and field.
+  * download: fetches the original data files from pinned URLs and verifies their sha256 before moving them into place.
+  * extend_rows_with_mean: the row-resizing rule of smart_tokenizer_and_embedding_resize, shared by train.py and
+    weight_diff.py so that a recovered model is bit-identical to a trained one.
+
+Command line (python-fire):
+    python utils.py download alpaca_data            # -> ./alpaca_data.json, sha256-verified
+    python utils.py download seed_tasks_original    # -> ./seed_tasks_original.jsonl (the 175 self-instruct seeds)
+    python utils.py validate alpaca_data.json       # check a data file and print its counts
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+PROMPT_DICT = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+ALPACA_FIELDS = ("instruction", "input", "output")
+
+
+def format_prompt(example: dict) -> str:
+    """The Alpaca prompt for one record: the input template when `input` is non-empty, else the no-input one.
+
+    This is exactly the rule of the original train.py (`example.get("input", "") != ""`).
+    """
+    if example.get("input", "") != "":
+        return PROMPT_DICT["prompt_input"].format_map(example)
+    return PROMPT_DICT["prompt_no_input"].format_map(example)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic files and JSON
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", encoding="utf-8"):
+    """Open a temp file beside `path`; on a clean exit fsync it and os.replace it onto `path`.
+
+    On an exception (or a kill) the temp file is removed (or left as an obviously-named `.tmp` orphan) and `path` is
+    untouched. Modes: "w" / "wb" write fresh content; "a" starts from a copy of the existing file and appends.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    binary = "b" in mode
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": encoding})) as f:
+            if mode.startswith("a") and os.path.exists(path):
+                with open(path, "rb" if binary else "r", **({} if binary else {"encoding": encoding})) as old:
+                    f.write(old.read())
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        # Keep the permissions a normal open() would have given (mkstemp creates 0600).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
+
+
+def jload(f, mode="r"):
+    """Load a .json file (a path or an open file) into a dictionary or list."""
+    if isinstance(f, io.IOBase):
+        return json.load(f)
+    with open(f, mode=mode, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def jdump(obj, f, mode="w", indent=4, default=str):
+    """Dump a str, dictionary or list to a file in json format (the original's signature).
+
+    Given a path, the write is atomic (temp file + os.replace). Given an open file, it is written to as is.
+    """
+
+    def _write(fh):
+        if isinstance(obj, (dict, list)):
+            json.dump(obj, fh, indent=indent, default=default)
+        elif isinstance(obj, str):
+            fh.write(obj)
+        else:
+            raise ValueError(f"jdump: unexpected type {type(obj).__name__}; expected dict, list or str")
+
+    if isinstance(f, io.IOBase):
+        _write(f)
+        return
+    with atomic_open(f, mode=mode) as fh:
+        _write(fh)
+
+
+def read_jsonl(path):
+    """Read a JSON-lines file into a list (blank lines are skipped). A bad line is an error naming file and line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def write_jsonl(records, path):
+    """Atomically write an iterable of JSON-serialisable objects as JSON lines."""
+    with atomic_open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Alpaca-format data
+
+
+class AlpacaDataError(ValueError):
+    """A data file that is not Alpaca format. The message names the file, the record index and the field."""
+
+
+def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
+    """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from a .json or .jsonl file.
+
+    Every record is validated: it must be an object with every required field, and each must be a string. The first
+    bad record raises AlpacaDataError naming the file, the record index (0-based) and the field. Extra fields are kept
+    (regen.json carries `most_similar_instructions`, for example). An empty `output` is allowed, but counted and logged.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AlpacaDataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise AlpacaDataError(f"{path}: the file is empty; expected a JSON list of records or JSON lines")
+
+    # One JSON document (the Alpaca .json list), or JSON lines: decided by the content, not the extension.
+    try:
+        records = json.loads(text)
+        if isinstance(records, dict) and path.endswith(".jsonl"):
+            records = [records]  # a one-line JSONL file
+    except json.JSONDecodeError as e:
+        if text.lstrip()[0] != "{":
+            raise AlpacaDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        records = _parse_jsonl_text(path, text)
+    if not isinstance(records, list):
+        raise AlpacaDataError(f"{path}: top level is a JSON {type(records).__name__}; expected a list of records")
+
+    empty_outputs = 0
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AlpacaDataError(f"{path}: record {index}: is {type(record).__name__}; expected an object")
+        for field in required_fields:
+            if field not in record:
+                raise AlpacaDataError(f"{path}: record {index}: missing field '{field}'")
+            if not isinstance(record[field], str):
+                raise AlpacaDataError(
+                    f"{path}: record {index}: field '{field}' is {type(record[field]).__name__}; expected a string"
+                )
+        if "output" in required_fields and record["output"] == "":
+            empty_outputs += 1
+    if empty_outputs:
+        logger.warning("%s: %d of %d records have an empty 'output'", path, empty_outputs, len(records))
+    return records
+
+
+def _parse_jsonl_text(path, text):
+    records = []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise AlpacaDataError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def validate(path):
+    """Check an Alpaca-format data file (.json or .jsonl) and print its counts."""
+    records = load_alpaca_data(path)
+    with_input = sum(1 for r in records if r["input"] != "")
+    empty_output = sum(1 for r in records if r["output"] == "")
+    print(f"{path}: {len(records)} records, {with_input} with a non-empty input, {empty_output} with an empty output")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Download of the original data files (pinned commits, verified hashes)
+
+DOWNLOADS = {
+    "alpaca_data": {
+        "url": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
+        "761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json",
+        "sha256": "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419",
+        "filename": "alpaca_data.json",
+        "description": "the original 52,002-record Stanford Alpaca training set (CC BY-NC 4.0)",
+    },
+    "seed_tasks_original": {
+        "url": "https://raw.githubusercontent.com/yizhongw/self-instruct/"
+        "0b26ccaa415992100fa32df62d41b994cf928e23/data/seed_tasks.jsonl",
+        "sha256": "7779004fa198fdf27cf70a159363879d8a26c53329e11b436af17b3941875f48",
+        "filename": "seed_tasks_original.jsonl",
+        "description": "the 175 original self-instruct seed tasks (Apache-2.0)",
+    },
+}
+
+
+class DownloadError(RuntimeError):
+    """A download that failed or did not match its pinned sha256; nothing was left at the destination."""
+
+
+def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
+    """Download an original data file from its pinned URL, verify its sha256, then move it into place atomically.
+
+    Args:
+        name: which file: "alpaca_data" (-> alpaca_data.json) or "seed_tasks_original" (-> seed_tasks_original.jsonl).
+        output_path: where to put it (default: the file name above, in the current folder).
+        url: fetch from this URL instead of the pinned one (a mirror); the pinned sha256 is still enforced.
+        timeout: seconds to wait for the server before giving up.
+        quiet: no progress bar.
+    Returns the path written. On a network error or a hash mismatch, raises DownloadError and leaves nothing behind.
+    """
+    from tqdm import tqdm
+
+    if name not in DOWNLOADS:
+        raise DownloadError(f"unknown download '{name}'; choose one of: {', '.join(sorted(DOWNLOADS))}")
+    spec = DOWNLOADS[name]
+    url = url or spec["url"]
+    output_path = os.fspath(output_path or spec["filename"])
+    digest = hashlib.sha256()
+    try:
+        with atomic_open(output_path, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=timeout)
+            except urllib.error.HTTPError as e:
+                raise DownloadError(f"{url}: server answered HTTP {e.code} {e.reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                raise DownloadError(f"{url}: could not connect ({getattr(e, 'reason', e)})") from None
+            with response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(output_path), disable=quiet) as bar:
+                    while chunk := response.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            if digest.hexdigest() != spec["sha256"]:
+                raise DownloadError(
+                    f"{url}: sha256 mismatch for {name}: got {digest.hexdigest()}, expected {spec['sha256']}; "
+                    f"nothing was written to {output_path}"
+                )
+    except OSError as e:  # e.g. the connection broke off mid-transfer
+        raise DownloadError(f"{url}: download failed ({e})") from None
+    if not quiet:
+        print(f"{output_path}: {spec['description']}, sha256 verified")
+    return output_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Embedding resizing, shared by train.py and weight_diff.py
+
+
+def extend_rows_with_mean(weight, num_new_rows):
+    """Return `weight` with `num_new_rows` rows appended, each equal to the mean of the existing rows.
+
+    This is the rule of the original smart_tokenizer_and_embedding_resize (new embedding and lm_head rows = mean of the
+    old rows, computed in the weight's dtype, fp32 for Alpaca). weight_diff.py applies the same function to raw LLaMA
+    weights, so a recovered model is bit-identical to the trained one.
+    """
+    import torch
+
+    if num_new_rows <= 0:
+        return weight
+    mean_row = weight.mean(dim=0, keepdim=True)
+    return torch.cat([weight, mean_row.expand(num_new_rows, -1)], dim=0)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"download": download, "validate": validate})
