@@ -1,0 +1,410 @@
+"""A real OpenAI-protocol HTTP server on 127.0.0.1, for the generation tests and bench/generate.py.
+
+The tests talk to it with the real `openai` client (no mocking), so retries, timeouts, Retry-After and error bodies go
+through the same code paths as against api.openai.com, vLLM or Ollama.
+
+What it speaks:
+  * POST /v1/completions       {"model", "prompt": str | [str], "max_tokens", "stop", "seed", ...}
+  * POST /v1/chat/completions  {"model", "messages": [{"role", "content"}], "max_tokens", "stop", "seed", ...}
+  Both answer with `choices` and `usage` (prompt/completion/total tokens, counted as whitespace-separated words).
+
+What it answers: a self-instruct continuation of the prompt, as a model would write it. The prompt ends with
+"###\\n{n+1}. Instruction:"; the reply continues with tasks n+1, n+2, ... (up to task 22), each built from a word bank
+in this file, and the request's `stop` sequences cut it exactly as a real server does (so "\\n20" ends it before task
+20). `max_tokens` cuts it with finish_reason "length". A realistic share of tasks breaks one of the generator's rules
+(too short, a blacklisted word, "Write a program", leading punctuation or non-ASCII, a copy of a prompt instruction),
+so a generator that filters correctly keeps most but not all of them.
+
+Determinism: when the request carries `seed`, the reply is a function of (seed, prompt position, prompt text) only, so
+a generator that sends the same requests gets the same text whatever the order or concurrency of its requests.
+
+Faults, for the tests:
+  * transport faults, drawn afresh for every attempt (a retry can succeed): "429" (with Retry-After), "500", "hang"
+    (the server holds the request longer than the client's timeout, then drops it). Probabilities in `faults`.
+  * content faults, drawn from the reply's own deterministic generator (so they are part of "the" reply for a seed):
+    "garbage" (text with no task structure) and "length" (reply cut mid-task, finish_reason "length").
+    Probabilities in `content_faults`.
+  * chat replies restate the "{n+1}. Instruction:" header with probability `chat_restate_header` (chat models do).
+  * context too long: with `context_window` set, a request whose prompt tokens + max_tokens exceed it gets the HTTP
+    400 error OpenAI sends ("code": "context_length_exceeded").
+  * `script`: a list of fault names consumed in order by the next requests, for exact tests ("429", "500", "hang",
+    "garbage", "length", "ok").
+  * `latency`: seconds every request waits before answering (the benchmark uses 0.2 s).
+"""
+
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# A word bank for instructions, inputs and outputs. None of these words is on the generator's blacklist, so a task
+# breaks a rule only when the server decides it should.
+OPENERS = [
+    "Explain", "Summarize", "Classify", "Rewrite", "Generate", "Suggest", "Describe", "Compare", "Identify",
+    "Translate", "Find", "List", "Evaluate", "Propose", "Outline", "Analyze", "Convert", "Estimate", "Recommend",
+    "Predict", "Rank", "Paraphrase", "Critique", "Simplify", "Name", "Create", "Give", "Tell me", "How would you",
+    "What is the best way to", "Can you", "Why do", "Determine", "Calculate", "Edit", "Extract", "Detect", "Design",
+]
+WORDS = """
+apple river mountain budget email teacher student contract garden recipe winter summer ocean bicycle engine
+customer invoice policy climate forest village market history science poem letter speech novel argument essay
+review sentence paragraph question answer reason example method process system network server database query table
+column number fraction percent average median triangle circle square equation variable function loop string list
+dictionary tree branch leaf root stone bridge tower castle harbor island desert valley canyon glacier volcano storm
+rain cloud thunder breeze sunrise sunset lamp chair table window door kitchen bedroom office library museum theater
+stadium hospital school university college company startup manager employee salary meeting schedule deadline project
+goal strategy plan risk benefit cost price discount coupon receipt payment loan interest saving investment stock bond
+currency bank account password security privacy law court judge lawyer witness evidence crime police citizen vote
+election senator governor mayor council tax road traffic train airport flight ticket passenger luggage hotel travel
+holiday festival birthday wedding gift flower tree bird eagle sparrow tiger lion elephant dolphin whale shark insect
+bee butterfly spider planet star galaxy comet orbit gravity energy battery solar wind turbine fuel carbon oxygen
+water ice steam salt sugar bread cheese coffee tea juice soup salad pasta rice noodle spice pepper onion garlic
+tomato potato carrot lemon orange banana grape cherry melon berry nut seed harvest farmer tractor soil fertilizer
+weather season calendar clock minute hour week month year decade century language grammar verb noun adjective
+adverb pronoun synonym antonym rhyme metaphor story character twist ending hero villain friend family parent
+child baby doctor nurse patient medicine vaccine virus health diet exercise sleep habit routine hobby chess puzzle
+riddle joke game sport football tennis swimming running yoga dance painting sculpture camera phone laptop keyboard
+screen mouse printer robot algorithm model dataset feature label accuracy error bias fairness ethics culture
+tradition religion philosophy logic memory emotion anger joy fear trust kindness honesty courage patience
+""".split()
+BLACKLISTED = ["image", "graph", "picture", "file", "map", "draw", "plot", "go to", "video", "audio", "music",
+               "flowchart", "diagram"]
+# Default share of tasks that break a rule (per task). Tests that need exact counts pass task_mix={}.
+DEFAULT_TASK_MIX = {"short": 0.03, "blacklisted": 0.03, "program": 0.02, "punctuation": 0.01, "non_ascii": 0.01,
+                    "copy_of_prompt": 0.04}
+
+_LAST_HEADER = re.compile(r"(\d+)\. Instruction:\s*$")
+_PROMPT_INSTRUCTION = re.compile(r"^\d+\. Instruction: (.*)$", re.MULTILINE)
+
+
+def count_tokens(text):
+    """The server's token count: whitespace-separated words (deterministic, and close enough for usage accounting)."""
+    return len(text.split())
+
+
+def _words(rng, low, high):
+    return " ".join(rng.choices(WORDS, k=rng.randint(low, high)))
+
+
+def make_task(rng, prompt_instructions, task_mix):
+    """One (instruction, input, output) triple; maybe one that breaks a generator rule, per task_mix."""
+    instruction = f"{rng.choice(OPENERS)} the {_words(rng, 4, 12)}."
+    draw = rng.random()
+    for kind, probability in task_mix.items():
+        if draw < probability:
+            if kind == "short":
+                instruction = f"{rng.choice(OPENERS).split()[0]} the {rng.choice(WORDS)}."
+            elif kind == "blacklisted":
+                instruction = f"{rng.choice(OPENERS)} the {rng.choice(BLACKLISTED)} of {_words(rng, 3, 8)}."
+            elif kind == "program":
+                instruction = f"Write a program that sorts the {_words(rng, 3, 8)}."
+            elif kind == "punctuation":
+                instruction = f"\"{rng.choice(OPENERS)} the {_words(rng, 4, 10)}.\""
+            elif kind == "non_ascii":
+                instruction = f"¿{rng.choice(OPENERS)} the {_words(rng, 4, 10)}?"
+            elif kind == "copy_of_prompt" and prompt_instructions:
+                instruction = rng.choice(prompt_instructions)
+            break
+        draw -= probability
+    task_input = f"The {_words(rng, 5, 30)}." if rng.random() < 0.6 else "<noinput>"
+    output = f"The {_words(rng, 8, 40)}."
+    return instruction, task_input, output
+
+
+def make_reply(prompt, rng, task_mix=None, restate_header=False, last_task=22):
+    """The text a model appends to a self-instruct prompt: tasks n+1 .. last_task, "###"-separated.
+
+    With restate_header the reply begins with "{n+1}. Instruction:" itself, as chat models tend to write it.
+    """
+    task_mix = DEFAULT_TASK_MIX if task_mix is None else task_mix
+    match = _LAST_HEADER.search(prompt)
+    first = int(match.group(1)) if match else 1
+    prompt_instructions = _PROMPT_INSTRUCTION.findall(prompt)
+    pieces = []
+    for number in range(first, last_task + 1):
+        instruction, task_input, output = make_task(rng, prompt_instructions, task_mix)
+        header = f"{number}. Instruction:" if (number > first or restate_header) else ""
+        pieces.append(f"{header} {instruction}\n{number}. Input:\n{task_input}\n{number}. Output:\n{output}\n")
+    return "###\n".join(pieces)
+
+
+def apply_stop(text, stop):
+    """Cut `text` at the earliest occurrence of any stop sequence, as OpenAI / vLLM do (the stop text is excluded)."""
+    if not stop:
+        return text, False
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def cut_to_tokens(text, max_tokens):
+    """Keep the first `max_tokens` whitespace-separated words (the server's tokens) of `text`."""
+    matches = list(re.finditer(r"\S+", text))
+    if max_tokens is None or len(matches) <= max_tokens:
+        return text, False
+    return text[: matches[max_tokens - 1].end()] if max_tokens > 0 else "", True
+
+
+class OpenAIServer:
+    """Start with `with OpenAIServer(...) as server:`; point the client at `server.base_url`.
+
+    Inspect `server.requests` (one dict per HTTP request: path, body, authorization header, outcome, start/end times,
+    and for answered ones usage and the response sent) and `server.usage` (prompt/completion tokens summed over the
+    replies actually delivered).
+    """
+
+    def __init__(self, *, latency=0.0, faults=None, content_faults=None, task_mix=None, chat_restate_header=0.5,
+                 retry_after="1", hang_seconds=5.0, context_window=None, fault_seed=0, models=None, api_key=None,
+                 reject_logit_bias=False):
+        self.latency = latency
+        self.faults = dict(faults or {})
+        self.content_faults = dict(content_faults or {})
+        self.task_mix = DEFAULT_TASK_MIX if task_mix is None else dict(task_mix)
+        self.chat_restate_header = chat_restate_header
+        self.retry_after = retry_after
+        self.hang_seconds = hang_seconds
+        self.context_window = context_window
+        self.models = models  # None: any model name is accepted; else others get a 404 model_not_found
+        self.api_key = api_key  # None: any key is accepted; else others get a 401
+        self.reject_logit_bias = reject_logit_bias  # answer a request carrying logit_bias with a 400, as some servers do
+        self.script = []
+        self.requests = []
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._fault_rng = random.Random(fault_seed)
+        self._unseeded_rng = random.Random(fault_seed + 1)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd = None
+        self._thread = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                server._handle(self)
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    server._send_json(self, 200, {"object": "list", "data": [
+                        {"id": m, "object": "model", "owned_by": "test"} for m in (server.models or ["test-model"])]})
+                else:
+                    server._send_error(self, 404, "Not found", "invalid_request_error", "not_found")
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stopping.set()  # releases hung requests
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def port(self):
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- helpers for tests -------------------------------------------------------------------------------------------
+
+    def completed_requests(self):
+        with self._lock:
+            return [r for r in self.requests if r["outcome"] == "ok"]
+
+    # -- request handling --------------------------------------------------------------------------------------------
+
+    def _next_transport_fault(self):
+        with self._lock:
+            if self.script:
+                return self.script.pop(0)
+            draw = self._fault_rng.random()
+        for fault, probability in self.faults.items():
+            if draw < probability:
+                return fault
+            draw -= probability
+        return "ok"
+
+    def _handle(self, handler):
+        started = time.monotonic()
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length)
+        record = {"path": handler.path, "authorization": handler.headers.get("Authorization"), "start": started,
+                  "end": None, "outcome": None, "body": None}
+        with self._lock:
+            self.requests.append(record)
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            record["outcome"] = "bad_json"
+            return self._send_error(handler, 400, "We could not parse the JSON body of your request.",
+                                    "invalid_request_error", None)
+        record["body"] = body
+        if self.latency:
+            self._stopping.wait(self.latency)
+
+        fault = self._next_transport_fault()
+        record["outcome"] = fault
+        if fault == "429":
+            return self._send_error(handler, 429, "Rate limit reached for requests. Please try again later.",
+                                    "requests", "rate_limit_exceeded", headers={"Retry-After": str(self.retry_after)})
+        if fault == "500":
+            return self._send_error(handler, 500, "The server had an error while processing your request.",
+                                    "server_error", None)
+        if fault == "hang":
+            # Hold the connection past the client's timeout, then drop it without a reply.
+            self._stopping.wait(self.hang_seconds)
+            handler.close_connection = True
+            record["end"] = time.monotonic()
+            return None
+
+        if self.api_key is not None and record["authorization"] != f"Bearer {self.api_key}":
+            record["outcome"] = "401"
+            # Echo the key back, as a careless server might: the generator must not print it.
+            received = (record["authorization"] or "").removeprefix("Bearer ")
+            return self._send_error(handler, 401, f"Incorrect API key provided: {received}.", "invalid_request_error",
+                                    "invalid_api_key")
+        if self.models is not None and body.get("model") not in self.models:
+            record["outcome"] = "404"
+            return self._send_error(handler, 404, f"The model `{body.get('model')}` does not exist.",
+                                    "invalid_request_error", "model_not_found")
+
+        if self.reject_logit_bias and body.get("logit_bias"):
+            record["outcome"] = "400"
+            return self._send_error(handler, 400, "Unrecognized request argument supplied: logit_bias",
+                                    "invalid_request_error", None, param="logit_bias")
+
+        path = handler.path.split("?")[0].rstrip("/")
+        if path.endswith("/chat/completions"):
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                record["outcome"] = "400"
+                return self._send_error(handler, 400, "'messages' is a required property", "invalid_request_error",
+                                        None)
+            prompts = ["\n".join(str(m.get("content", "")) for m in messages)]
+            chat = True
+        elif path.endswith("/completions"):
+            prompt = body.get("prompt")
+            if prompt is None:
+                record["outcome"] = "400"
+                return self._send_error(handler, 400, "'prompt' is a required property", "invalid_request_error",
+                                        None)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            chat = False
+        else:
+            record["outcome"] = "404"
+            return self._send_error(handler, 404, f"Unknown path {handler.path}", "invalid_request_error", None)
+
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        prompt_tokens = sum(count_tokens(p) for p in prompts)
+        if self.context_window is not None and max_tokens is not None:
+            longest = max(count_tokens(p) for p in prompts)
+            if longest + max_tokens > self.context_window:
+                record["outcome"] = "context"
+                return self._send_error(
+                    handler, 400,
+                    f"This model's maximum context length is {self.context_window} tokens, however you requested "
+                    f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion). "
+                    "Please reduce your prompt; or completion length.",
+                    "invalid_request_error", "context_length_exceeded", param="max_tokens")
+
+        choices = []
+        completion_tokens = 0
+        for index, prompt in enumerate(prompts):
+            text, finish_reason = self._reply(body, index, prompt, chat, max_tokens)
+            completion_tokens += count_tokens(text)
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish_reason})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        response = {
+            "id": f"cmpl-{hashlib.sha1(raw).hexdigest()[:12]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": choices,
+            "usage": usage,
+        }
+        if self._send_json(handler, 200, response):
+            with self._lock:
+                self.usage["prompt_tokens"] += prompt_tokens
+                self.usage["completion_tokens"] += completion_tokens
+        record["usage"] = usage
+        record["response"] = response
+        record["end"] = time.monotonic()
+        return None
+
+    def _reply(self, body, index, prompt, chat, max_tokens):
+        if body.get("seed") is not None:
+            digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+            rng = random.Random(f"{body['seed']}/{index}/{digest}")
+        else:
+            with self._lock:
+                rng = random.Random(self._unseeded_rng.getrandbits(64))
+        with self._lock:
+            scripted = self.script.pop(0) if self.script and self.script[0] in ("garbage", "length") else None
+        content_fault = scripted
+        draw = rng.random()  # drawn always, so enabling content faults does not shift the rest of the reply
+        if content_fault is None:
+            for fault, probability in self.content_faults.items():
+                if draw < probability:
+                    content_fault = fault
+                    break
+                draw -= probability
+        if content_fault == "garbage":
+            return f"Sure! {_words(rng, 20, 60)} {_words(rng, 5, 20)}", "stop"
+        restate = chat and rng.random() < self.chat_restate_header
+        text = make_reply(prompt, rng, self.task_mix, restate_header=restate)
+        if content_fault == "length":
+            # Cut somewhere in the middle of the reply, as if max_tokens had been reached there.
+            text, _ = cut_to_tokens(text, rng.randint(20, max(21, count_tokens(text) // 2)))
+            return text, "length"
+        text, stopped = apply_stop(text, body.get("stop"))
+        text, cut = cut_to_tokens(text, max_tokens)
+        return text, ("length" if cut else "stop")
+
+    @staticmethod
+    def _send_json(handler, status, obj, headers=None):
+        data = json.dumps(obj).encode("utf-8")
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                handler.send_header(key, value)
+            handler.end_headers()
+            handler.wfile.write(data)
+            handler.wfile.flush()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False  # the client gave up (timeout) before the reply
+
+    def _send_error(self, handler, status, message, type_, code, param=None, headers=None):
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self._send_json(handler, status, body, headers=headers)
+        return None
