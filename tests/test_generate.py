@@ -1,0 +1,581 @@
+"""Self-instruct generation (generate_instruction.py) against a real OpenAI-protocol server on 127.0.0.1.
+
+The real `openai` client talks to tests/openai_server.py over HTTP, so retries, timeouts, Retry-After and error bodies
+take the same code paths as against api.openai.com, vLLM or Ollama. What is checked:
+  * encode_prompt / post_process_gpt3_response byte-exact against hand-written strings, and every filter rule;
+  * end to end: regen.json equals what the original algorithm (rouge_score, pure Python) makes of the very replies
+    the server sent, in order — parsing, filtering, novelty decisions and both similarity fields;
+  * 30 % injected faults still give N; kill -9 then rerun loses and duplicates nothing; regen.json does not depend on
+    concurrency; usage and cost totals equal the server's; the API key is never printed or written.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from rouge_score import rouge_scorer
+
+import generate_instruction as gen
+from conftest import REPO_ROOT, SAMPLE_RECORDS
+from openai_server import OpenAIServer, count_tokens, make_reply
+
+API_KEY = "sk-test-Zq8vT3kW1mN0pR7sSECRET"
+PROMPT_HEADER = "Come up with a set of 20 diverse task instructions.\n\nList of 20 tasks:"
+FIELDS = ["instruction", "input", "output", "most_similar_instructions", "avg_similarity_score"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+def write_seed_tasks(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(records):
+            task = {"id": f"seed_task_{i}", "name": f"task_{i}", "instruction": r["instruction"],
+                    "instances": [{"input": r["input"], "output": r["output"]}], "is_classification": False}
+            f.write(json.dumps(task) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Seed tasks (the 16 sample records), a prompt header, an output folder, and the key in the environment."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    prompt_path = tmp_path / "prompt.txt"
+    prompt_path.write_text(PROMPT_HEADER, encoding="utf-8")
+    return {
+        "seed_tasks_path": write_seed_tasks(tmp_path / "seed_tasks.jsonl", SAMPLE_RECORDS),
+        "prompt_path": str(prompt_path),
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def generate(server, env, **kwargs):
+    args = dict(env, model_name="test-model", api="completions", api_base=server.base_url, seed=1234,
+                num_instructions_to_generate=60, request_timeout=5.0, max_retries=4)
+    args.update(kwargs)
+    gen.generate_instruction_following_data(**args)
+    return json.loads(open(os.path.join(args["output_dir"], "regen.json"), encoding="utf-8").read())
+
+
+def replies_from_server(server):
+    """The replies the server delivered, in request order, as post_process_gpt3_response takes them."""
+    replies = []
+    for record in server.completed_requests():
+        for choice in sorted(record["response"]["choices"], key=lambda c: c["index"]):
+            if "message" in choice:
+                text = gen.strip_restated_header(choice["message"]["content"], 3)
+            else:
+                text = choice["text"]
+            replies.append({"text": text, "finish_reason": choice["finish_reason"]})
+    return replies
+
+
+def reference_regen(seed_instructions, existing_records, replies, threshold=0.7):
+    """The original algorithm, verbatim in spirit: rouge_score against every known instruction, in order."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    all_instructions = list(seed_instructions) + [r["instruction"] for r in existing_records]
+    all_tokens = [scorer._tokenizer.tokenize(i) for i in all_instructions]
+    kept = []
+    for reply in replies:
+        for entry in gen.post_process_gpt3_response(3, reply):
+            tokens = scorer._tokenizer.tokenize(entry["instruction"])
+            scores = [rouge_scorer._score_lcs(tokens, t).fmeasure for t in all_tokens]
+            most_similar = {all_instructions[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]}
+            if max(scores) > threshold:
+                continue
+            entry["most_similar_instructions"] = most_similar
+            entry["avg_similarity_score"] = float(np.mean(scores))
+            kept.append(entry)
+            all_instructions.append(entry["instruction"])
+            all_tokens.append(tokens)
+    return kept
+
+
+def assert_same_records(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert list(a) == FIELDS
+        assert a == e
+        # same order of most similar instructions, not just the same dict
+        assert list(a["most_similar_instructions"]) == list(e["most_similar_instructions"])
+
+
+def total_usage_line(output):
+    match = re.search(r"Total usage this run: (\d+) requests \((\d+) failed\), ([\d,]+) prompt \+ ([\d,]+) completion "
+                      r"tokens(?:, \$([\d.]+))?", output)
+    assert match, output[-2000:]
+    requests, failed, prompt, completion, cost = match.groups()
+    return int(requests), int(failed), int(prompt.replace(",", "")), int(completion.replace(",", "")), cost
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# encode_prompt / post_process_gpt3_response, byte-exact
+
+
+def test_encode_prompt_byte_exact(tmp_path):
+    prompt_path = tmp_path / "prompt.txt"
+    prompt_path.write_text("HEADER line\n\nList of 20 tasks:", encoding="utf-8")
+    tasks = [
+        {"instruction": "  Sort   the numbers\tin ascending order:", "input": "5, 3, 9", "output": "3, 5, 9"},
+        {"instruction": "Name a primary colour.", "input": "", "output": "Red"},
+        {"instruction": "Translate to German::", "input": "Good morning\nfriend", "output": "Guten Morgen,\nFreund "},
+    ]
+    expected = (
+        "HEADER line\n\nList of 20 tasks:\n"
+        "###\n"
+        "1. Instruction: Sort the numbers in ascending order\n"
+        "1. Input:\n5, 3, 9\n"
+        "1. Output:\n3, 5, 9\n"
+        "###\n"
+        "2. Instruction: Name a primary colour.\n"
+        "2. Input:\n<noinput>\n"
+        "2. Output:\nRed\n"
+        "###\n"
+        "3. Instruction: Translate to German\n"
+        "3. Input:\nGood morning\nfriend\n"
+        "3. Output:\nGuten Morgen,\nFreund \n"
+        "###\n"
+        "4. Instruction:"
+    )
+    assert gen.encode_prompt(tasks, prompt_path=str(prompt_path)) == expected
+
+
+HAND_WRITTEN_REPLY = (
+    " Describe the water cycle to a ten-year-old.\n"
+    "4. Input:\n<noinput>\n"
+    "4. Output:\nWater evaporates, forms clouds, falls as rain and flows back to the sea.\n"
+    "###\n"
+    "5. Instruction: Classify the email as spam or not spam.\n"
+    "5. Input:\nYou have WON a free cruise! Click now.\n"
+    "5. Output:\nSpam\n"
+    "###\n"
+    "6.   Instruction:   Convert the temperature from Celsius to Fahrenheit.  \n"
+    "6. Input:\n  25 °C \n"
+    "6. Output:\n77 °F\n"
+    "###\n"
+    "7. Instruction: Suggest two names for a bakery.\n"
+    "7. Input:\n<NoInput>\n"
+    "7. Output:\nRise & Shine; The Crumb"
+)
+
+
+def test_post_process_hand_written_reply():
+    expected = [
+        {"instruction": "Describe the water cycle to a ten-year-old.", "input": "",
+         "output": "Water evaporates, forms clouds, falls as rain and flows back to the sea."},
+        {"instruction": "Classify the email as spam or not spam.", "input": "You have WON a free cruise! Click now.",
+         "output": "Spam"},
+        {"instruction": "Convert the temperature from Celsius to Fahrenheit.", "input": "25 °C", "output": "77 °F"},
+        {"instruction": "Suggest two names for a bakery.", "input": "", "output": "Rise & Shine; The Crumb"},
+    ]
+    assert gen.post_process_gpt3_response(3, {"text": HAND_WRITTEN_REPLY, "finish_reason": "stop"}) == expected
+    # Stopped for length: the last piece is presumed truncated and dropped, even though it parses.
+    assert gen.post_process_gpt3_response(3, {"text": HAND_WRITTEN_REPLY, "finish_reason": "length"}) == expected[:3]
+    assert gen.post_process_gpt3_response(3, None) == []
+    # Numbering is checked per piece: the same text read as a reply to 2 prompt tasks parses to nothing.
+    assert gen.post_process_gpt3_response(2, {"text": HAND_WRITTEN_REPLY, "finish_reason": "stop"}) == []
+
+
+def test_post_process_drops_malformed_pieces():
+    text = (
+        " Give three tips for saving money.\n4. Input:\n<noinput>\n4. Output:\nBudget, cook, compare.\n###\n"
+        "5. Instruction: Explain what a mortgage is.\n5. Output:\nA loan for a house.\n###\n"  # no Input: 5 parts
+        "7. Instruction: List four ocean animals please.\n7. Input:\n<noinput>\n7. Output:\nWhale\n###\n"  # wrong number
+        "7. Instruction: Define the word ephemeral for me.\n7. Input:\n<noinput>\n7. Output:\nBrief.\n"
+        "7. Output:\nShort-lived.\n###\n"  # two Outputs: 9 parts
+        "8. Instruction: Write a limerick about a cat.\n8. Input:\n<noinput>\n8. Output:\nThere once was a cat"
+    )
+    parsed = gen.post_process_gpt3_response(3, {"text": text, "finish_reason": "stop"})
+    assert [p["instruction"] for p in parsed] == ["Give three tips for saving money.", "Write a limerick about a cat."]
+
+
+LONG_150 = " ".join(["word"] * 149 + ["end."])
+LONG_151 = " ".join(["word"] * 150 + ["end."])
+
+
+@pytest.mark.parametrize("instruction, kept", [
+    ("Name three primary colours.", True),            # 4 words
+    ("Name primary colours.", False),                 # 3 words
+    (LONG_150, True),
+    (LONG_151, False),
+    *[(f"Describe the {w} in this sentence.", False) for w in gen.BLACKLIST],
+    ("Describe the IMAGES in this sentence.", False),  # any case
+    ("Describe the Map of the old city.", False),
+    ("Please go to the shop and buy milk.", False),    # "go to" is a phrase
+    ("Imagine a world without cars or trains.", True),  # "image" only as part of a word
+    ("Explain how a mapping between sets works.", True),
+    ("Summarize the profile of the candidate.", True),
+    ("Describe the drawing room of a manor.", True),
+    ("Draw a conclusion from the facts below.", False),
+    ("Write a program that reverses a string.", False),
+    ("Write a programme that reverses a string.", False),  # starts with "Write a program"
+    ("write a program that reverses a string.", True),  # the check is case-sensitive, as in the original
+    ("Please write a program that reverses a string.", True),
+    ("\"Quote\" the most famous line of Hamlet.", False),
+    ("(Optional) explain the rule of thirds.", False),
+    ("¿Cómo se dice hello en francés?", False),
+    ("Éxplain the meaning of this French word.", False),
+    ("3 reasons to learn a second language.", True),
+])
+def test_filter_rules(instruction, kept):
+    reply = f" {instruction}\n4. Input:\n<noinput>\n4. Output:\nSomething.\n"
+    parsed = gen.post_process_gpt3_response(3, {"text": reply, "finish_reason": "stop"})
+    assert parsed == ([{"instruction": instruction, "input": "", "output": "Something."}] if kept else [])
+    assert (gen.instruction_rejection_reason(instruction) is None) == kept
+
+
+@pytest.mark.parametrize("reply", [
+    "4. Instruction: Describe the water cycle to a ten-year-old.",
+    "  4.  Instruction:Describe the water cycle to a ten-year-old.",
+    "###\n4. Instruction: Describe the water cycle to a ten-year-old.",
+    " Describe the water cycle to a ten-year-old.",
+])
+def test_chat_reply_restating_the_header_parses(reply):
+    text = gen.strip_restated_header(HAND_WRITTEN_REPLY.replace(" Describe the water cycle to a ten-year-old.", reply,
+                                                                1), 3)
+    parsed = gen.post_process_gpt3_response(3, {"text": text, "finish_reason": "stop"})
+    assert [p["instruction"] for p in parsed] == [
+        "Describe the water cycle to a ten-year-old.", "Classify the email as spam or not spam.",
+        "Convert the temperature from Celsius to Fahrenheit.", "Suggest two names for a bakery."]
+
+
+def test_server_replies_parse_like_a_model_would():
+    """The test server's reply to a 3-task prompt, cut by the original stop sequences, holds tasks 4..19."""
+    import random
+
+    prompt = gen.encode_prompt(SAMPLE_RECORDS[:3], prompt_path=os.devnull)
+    text = make_reply(prompt, random.Random(0), task_mix={})
+    text = text[: text.find("\n20")]
+    parsed = gen.post_process_gpt3_response(3, {"text": text, "finish_reason": "stop"})
+    assert len(parsed) == 16
+
+
+@pytest.mark.parametrize("model, api, bias", [
+    ("gpt-3.5-turbo-instruct", "completions", {"100257": -100}),
+    ("gpt-3.5-turbo-instruct-0914", "completions", {"100257": -100}),
+    ("davinci-002", "completions", {"100257": -100}),
+    ("text-davinci-003", "completions", {"50256": -100}),
+    ("gpt-4o-mini", "chat", None),
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "chat", None),
+    ("llama3.1:8b", "chat", None),
+])
+def test_api_and_logit_bias_defaults(model, api, bias):
+    assert gen.choose_api(model) == api
+    assert gen.resolve_logit_bias("auto", model, api) == bias
+    assert gen.resolve_logit_bias("none", model, api) is None
+    assert gen.resolve_logit_bias({"13": -100}, model, api) == {"13": -100}
+    assert gen.choose_api(model, "chat") == "chat"
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("This model's maximum context length is 4097 tokens, however you requested 5120 tokens (2048 in your prompt; "
+     "3072 for the completion). Please reduce your prompt; or completion length.", True),  # OpenAI, 2023
+    ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (1000 in the messages, "
+     "4000 in the completion). Please reduce the length of the messages or completion.", True),  # vLLM
+    ("'max_tokens' is too large: 3072. This model's maximum context length is 4096 tokens and your request has "
+     "1200 input tokens (3072 > 4096 - 1200).", True),  # vLLM, newer
+    ("Unrecognized request argument supplied: logit_bias", False),
+    ("Invalid value for 'temperature': must be at most 2.", False),
+])
+def test_context_length_error_detection(message, expected):
+    assert gen.is_context_length_error(message) is expected
+
+
+def test_seed_task_errors_name_file_line_and_field(tmp_path):
+    path = tmp_path / "seeds.jsonl"
+    path.write_text('{"instruction": "Do a thing well.", "instances": [{"input": "", "output": "ok"}]}\n'
+                    '{"instruction": "Do another thing.", "instances": [{"input": ""}]}\n', encoding="utf-8")
+    with pytest.raises(gen.GenerationError, match=r"seeds.jsonl: line 2: field 'instances\[0\].output'"):
+        gen.load_seed_instruction_data(str(path))
+    path.write_text('{"instruction": "Do a thing well.", "instances": []}\n', encoding="utf-8")
+    with pytest.raises(gen.GenerationError, match=r"line 1: field 'instances' must be a non-empty list"):
+        gen.load_seed_instruction_data(str(path))
+    path.write_text('{"instruction": "Do a thing well.",\n', encoding="utf-8")
+    with pytest.raises(gen.GenerationError, match=r"line 1: not valid JSON"):
+        gen.load_seed_instruction_data(str(path))
+    with pytest.raises(gen.GenerationError, match=r"no such file"):
+        gen.load_seed_instruction_data(str(tmp_path / "missing.jsonl"))
+
+
+def test_usage_cost():
+    usage = gen.Usage(requests=3, prompt_tokens=2_000_000, completion_tokens=500_000)
+    assert usage.cost(1.5, 2.0) == pytest.approx(4.0)
+    assert usage.cost(None, None) is None
+    assert usage.describe(1.5, 2.0) == "3 requests (0 failed), 2,000,000 prompt + 500,000 completion tokens, $4.0000"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end against the server
+
+
+def test_end_to_end_completions_matches_the_original_algorithm(env, capsys):
+    """regen.json == the original algorithm (rouge_score) applied to the replies the server sent, in order."""
+    with OpenAIServer() as server:
+        records = generate(server, env, num_instructions_to_generate=60, concurrency=1)
+    assert len(records) >= 60
+    requests = server.completed_requests()
+    assert all(r["path"] == "/v1/completions" for r in server.requests)
+    body = requests[0]["body"]
+    assert len(body["prompt"]) == 5  # all prompts of a round in one request, as the original
+    assert body["stop"] == ["\n20", "20."] and body["max_tokens"] == 3072 and body["n"] == 1
+    assert body["temperature"] == 1.0 and body["top_p"] == 1.0 and isinstance(body["seed"], int)
+    assert "logit_bias" not in body  # not an OpenAI completion model: its token ids are unknown
+    for prompt in body["prompt"]:
+        assert prompt.startswith(PROMPT_HEADER + "\n###\n1. Instruction: ") and prompt.endswith("###\n4. Instruction:")
+        # sampled from the seeds only
+        shown = re.findall(r"^\d\. Instruction: (.*)$", prompt, flags=re.MULTILINE)
+        assert len(shown) == 3 and set(shown) <= {r["instruction"] for r in SAMPLE_RECORDS}
+    expected = reference_regen([r["instruction"] for r in SAMPLE_RECORDS], [], replies_from_server(server))
+    assert_same_records(records, expected)
+    # Some tasks were rejected by the filters and some by novelty (the server copies prompt tasks now and then).
+    assert sum(len(gen.post_process_gpt3_response(3, r)) for r in replies_from_server(server)) > len(records)
+    out = capsys.readouterr()
+    assert "Loaded 16 human-written seed instructions" in out.out
+    assert re.search(r"Round 1: 1 request took [\d.]+s, processing took [\d.]+s\nGenerated \d+ instructions, "
+                     r"kept \d+ instructions", out.out)
+    assert "instructions kept" in out.err  # the progress bar
+    assert API_KEY not in out.out + out.err
+    assert all(r["authorization"] == f"Bearer {API_KEY}" for r in server.requests)
+
+
+def test_end_to_end_chat_with_restated_headers(env):
+    with OpenAIServer(chat_restate_header=1.0) as server:
+        records = generate(server, env, api="chat", num_instructions_to_generate=50, concurrency=1)
+    assert all(r["path"] == "/v1/chat/completions" for r in server.requests)
+    body = server.requests[0]["body"]
+    assert body["messages"][0]["role"] == "user" and body["messages"][0]["content"].endswith("4. Instruction:")
+    assert len(server.requests) % 5 == 0  # one prompt per request, 5 per round
+    expected = reference_regen([r["instruction"] for r in SAMPLE_RECORDS], [], replies_from_server(server))
+    assert_same_records(records, expected)
+    assert len(records) >= 50
+
+
+def test_resume_rebuilds_the_pool_from_seeds_then_regen(env, capsys):
+    with OpenAIServer() as server:
+        first = generate(server, env, num_instructions_to_generate=40, concurrency=1)
+    with OpenAIServer() as server:
+        second = generate(server, env, num_instructions_to_generate=120, concurrency=1)
+    assert second[: len(first)] == first  # nothing lost, nothing rewritten
+    expected = reference_regen([r["instruction"] for r in SAMPLE_RECORDS], first, replies_from_server(server))
+    assert_same_records(second[len(first):], expected)
+    assert f"Loaded {len(first)} machine-generated instructions" in capsys.readouterr().out
+    instructions = [r["instruction"] for r in second]
+    assert len(set(instructions)) == len(instructions)
+    # Already at the target: nothing is requested.
+    with OpenAIServer() as server:
+        generate(server, env, num_instructions_to_generate=100)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_regen_does_not_depend_on_concurrency(env, api, tmp_path):
+    """Same seed, deterministic server (even with retried 429/500s): identical bytes at concurrency 1 and 8."""
+    outputs = []
+    for concurrency in (1, 8):
+        with OpenAIServer(faults={"429": 0.1, "500": 0.1}, retry_after="0.05", fault_seed=concurrency, latency=0.02,
+                          content_faults={"length": 0.1, "garbage": 0.05}) as server:
+            generate(server, env, api=api, output_dir=str(tmp_path / f"{api}_{concurrency}"), seed=7,
+                     num_instructions_to_generate=150, concurrency=concurrency, max_retries=8)
+        outputs.append((tmp_path / f"{api}_{concurrency}" / "regen.json").read_bytes())
+        if concurrency == 8:
+            starts = sorted(r["start"] for r in server.requests)
+            ends = sorted(r["end"] for r in server.requests if r["end"] is not None)
+            # requests really overlapped: some request started before an earlier one ended
+            assert any(s < e for s, e in zip(starts[1:], ends[:-1]))
+    assert outputs[0] == outputs[1]
+    assert len(json.loads(outputs[0])) >= 150
+
+
+def test_thirty_percent_faults_still_reach_n(env, capsys):
+    faults = {"429": 0.1, "500": 0.1, "hang": 0.1}
+    with OpenAIServer(faults=faults, content_faults={"garbage": 0.1, "length": 0.1}, retry_after="0.2",
+                      hang_seconds=3.0, fault_seed=3) as server:
+        server.script = ["500", "hang", "429"]  # at least one of each, then 30 % drawn at random
+        records = generate(server, env, api="chat", num_instructions_to_generate=120, concurrency=4,
+                           request_timeout=1.0, max_retries=8)
+    assert len(records) >= 120
+    outcomes = [r["outcome"] for r in server.requests]
+    for fault in faults:
+        assert outcomes.count(fault) >= 1, outcomes
+    instructions = [r["instruction"] for r in records]
+    assert len(set(instructions)) == len(instructions)
+    out = capsys.readouterr()
+    assert API_KEY not in out.out + out.err
+
+
+def test_retry_after_is_honoured(env):
+    with OpenAIServer(retry_after="1") as server:
+        server.script = ["429"]
+        generate(server, env, num_instructions_to_generate=5, request_batch_size=1, concurrency=1)
+    first, second = server.requests[:2]
+    assert first["outcome"] == "429" and second["outcome"] == "ok"
+    # The client's own first backoff is 0.375-0.5 s; waiting >= 0.95 s means it obeyed Retry-After: 1.
+    assert second["start"] - first["start"] >= 0.95
+
+
+def test_hung_request_times_out_and_is_retried(env):
+    with OpenAIServer(hang_seconds=3.0) as server:
+        server.script = ["hang"]
+        started = time.monotonic()
+        records = generate(server, env, num_instructions_to_generate=5, request_batch_size=1, request_timeout=1.0,
+                           concurrency=1)
+        elapsed = time.monotonic() - started
+    assert [r["outcome"] for r in server.requests[:2]] == ["hang", "ok"]
+    assert server.requests[1]["start"] - server.requests[0]["start"] >= 1.0
+    assert elapsed < 3.0  # it did not wait for the hung request
+    assert len(records) >= 5
+
+
+def test_context_too_long_shrinks_max_tokens(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    # Seeds of one shape, so that every prompt has the same length and the context limit is exact.
+    seeds = [{"instruction": f"Describe item number {i} in one short sentence.", "input": "", "output": f"Item {i}."}
+             for i in range(10)]
+    prompt_path = tmp_path / "prompt.txt"
+    prompt_path.write_text(PROMPT_HEADER, encoding="utf-8")
+    prompt_tokens = count_tokens(gen.encode_prompt(seeds[:3], prompt_path=str(prompt_path)))
+    # max_tokens 1000 and 800 do not fit; 640 does.
+    with OpenAIServer(context_window=prompt_tokens + 700) as server:
+        gen.generate_instruction_following_data(
+            output_dir=str(tmp_path / "out"), seed_tasks_path=write_seed_tasks(tmp_path / "seeds.jsonl", seeds),
+            prompt_path=str(prompt_path), model_name="test-model", api_base=server.base_url, seed=3,
+            num_instructions_to_generate=1, request_batch_size=1, max_tokens=1000, concurrency=1)
+    sent = [(r["body"]["max_tokens"], r["outcome"]) for r in server.requests]
+    assert sent[:3] == [(1000, "context"), (800, "context"), (640, "ok")]
+    assert "reducing max_tokens to 800" in capsys.readouterr().err
+
+
+def test_logit_bias_sent_to_openai_completion_models_and_dropped_when_rejected(env, capsys):
+    with OpenAIServer() as server:
+        generate(server, env, model_name="gpt-3.5-turbo-instruct", num_instructions_to_generate=5)
+    assert server.requests[0]["body"]["logit_bias"] == {"100257": -100}
+    with OpenAIServer(reject_logit_bias=True) as server:
+        records = generate(server, env, model_name="gpt-3.5-turbo-instruct", num_instructions_to_generate=30,
+                           output_dir=env["output_dir"] + "2", concurrency=1)
+    assert [r["outcome"] for r in server.requests[:2]] == ["400", "ok"]
+    assert all("logit_bias" not in r["body"] for r in server.requests[1:])
+    assert len(records) >= 30
+    assert "rejected logit_bias" in capsys.readouterr().err
+
+
+def test_usage_and_cost_totals_equal_the_servers(env, capsys):
+    with OpenAIServer(faults={"429": 0.2}, retry_after="0.05", fault_seed=5) as server:
+        generate(server, env, api="chat", num_instructions_to_generate=100, concurrency=3,
+                 prompt_price_per_million=1.5, completion_price_per_million=2.0)
+    out = capsys.readouterr().out
+    requests, failed, prompt, completion, cost = total_usage_line(out)
+    assert (prompt, completion) == (server.usage["prompt_tokens"], server.usage["completion_tokens"])
+    assert requests == len(server.completed_requests()) and failed == 0
+    assert float(cost) == pytest.approx((prompt * 1.5 + completion * 2.0) / 1e6, abs=5e-5)
+    # the per-round lines add up to the total
+    rounds = re.findall(r"Usage: round \d+ requests \(\d+ failed\), ([\d,]+) prompt \+ ([\d,]+) completion", out)
+    assert sum(int(p.replace(",", "")) for p, _ in rounds) <= prompt  # rounds in flight at the end are not applied
+    assert any(r["outcome"] == "429" for r in server.requests)
+
+
+def test_budget_stops_cleanly_and_resumes(env, capsys):
+    with OpenAIServer() as server:
+        records = generate(server, env, num_instructions_to_generate=10_000, concurrency=1, budget_tokens=20_000)
+    out = capsys.readouterr().out
+    total = server.usage["prompt_tokens"] + server.usage["completion_tokens"]
+    per_request = total / len(server.requests)
+    assert 20_000 <= total < 20_000 + per_request + 1  # stopped at the first request past the budget
+    assert "Budget reached" in out and f"budget reached: {len(records)} instructions" in out
+    with OpenAIServer() as server:
+        more = generate(server, env, num_instructions_to_generate=len(records) + 20, concurrency=1)
+    assert more[: len(records)] == records and len(more) >= len(records) + 20
+    with pytest.raises(gen.GenerationError, match="needs --prompt_price_per_million"):
+        gen.generate_instruction_following_data(**env, model_name="test-model", budget_usd=1.0)
+
+
+def test_fatal_errors_are_clear_and_never_show_the_key(env):
+    with OpenAIServer(api_key="sk-the-right-key") as server:
+        with pytest.raises(gen.GenerationError) as excinfo:
+            generate(server, env)
+    assert "401" in str(excinfo.value) and API_KEY not in str(excinfo.value)
+    assert not os.path.exists(os.path.join(env["output_dir"], "regen.json"))
+    with OpenAIServer(models=["gpt-4o-mini"]) as server:
+        with pytest.raises(gen.GenerationError, match="test-model"):
+            generate(server, env)
+    assert len(server.requests) <= 8  # not retried: a missing model will not appear
+
+
+def test_missing_key_and_local_servers(env, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(gen.GenerationError, match="OPENAI_API_KEY is not set"):
+        gen.generate_instruction_following_data(**env, model_name="test-model", num_instructions_to_generate=5)
+    with OpenAIServer() as server:  # a local server (vLLM, Ollama) needs no key: a placeholder is sent
+        generate(server, env, num_instructions_to_generate=5)
+    assert server.requests[0]["authorization"] == "Bearer EMPTY"
+
+
+def test_corrupt_regen_json_is_an_error_and_left_alone(env):
+    os.makedirs(env["output_dir"])
+    path = os.path.join(env["output_dir"], "regen.json")
+    with open(path, "w") as f:
+        f.write('[{"instruction": "x", "input": ""}]')
+    with OpenAIServer() as server:
+        with pytest.raises(gen.GenerationError, match=r"cannot resume: .*regen.json: record 0: missing field 'output'"):
+            generate(server, env)
+    assert open(path).read() == '[{"instruction": "x", "input": ""}]'
+    assert server.requests == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kill -9 in the middle of a run, then the same command again
+
+
+def test_kill_9_then_resume_loses_and_duplicates_nothing(env):
+    command = [
+        sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
+        "--output_dir", env["output_dir"], "--seed_tasks_path", env["seed_tasks_path"],
+        "--prompt_path", env["prompt_path"], "--model_name", "test-model", "--api", "chat", "--seed", "11",
+        "--num_instructions_to_generate", "600", "--concurrency", "2", "--num_cpus", "4",
+    ]
+    regen_path = os.path.join(env["output_dir"], "regen.json")
+    snapshots = []
+    with OpenAIServer(latency=0.1) as server:
+        command += ["--api_base", server.base_url]
+        for delay in (0.0, 0.3):  # kill right after the first write, then at an arbitrary moment
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+            deadline = time.monotonic() + 60
+            before = len(snapshots[-1]) if snapshots else 0
+            while time.monotonic() < deadline and process.poll() is None:
+                if os.path.exists(regen_path) and len(json.loads(open(regen_path).read())) > before:
+                    break
+                time.sleep(0.02)
+            time.sleep(delay)
+            assert process.poll() is None, process.communicate()
+            process.send_signal(signal.SIGKILL)
+            out, err = process.communicate()
+            assert process.returncode == -signal.SIGKILL
+            assert API_KEY not in out + err
+            snapshots.append(json.loads(open(regen_path).read()))  # always valid JSON
+        finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"Loaded {len(snapshots[-1])} machine-generated instructions" in finished.stdout
+    assert API_KEY not in finished.stdout + finished.stderr
+    final = json.loads(open(regen_path).read())
+    for snapshot in snapshots:
+        assert final[: len(snapshot)] == snapshot  # nothing lost
+    assert len(final) >= 600
+    instructions = [r["instruction"] for r in final]
+    assert len(set(instructions)) == len(instructions)  # nothing duplicated
+    # Every record is exactly what the filter gives against the seeds and all records before it: the resumed runs
+    # rebuilt the pool in the right order.
+    pool = gen.NoveltyFilter([r["instruction"] for r in SAMPLE_RECORDS])
+    for record in final:
+        assert list(record) == FIELDS
+        assert pool.consider(record["instruction"]) == {
+            "most_similar_instructions": record["most_similar_instructions"],
+            "avg_similarity_score": record["avg_similarity_score"]}
+    assert API_KEY not in open(regen_path).read()
