@@ -577,10 +577,14 @@ def request_replies(client, api, model_name, prompts, decoding_args, request_see
                 shared["warn"]("the server rejected logit_bias; sending requests without it")
                 continue
             raise
-        except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError,
-                openai.ConflictError) as e:
+        except openai.APIStatusError as e:
+            if e.status_code in (408, 409, 429) or e.status_code >= 500:  # what the client retries: still failing
+                usage.failed_requests = 1
+                return None, usage, f"{type(e).__name__}: {e.message}"
+            raise  # 401, 403, 404, 422...: retrying will not help
+        except openai.APIConnectionError as e:  # includes APITimeoutError
             usage.failed_requests = 1
-            return None, usage, f"{type(e).__name__}: {getattr(e, 'message', e)}"
+            return None, usage, f"{type(e).__name__}: {e.message}"
 
 
 def regen_record_json(record):
@@ -594,6 +598,43 @@ def write_regen_json(path, record_texts):
     at 50K records this takes the rewrite from 1.6 s to 0.5 s)."""
     with utils.atomic_open(path, "w") as f:
         f.write("[\n" + ",\n".join(record_texts) + "\n]" if record_texts else "[]")
+
+
+def start_request_threads(num_threads):
+    """Daemon threads running submitted calls; returns (submit(fn, *args) -> Future, stop()).
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so Ctrl-C (or a fatal error) would hang
+    until every request in flight came back, up to --request_timeout. regen.json already holds every accepted record
+    at that point, so requests in flight can simply be abandoned.
+    """
+    import concurrent.futures
+    import queue
+
+    calls = queue.SimpleQueue()
+
+    def work():
+        while (call := calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever reads the future
+                future.set_exception(e)
+
+    for i in range(num_threads):
+        threading.Thread(target=work, name=f"request-{i}", daemon=True).start()
+
+    def submit(fn, *args):
+        future = concurrent.futures.Future()
+        calls.put((future, fn, args))
+        return future
+
+    def stop():
+        for _ in range(num_threads):
+            calls.put(None)
+
+    return submit, stop
 
 
 def generate_instruction_following_data(
@@ -668,7 +709,7 @@ def generate_instruction_following_data(
             Needs the prices.
         budget_tokens: the same, in prompt + completion tokens.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import concurrent.futures
 
     import openai
 
@@ -738,7 +779,7 @@ def generate_instruction_following_data(
             total_usage.add(usage)
         return replies, usage, error, started, time.time()
 
-    def submit_round(executor, round_index):
+    def submit_round(round_index):
         rng = random.Random(f"{base_seed}/{num_loaded}/{round_index}")
         prompts = [encode_prompt(rng.sample(seed_instruction_data, num_prompt_instructions), prompt_path)
                    for _ in range(request_batch_size)]
@@ -746,7 +787,7 @@ def generate_instruction_following_data(
         futures = []
         for group in prompt_groups:
             request_seed = rng.getrandbits(31)
-            futures.append(executor.submit(run_request, group, request_seed if seed is not None else None))
+            futures.append(submit(run_request, group, request_seed if seed is not None else None))
         return futures
 
     def spent_budget():
@@ -756,7 +797,7 @@ def generate_instruction_following_data(
             cost = total_usage.cost(prompt_price_per_million, completion_price_per_million)
             return budget_usd is not None and cost is not None and cost >= budget_usd
 
-    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="request")
+    submit, stop_request_threads = start_request_threads(concurrency)
     pending = collections.deque()  # (round_index, futures), in round order
     next_round = 0
     rounds_applied = 0
@@ -779,7 +820,7 @@ def generate_instruction_following_data(
                         spent = total_usage.describe(prompt_price_per_million, completion_price_per_million)
                     progress_bar.write(f"Budget reached ({spent}); finishing the requests in flight")
                     break
-                pending.append((next_round, submit_round(executor, next_round)))
+                pending.append((next_round, submit_round(next_round)))
                 next_round += 1
             if not pending:
                 break
@@ -797,7 +838,7 @@ def generate_instruction_following_data(
             for replies, usage, error, _, _ in outcomes:
                 round_usage.add(usage)
                 if error is not None:
-                    shared["warn"](f"round {round_index}: a request failed after {max_retries} retries ({error}); "
+                    shared["warn"](f"round {round_index + 1}: a request failed after {max_retries} retries ({error}); "
                                    "its prompts are skipped")
                 results += replies or []
             request_duration = max(o[4] for o in outcomes) - min(o[3] for o in outcomes)
@@ -849,12 +890,19 @@ def generate_instruction_following_data(
         clean_exit = True
     finally:
         progress_bar.close()
-        # On success wait for requests already in flight, so the usage below counts everything that was paid for.
-        executor.shutdown(wait=clean_exit, cancel_futures=True)
+        unapplied = [future for _, futures in pending for future in futures]
+        for future in unapplied:
+            future.cancel()  # only those not started yet
+        if clean_exit:  # wait for the requests in flight, so that the usage below counts all that was paid for
+            concurrent.futures.wait(unapplied)
+        stop_request_threads()
         if not clean_exit:
             client.close()
+            print(f"Stopped: {regen_path} holds all {len(machine_instruction_data)} accepted records; rerun the same "
+                  "command to resume", file=sys.stderr)
 
-    stopped = "budget reached: " if budget_reached and len(machine_instruction_data) < num_instructions_to_generate else ""
+    short = budget_reached and len(machine_instruction_data) < num_instructions_to_generate
+    stopped = "budget reached: " if short else ""
     print(f"{stopped}{len(machine_instruction_data)} instructions in {regen_path} ({kept_this_run} new this run)")
     print(f"Total usage this run: {total_usage.describe(prompt_price_per_million, completion_price_per_million)}")
     client.close()

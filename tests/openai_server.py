@@ -169,7 +169,7 @@ class OpenAIServer:
         self.context_window = context_window
         self.models = models  # None: any model name is accepted; else others get a 404 model_not_found
         self.api_key = api_key  # None: any key is accepted; else others get a 401
-        self.reject_logit_bias = reject_logit_bias  # answer a request carrying logit_bias with a 400, as some servers do
+        self.reject_logit_bias = reject_logit_bias  # a 400 for any request with logit_bias, as some servers do
         self.script = []
         self.requests = []
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}

@@ -188,7 +188,7 @@ def test_post_process_drops_malformed_pieces():
     text = (
         " Give three tips for saving money.\n4. Input:\n<noinput>\n4. Output:\nBudget, cook, compare.\n###\n"
         "5. Instruction: Explain what a mortgage is.\n5. Output:\nA loan for a house.\n###\n"  # no Input: 5 parts
-        "7. Instruction: List four ocean animals please.\n7. Input:\n<noinput>\n7. Output:\nWhale\n###\n"  # wrong number
+        "7. Instruction: List four ocean animals please.\n7. Input:\n<noinput>\n7. Output:\nWhale\n###\n"  # should be 6
         "7. Instruction: Define the word ephemeral for me.\n7. Input:\n<noinput>\n7. Output:\nBrief.\n"
         "7. Output:\nShort-lived.\n###\n"  # two Outputs: 9 parts
         "8. Instruction: Write a limerick about a cat.\n8. Input:\n<noinput>\n8. Output:\nThere once was a cat"
@@ -579,3 +579,63 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(env):
             "most_similar_instructions": record["most_similar_instructions"],
             "avg_similarity_score": record["avg_similarity_score"]}
     assert API_KEY not in open(regen_path).read()
+
+
+def test_ctrl_c_exits_at_once_even_with_requests_in_flight(env):
+    """Requests in flight are abandoned (regen.json already holds every accepted record), not waited for."""
+    with OpenAIServer(faults={"hang": 1.0}, hang_seconds=30.0) as server:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
+             "--output_dir", env["output_dir"], "--seed_tasks_path", env["seed_tasks_path"], "--prompt_path",
+             env["prompt_path"], "--model_name", "test-model", "--api_base", server.base_url, "--request_timeout", "60"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not server.requests and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = process.communicate(timeout=20)
+        assert time.monotonic() - interrupted < 5.0
+    assert process.returncode != 0
+    assert "rerun the same command to resume" in err
+    assert API_KEY not in out + err
+
+
+def test_regen_writer_is_byte_identical_to_jdump(tmp_path):
+    records = [
+        {"instruction": "Say \"hi\"\nnicely.", "input": "naïve café ☕", "output": "Hi!\tThere\\",
+         "most_similar_instructions": {"a": 0.1, "b\nc": 0.30000000000000004, "": 0},
+         "avg_similarity_score": 1 / 3},
+        {"instruction": "Second", "input": "", "output": "", "most_similar_instructions": {},
+         "avg_similarity_score": 0.0},
+    ]
+    for subset in (records, records[:1], []):
+        gen.write_regen_json(tmp_path / "fast.json", [gen.regen_record_json(r) for r in subset])
+        gen.utils.jdump(subset, tmp_path / "reference.json")
+        assert (tmp_path / "fast.json").read_bytes() == (tmp_path / "reference.json").read_bytes()
+
+
+def test_command_line_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
+                             "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PAGER="cat"))
+    text = result.stdout + result.stderr
+    for flag in ("output_dir", "seed_tasks_path", "num_instructions_to_generate", "model_name",
+                 "num_prompt_instructions", "request_batch_size", "temperature", "top_p", "num_cpus", "api",
+                 "api_base", "concurrency", "seed", "max_tokens", "logit_bias", "budget_usd", "budget_tokens",
+                 "prompt_price_per_million", "completion_price_per_million", "request_timeout", "max_retries"):
+        assert f"--{flag}" in text, flag
+    assert "gpt-3.5-turbo-instruct" in text and "OPENAI_API_KEY" in text
+
+
+def test_requests_failing_after_all_retries_are_skipped_then_the_run_stops(env, capsys):
+    with OpenAIServer() as server:
+        server.script = ["500"]  # with no retries left, the first request fails for good: its prompts are skipped
+        records = generate(server, env, num_instructions_to_generate=20, concurrency=1, max_retries=0)
+    assert [r["outcome"] for r in server.requests[:2]] == ["500", "ok"] and len(records) >= 20
+    assert "round 1: a request failed after 0 retries (InternalServerError" in capsys.readouterr().err
+    with OpenAIServer(faults={"500": 1.0}) as server:  # the server is down: stop after 3 rounds, keep regen.json
+        with pytest.raises(gen.GenerationError, match="every request of the last 3 rounds failed"):
+            generate(server, env, num_instructions_to_generate=100, concurrency=1, max_retries=0)
+    assert len(server.requests) == 3
+    assert json.loads(open(os.path.join(env["output_dir"], "regen.json")).read()) == records
