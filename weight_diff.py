@@ -147,10 +147,14 @@ def load_bin_shard(path):
 def read_safetensors_tensor(entry, name):
     """Read one tensor of a safetensors file (as stored) with a plain read into memory of its own."""
     buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view, done = memoryview(buffer.numpy()), 0
     with open(entry.file, "rb", buffering=0) as f:
         f.seek(entry.offset)
-        if f.readinto(buffer.numpy()) != entry.nbytes:
-            raise WeightDiffError(f"{entry.file}: truncated while reading tensor '{name}'")
+        while done < entry.nbytes:  # one read() returns at most ~2 GB on Linux
+            count = f.readinto(view[done:])
+            if not count:
+                raise WeightDiffError(f"{entry.file}: truncated while reading tensor '{name}'")
+            done += count
     return buffer.view(entry.dtype).reshape(entry.shape)
 
 
@@ -372,24 +376,30 @@ def plan_tensor_pairs(raw, other, other_role):
     return plan
 
 
-def float32_pair(raw, other, name, new_rows):
-    """(raw, other) as float32, raw extended with `new_rows` mean rows (computed on CPU in float32, as training did)."""
+def float32_raw(raw, name, new_rows):
+    """The raw tensor in float32, extended with `new_rows` mean rows (computed on CPU in float32, as training did)."""
     raw_tensor = raw.read(name).to(torch.float32)
-    other_tensor = other.read(name).to(torch.float32)
-    if new_rows:
-        raw_tensor = utils.extend_rows_with_mean(raw_tensor, new_rows)
-    return raw_tensor, other_tensor
+    return utils.extend_rows_with_mean(raw_tensor, new_rows) if new_rows else raw_tensor
 
 
-def prefetched(function, items):
-    """Yield (item, function(item)) for each item, computing the next one in a background thread (file reads and
-    torch ops release the GIL, so reading the next tensors overlaps adding, hashing and writing this one)."""
+def prefetched(function, items, sizes):
+    """Yield (item, function(item)) for each item, preparing the next one in a background thread while the caller
+    handles this one (file reads, torch ops and hashing release the GIL, so reading overlaps adding and writing).
+
+    An item is prepared ahead only when it and the current one together are no larger than the largest item, so the
+    tensors in flight never add up to more than about the largest one (the embeddings: reading the lm_head while
+    writing embed_tokens would double the peak memory for little gain).
+    """
+    limit = max(sizes, default=0)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(function, items[0]) if items else None
+        ahead = None
         for i, item in enumerate(items):
-            result = pending.result()
-            pending = pool.submit(function, items[i + 1]) if i + 1 < len(items) else None
+            result = ahead.result() if ahead is not None else function(item)
+            ahead = None
+            if i + 1 < len(items) and sizes[i] + sizes[i + 1] <= limit:
+                ahead = pool.submit(function, items[i + 1])
             yield item, result
+            del result
 
 
 def tensor_sha256(tensor):
@@ -611,14 +621,16 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
     config = AutoConfig.from_pretrained(path_tuned)
     tokenizer = load_tokenizer(path_tuned)
     specs = [(name, torch.float32, tuned.entries[name].shape) for name, _ in plan]
+    sizes = [math.prod(shape) for _, _, shape in specs]
 
     def compute(item):
         name, new_rows = item
-        raw_tensor, tuned_tensor = float32_pair(raw, tuned, name, new_rows)
+        raw_tensor = float32_raw(raw, name, new_rows)  # extended before the tuned tensor is read: one less in memory
+        tuned_tensor = tuned.read(name).to(torch.float32)
         diff = tuned_tensor - raw_tensor
         # Where float32 rounding makes diff + raw miss the tuned bits, record the XOR that fixes them.
-        recovered = diff + raw_tensor
-        tuned_bits, recovered_bits = tuned_tensor.view(-1).view(torch.int32), recovered.view(-1).view(torch.int32)
+        recovered_bits = raw_tensor.add_(diff).view(-1).view(torch.int32)  # raw + diff, in raw's memory
+        tuned_bits = tuned_tensor.view(-1).view(torch.int32)
         wrong = (tuned_bits != recovered_bits).nonzero().view(-1)
         xor = tuned_bits[wrong] ^ recovered_bits[wrong]
         return diff, wrong, xor, tensor_sha256(tuned_tensor), tuned_tensor.sum()
@@ -629,7 +641,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         corrections = AppendingSafetensorsWriter(os.path.join(out, CORRECTIONS_NAME))
         try:
             with _progress(tuned.total_bytes(n for n, _ in plan), "make_diff") as bar:
-                for (name, _), (diff, wrong, xor, sha256, total) in prefetched(compute, plan):
+                for (name, _), (diff, wrong, xor, sha256, total) in prefetched(compute, plan, sizes):
                     writer.write(name, diff)
                     if len(wrong):
                         corrections.add(f"{name}.index", wrong)
@@ -639,6 +651,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
                     sums[name] = total
                     bar.update(diff.numel() * 4)
                     bar.set_postfix_str(f"{len(tensors)}/{len(plan)} tensors")
+                    del diff, wrong, xor  # before the next tensor is read
             writer.close()
             if corrected:
                 corrections.close()
@@ -708,6 +721,8 @@ def recover(
     """
     from transformers import AutoConfig
 
+    if test_inference and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise WeightDiffError(f"--device {device}: no CUDA device is available (use --device cpu)")
     raw, diff = Checkpoint(path_raw, "raw"), Checkpoint(path_diff, "diff")
     plan = plan_tensor_pairs(raw, diff, "diff")
     config = AutoConfig.from_pretrained(path_diff)
@@ -715,16 +730,18 @@ def recover(
     manifest, corrections = _read_manifest(path_diff, plan, diff)
     buffer_sums = inv_freq_sums(raw, diff, config) if check_integrity_naively else {}
     specs = [(name, torch.float32, diff.entries[name].shape) for name, _ in plan]
+    sizes = [math.prod(shape) for _, _, shape in specs]
     keep_in_memory = test_inference and path_tuned is None
     if keep_in_memory:
         logger.warning("--path_tuned is not set: the recovered weights are kept in memory for --test_inference")
 
     def compute(item):
         name, new_rows = item
-        raw_tensor, diff_tensor = float32_pair(raw, diff, name, new_rows)
-        recovered = diff_tensor + raw_tensor
+        raw_tensor = float32_raw(raw, name, new_rows)  # extended before the diff tensor is read: one less in memory
+        recovered = diff.read(name).to(torch.float32).add_(raw_tensor)  # diff + raw, in the diff's own buffer
+        del raw_tensor
         if name in corrections:
-            index, xor = corrections[name]
+            index, xor = read_corrections(corrections[name], name, recovered.numel())
             bits = recovered.view(-1).view(torch.int32)
             bits[index] = bits[index] ^ xor
         return recovered, (tensor_sha256(recovered) if manifest else None), recovered.sum()
@@ -734,7 +751,7 @@ def recover(
         writer = ShardedSafetensorsWriter(out, specs, _shard_bytes(max_shard_size)) if out else None
         try:
             with _progress(diff.total_bytes(n for n, _ in plan), "recover") as bar:
-                for (name, _), (recovered, sha256, total) in prefetched(compute, plan):
+                for (name, _), (recovered, sha256, total) in prefetched(compute, plan, sizes):
                     if manifest and sha256 != manifest["tensors"][name]["sha256"]:
                         raise WeightDiffError(
                             f"tensor '{name}' does not match the sha256 make_diff recorded for it in "
@@ -748,6 +765,7 @@ def recover(
                     sums[name] = total
                     bar.update(recovered.numel() * 4)
                     bar.set_postfix_str(f"{len(sums)}/{len(plan)} tensors")
+                    del recovered  # before the next tensor is read
             if writer:
                 writer.close()
         except BaseException:
@@ -766,12 +784,12 @@ def recover(
     if path_tuned:
         print(f"recovered model written to {path_tuned}")
     if test_inference:
-        _test_inference(path_tuned, path_diff, config, kept, tokenizer, device)
+        _test_inference(path_tuned, config, kept, tokenizer, device)
     return path_tuned
 
 
 def _read_manifest(path_diff, plan, diff):
-    """The diff's sha256 manifest (or None) and its corrections {name: (index, xor)}, checked against the diff."""
+    """The diff's sha256 manifest (or None) and where its corrections are: {name: (index entry, xor entry)}."""
     manifest_path = os.path.join(path_diff, MANIFEST_NAME)
     if not os.path.exists(manifest_path):
         logger.warning("%s has no %s (a diff not made by this script): only the naive sum can be checked",
@@ -797,17 +815,21 @@ def _read_manifest(path_diff, plan, diff):
             raise WeightDiffError(f"{path} is missing (the manifest names it); without it recovery is not bit-exact")
         entries = read_safetensors_header(path)
         for key in entries:
-            if key.endswith(".index"):
-                name = key[: -len(".index")]
-                if name not in diff.entries or f"{name}.xor" not in entries:
-                    raise WeightDiffError(f"{path}: corrections for unknown tensor '{name}'")
-                index = read_safetensors_tensor(entries[key], key)
-                xor = read_safetensors_tensor(entries[f"{name}.xor"], f"{name}.xor")
-                if len(index) != len(xor) or (len(index) and (index.min() < 0 or index.max() >= math.prod(
-                        diff.entries[name].shape))):
-                    raise WeightDiffError(f"{path}: corrections for tensor '{name}' are out of range")
-                corrections[name] = (index, xor)
+            name = key.rsplit(".", 1)[0]
+            if name not in diff.entries or not {f"{name}.index", f"{name}.xor"} <= entries.keys():
+                raise WeightDiffError(f"{path}: '{key}' is not a correction of a tensor of the diff")
+            corrections[name] = (entries[f"{name}.index"], entries[f"{name}.xor"])
     return manifest, corrections
+
+
+def read_corrections(entries, name, numel):
+    """The (flat indices, int32 XOR masks) that make tensor `name` bit-exact, read when the tensor is recovered."""
+    index = read_safetensors_tensor(entries[0], f"{name}.index")
+    xor = read_safetensors_tensor(entries[1], f"{name}.xor")
+    if index.dtype != torch.int64 or xor.dtype != torch.int32 or index.shape != xor.shape or (
+            len(index) and (index.min() < 0 or index.max() >= numel)):
+        raise WeightDiffError(f"{entries[0].file}: the corrections of tensor '{name}' are malformed")
+    return index, xor
 
 
 def inv_freq_sums(raw, diff, config):
@@ -846,7 +868,7 @@ def check_naive_sum(sums, num_layers, expected_sum, sha256_verified):
                           "Nothing was written. (For another model, pass its --expected_sum.)")
 
 
-def _test_inference(path_tuned, path_diff, config, kept, tokenizer, device):
+def _test_inference(path_tuned, config, kept, tokenizer, device):
     """Generate from the recovered model with the Alpaca no-input prompt, as the original did, and print it."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, AutoTokenizer
 

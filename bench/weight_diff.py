@@ -1,0 +1,195 @@
+"""Benchmark: peak memory and wall time of `weight_diff.py recover` against the original's way, on a ~1B Llama.
+
+    python bench/weight_diff.py                      # ~1.04B parameters (4.2 GB per model in float32)
+    python bench/weight_diff.py --layers 2 --hidden 512 --intermediate 1376   # a quick run
+
+What it does, all under --workdir (deleted at the end unless --keep):
+  1. builds a random float32 Llama ("raw", vocab 32000) and a "tuned" one (raw + [PAD] mean row, then two float32
+     update steps), saved as safetensors shards, tensor by tensor;
+  2. runs our make_diff on them (timed, for information);
+  3. runs, each in its own process, the naive recover (the original's way on transformers 5: load raw and diff with
+     from_pretrained in float32, add the [PAD] mean row to raw, add the state dicts, naive sum, save_pretrained) and
+     ours (`python weight_diff.py recover ... --test_inference False`), with the page cache warmed for both;
+  4. compares the outputs bit for bit, tensor by tensor: ours == tuned, and naive == ours with the ulp corrections
+     undone (the naive way cannot be exact; that is what the corrections fix).
+Peak RSS is each process's own ru_maxrss (os.wait4), so the two ways are measured apart.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+import weight_diff  # noqa: E402
+
+NAIVE_RECOVER = r"""
+import sys, torch, transformers
+path_raw, path_diff, path_out = sys.argv[1:4]
+with torch.inference_mode():
+    model_raw = transformers.AutoModelForCausalLM.from_pretrained(path_raw, device_map={"": "cpu"}, dtype=torch.float32)
+    model_recovered = transformers.AutoModelForCausalLM.from_pretrained(path_diff, device_map={"": "cpu"},
+                                                                        dtype=torch.float32)
+    # smart_tokenizer_and_embedding_resize on raw: the [PAD] rows = mean of the old rows
+    num_new_tokens = model_recovered.config.vocab_size - model_raw.config.vocab_size
+    model_raw.resize_token_embeddings(model_recovered.config.vocab_size)
+    for embeddings in (model_raw.get_input_embeddings().weight.data, model_raw.get_output_embeddings().weight.data):
+        embeddings[-num_new_tokens:] = embeddings[:-num_new_tokens].mean(dim=0, keepdim=True)
+    state_dict_recovered, state_dict_raw = model_recovered.state_dict(), model_raw.state_dict()
+    for key in state_dict_recovered:
+        state_dict_recovered[key].add_(state_dict_raw[key])
+    allsum = sum(state_dict_recovered[key].sum() for key in state_dict_recovered)
+    print("naive sum", allsum.item())
+    model_recovered.save_pretrained(path_out)
+"""
+
+
+def build_models(workdir, args):
+    """raw and tuned folders (safetensors shards of <= 2 GB, config, tokenizer), one tensor in memory at a time."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(97)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    generator = torch.Generator().manual_seed(0)
+    folders = {"raw": os.path.join(workdir, "raw"), "tuned": os.path.join(workdir, "tuned")}
+    shards = {"raw": [], "tuned": []}
+    pending = {"raw": {}, "tuned": {}}
+
+    def flush(which):
+        if pending[which]:
+            file = f"model-part{len(shards[which]) + 1}.safetensors"
+            save_file(pending[which], os.path.join(folders[which], file), metadata={"format": "pt"})
+            shards[which].append({name: file for name in pending[which]})
+            pending[which].clear()
+
+    for folder in folders.values():
+        os.makedirs(folder)
+    for name, shape in shapes.items():
+        raw = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+        tuned = weight_diff.utils.extend_rows_with_mean(raw, 1) if name.endswith(weight_diff.TOKEN_ROW_SUFFIXES) else raw
+        for _ in range(2):  # a couple of float32 "optimizer steps"
+            tuned = tuned - 1e-4 * torch.randn(tuned.shape, generator=generator)
+        for which, tensor in (("raw", raw), ("tuned", tuned.contiguous())):
+            pending[which][name] = tensor
+            if sum(t.numel() * 4 for t in pending[which].values()) > 2e9:
+                flush(which)
+    for which in folders:
+        flush(which)
+        weight_map = {name: file for shard in shards[which] for name, file in shard.items()}
+        total = sum(math.prod(shapes[n]) * 4 for n in weight_map)
+        with open(os.path.join(folders[which], "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                            eos_token="</s>")
+        if which == "tuned":
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            config.vocab_size, config.pad_token_id = args.vocab + 1, len(words)
+        config.save_pretrained(folders[which])
+        tokenizer.save_pretrained(folders[which])
+    return folders, sum(math.prod(s) for s in shapes.values())
+
+
+def run_measured(command, label):
+    """Run a command in its own process: (wall seconds, peak RSS in bytes of that process alone)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"{label} failed (status {status}):\n{output[-3000:]}")
+    return wall, usage.ru_maxrss * 1024, output
+
+
+def warm_page_cache(*folders):
+    """Read every file once so that both ways start with the inputs in the page cache."""
+    for folder in folders:
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def compare_outputs(ours, naive, tuned, diff):
+    """(tensors, elements, corrected elements): ours == tuned bit for bit; naive == ours with the corrections undone."""
+    ours, naive, tuned = (weight_diff.Checkpoint(p, role) for p, role in ((ours, "ours"), (naive, "naive"),
+                                                                           (tuned, "tuned")))
+    corrections_path = os.path.join(diff, weight_diff.CORRECTIONS_NAME)
+    corrections = weight_diff.read_safetensors_header(corrections_path) if os.path.exists(corrections_path) else {}
+    assert sorted(ours.entries) == sorted(naive.entries) == sorted(tuned.entries), "different tensor names"
+    elements = corrected = 0
+    for name in tuned.entries:
+        a, b, t = ours.read(name), naive.read(name), tuned.read(name)
+        assert torch.equal(a.view(torch.int32), t.view(torch.int32)), f"ours != tuned for {name}"
+        undone = a.clone().view(-1).view(torch.int32)
+        if f"{name}.index" in corrections:
+            index = weight_diff.read_safetensors_tensor(corrections[f"{name}.index"], name)
+            xor = weight_diff.read_safetensors_tensor(corrections[f"{name}.xor"], name)
+            undone[index] ^= xor
+            corrected += len(index)
+        assert torch.equal(undone, b.view(-1).view(torch.int32)), f"naive != ours without corrections for {name}"
+        elements += t.numel()
+    return len(tuned.entries), elements, corrected
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5504)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--workdir", default="/tmp/alpaca_weight_diff_bench")
+    parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    args = parser.parse_args()
+    if os.path.exists(args.workdir):
+        sys.exit(f"{args.workdir} exists; remove it first")
+    os.makedirs(args.workdir)
+    try:
+        start = time.perf_counter()
+        folders, num_parameters = build_models(args.workdir, args)
+        print(f"built raw + tuned: {num_parameters / 1e9:.2f}B parameters, "
+              f"{num_parameters * 4 / 1e9:.1f} GB each in float32 ({time.perf_counter() - start:.0f} s)")
+        diff, ours, naive = (os.path.join(args.workdir, name) for name in ("diff", "ours", "naive"))
+        python = sys.executable
+
+        wall, rss, out = run_measured([python, "weight_diff.py", "make_diff", "--path_raw", folders["raw"],
+                                       "--path_tuned", folders["tuned"], "--path_diff", diff], "make_diff")
+        print(f"make_diff (ours): {wall:.1f} s, peak RSS {rss / 1e9:.2f} GB; {out.strip().splitlines()[-1]}")
+
+        warm_page_cache(folders["raw"], diff)
+        naive_wall, naive_rss, _ = run_measured([python, "-c", NAIVE_RECOVER, folders["raw"], diff, naive], "naive")
+        warm_page_cache(folders["raw"], diff)
+        ours_wall, ours_rss, _ = run_measured(
+            [python, "weight_diff.py", "recover", "--path_raw", folders["raw"], "--path_diff", diff,
+             "--path_tuned", ours, "--test_inference", "False"], "recover")
+        tensors, elements, corrected = compare_outputs(ours, naive, folders["tuned"], diff)
+
+        print(f"recover, naive (original's way): {naive_wall:6.1f} s   peak RSS {naive_rss / 1e9:6.2f} GB")
+        print(f"recover, ours (streaming):       {ours_wall:6.1f} s   peak RSS {ours_rss / 1e9:6.2f} GB")
+        print(f"ratio ours / naive: peak RSS {ours_rss / naive_rss:.1%}, wall time {ours_wall / naive_wall:.2f}x")
+        print(f"outputs: {tensors} tensors, {elements:,} elements; ours == tuned bit for bit; naive == ours with the "
+              f"{corrected:,} ulp corrections ({corrected / elements:.2%}) undone, bit for bit")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
