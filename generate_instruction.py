@@ -21,6 +21,7 @@ Command line (python-fire):
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -37,25 +38,38 @@ import numpy as np
 import tqdm
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
-from rouge_score import tokenizers
+from rouge_score import tokenize as rouge_score_tokenize
 
 import utils
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The ROUGE-L novelty filter
 
-# rouge_score's default tokenizer without stemming, as the original used it (RougeScorer(["rougeL"],
-# use_stemmer=False)._tokenizer): lower-case, every run of non-[a-z0-9] characters becomes a space, split.
-ROUGE_TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
-
 # Candidates are compared with the pool this many at a time: rapidfuzz's many-to-many LCS is about ten times faster
 # per pair than one candidate against the pool. The result is the same as one at a time: a candidate's scores are its
 # scores against the pool as it was when the block started, plus against the block's earlier kept candidates.
 BLOCK_SIZE = 256
 
+# With at least this many (candidate, pool entry) pairs to score and more than one CPU, the argsorts for the two fields
+# run in helper threads (np.argsort releases the GIL) while this thread scores the next block. np.argsort of a score
+# row is the largest cost left (~30 ns an entry, three times the LCS), and the ten indices must come from np.argsort
+# of the full row, as in the original, because which of several equal scores make the ten is NumPy's tie order.
+PARALLEL_MIN_PAIRS = 1_000_000
+
 # Tokens become characters; Python strings hold any code point except that we skip the UTF-16 surrogate range.
 _SURROGATES = range(0xD800, 0xE000)
 _MAX_DISTINCT_TOKENS = 0x110000 - len(_SURROGATES)  # 1,112,064
+
+
+def rouge_tokens(text):
+    """rouge_score's default tokenizer without stemming, as the original used it (RougeScorer(["rougeL"],
+    use_stemmer=False)._tokenizer.tokenize): lower-case, every run of non-[a-z0-9] characters becomes a space, split.
+    (Its tokenize module directly: the DefaultTokenizer class imports all of nltk, a second at start-up.)"""
+    return rouge_score_tokenize.tokenize(text, None)
+
+
+def available_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class NoveltyFilter:
@@ -69,6 +83,7 @@ class NoveltyFilter:
         most_similar_instructions = {pool[i]: score[i] for i in np.argsort(scores)[-10:][::-1]}
         avg_similarity_score      = float(np.mean(scores))
     On an empty pool a candidate is kept with {} and 0.0 (the original always had its 175 seeds, and would fail here).
+    `consider_batch` does the same for a list, in order, much faster; `judge` also tells why a candidate was rejected.
 
     Attributes:
         instructions: the pool's texts, in pool order.
@@ -83,29 +98,28 @@ class NoveltyFilter:
         self.threshold = float(threshold)
         self.instructions = []
         # Pool entry i as a string with one character per token, so that an LCS over characters is the LCS over
-        # tokens. Distinct tokens get distinct characters, in the order they are first seen (so common words of the
-        # seeds get the small code points, which rapidfuzz looks up fastest).
+        # tokens. Distinct tokens get distinct characters; each batch's new tokens are numbered most frequent first,
+        # so that common words get the code points below 256, which rapidfuzz looks up fastest.
         self._token_strings = []
         self._char_of_token = {}
         # Token counts in pool order, as float64 (the denominators of precision), with room to grow by doubling.
         # An entry without tokens is stored as 1: its LCS is 0, so its precision is 0/1 = 0 instead of 0/0.
         self._lengths = np.empty(1024, dtype=np.float64)
         self._num_with_tokens = 0
-        for instruction in instructions:
-            self.add(instruction)
+        instructions = list(instructions)
+        for text, token_string in zip(instructions, self._to_token_strings(instructions)):
+            self._append(text, token_string)
 
     def __len__(self):
         return len(self.instructions)
 
     def add(self, instruction):
         """Append `instruction` to the pool, whatever its score."""
-        self._append(instruction, self._token_string(instruction))
+        self._append(instruction, self._to_token_strings([instruction])[0])
 
     def scores(self, instruction):
         """ROUGE-L F of `instruction` (as the new text) against every pool entry, as float64 in pool order."""
-        token_string = self._token_string(instruction)
-        if not self._token_strings:
-            return np.zeros(0, dtype=np.float64)
+        token_string = self._to_token_strings([instruction])[0]
         lcs = process.cdist([token_string], self._token_strings, scorer=LCSseq.similarity, processor=None,
                             dtype=np.int32, workers=-1)[0]
         return self._fmeasures(lcs, len(token_string))
@@ -118,55 +132,63 @@ class NoveltyFilter:
         """
         return self.consider_batch([instruction])[0]
 
-    def consider_batch(self, instructions):
-        """`[self.consider(x) for x in instructions]`, with the same results, but about ten times faster."""
-        return [fields for fields, _, _ in self.judge(instructions)]
+    def consider_batch(self, instructions, num_cpus=None):
+        """`[self.consider(x) for x in instructions]`, with the same results, but much faster.
 
-    def judge(self, instructions):
+        num_cpus: processes for the argsorts of large batches (default: every CPU this process may use).
+        """
+        return [fields for fields, _, _ in self.judge(instructions, num_cpus=num_cpus)]
+
+    def judge(self, instructions, num_cpus=None):
         """Consider each instruction in order; yield (fields or None, nearest pool index, its score) for each.
 
         The nearest pool entry (index -1 and score 0.0 on an empty pool) is what a caller can report for a rejected
-        instruction. Consumed lazily, block by block: stop iterating and the rest are not considered.
+        instruction. Results come block by block (of BLOCK_SIZE); with helper threads, a block's results come once
+        the next block has been judged.
         """
         if isinstance(instructions, str):
             raise TypeError("judge/consider_batch take a list of instructions, not a single string")
         instructions = list(instructions)
-        for start in range(0, len(instructions), BLOCK_SIZE):
-            block = instructions[start : start + BLOCK_SIZE]
-            block_strings = [self._token_string(text) for text in block]
-            # LCS of every block candidate against the pool as it is now, and against each other (for the block
-            # candidates that will have joined the pool by the time a later one is judged).
-            lcs_vs_pool = process.cdist(block_strings, self._token_strings, scorer=LCSseq.similarity, processor=None,
-                                        dtype=np.int32, workers=-1)
-            lcs_vs_block = process.cdist(block_strings, block_strings, scorer=LCSseq.similarity, processor=None,
-                                         dtype=np.int32, workers=-1)
-            kept_in_block = []
-            for i, (text, token_string) in enumerate(zip(block, block_strings)):
-                lcs = lcs_vs_pool[i]
-                if kept_in_block:
-                    lcs = np.concatenate((lcs, lcs_vs_block[i, kept_in_block]))
-                judgement = self._decide(text, token_string, lcs)
-                if judgement[0] is not None:
-                    kept_in_block.append(i)
-                yield judgement
+        token_strings = self._to_token_strings(instructions)
+        helpers = self._start_helpers(instructions, num_cpus)
+        lcs_threads = -1 if num_cpus is None else int(num_cpus)  # rapidfuzz: -1 is every CPU
+        try:
+            waiting = None  # the previous block, whose argsorts are running in the helpers
+            for start in range(0, len(instructions), BLOCK_SIZE):
+                block = self._judge_block(instructions[start : start + BLOCK_SIZE],
+                                          token_strings[start : start + BLOCK_SIZE], helpers, lcs_threads)
+                if helpers is None:
+                    yield from self._collect(*block)
+                    continue
+                if waiting is not None:
+                    yield from self._collect(*waiting)
+                waiting = block
+            if waiting is not None:
+                yield from self._collect(*waiting)
+        finally:
+            if helpers is not None:
+                helpers.shutdown(cancel_futures=True)
 
     # -- internals --------------------------------------------------------------------------------------------------
 
-    def _token_string(self, instruction):
-        if not isinstance(instruction, str):
-            raise TypeError(f"an instruction must be a string, got {type(instruction).__name__}: {instruction!r:.80}")
-        tokens = ROUGE_TOKENIZER.tokenize(instruction)
+    def _to_token_strings(self, instructions):
+        token_lists = []
+        for instruction in instructions:
+            if not isinstance(instruction, str):
+                raise TypeError(f"an instruction must be a string, got {type(instruction).__name__}: "
+                                f"{instruction!r:.80}")
+            token_lists.append(rouge_tokens(instruction))
         char_of_token = self._char_of_token
-        for token in tokens:
-            if token not in char_of_token:
-                code_point = len(char_of_token)
-                if code_point >= _SURROGATES.start:
-                    code_point += len(_SURROGATES)
-                if code_point > 0x10FFFF:
-                    raise RuntimeError(f"NoveltyFilter: more than {_MAX_DISTINCT_TOKENS:,} distinct tokens; each token "
-                                       "must map to its own Unicode character")
-                char_of_token[token] = chr(code_point)
-        return "".join([char_of_token[token] for token in tokens])
+        new_tokens = collections.Counter(t for tokens in token_lists for t in tokens if t not in char_of_token)
+        for token, _ in new_tokens.most_common():
+            code_point = len(char_of_token)
+            if code_point >= _SURROGATES.start:
+                code_point += len(_SURROGATES)
+            if code_point > 0x10FFFF:
+                raise RuntimeError(f"NoveltyFilter: more than {_MAX_DISTINCT_TOKENS:,} distinct tokens; each token "
+                                   "must map to its own Unicode character")
+            char_of_token[token] = chr(code_point)
+        return ["".join([char_of_token[t] for t in tokens]) for tokens in token_lists]
 
     def _append(self, instruction, token_string):
         n = len(self._token_strings)
@@ -177,48 +199,95 @@ class NoveltyFilter:
         self._token_strings.append(token_string)
         self.instructions.append(instruction)
 
-    def _fmeasures(self, lcs, new_length):
+    def _fmeasures(self, lcs, new_length, out=None):
         """F-measures from LCS lengths against the pool (pool order), bit-identical to rouge_score's Python floats.
 
         rouge_score computes p = lcs/len(b), r = lcs/len(a), then 2*p*r/(p+r) in Python floats. The same IEEE float64
         operations in the same order (2*p first, then *r, then / (p+r)) give the same bits in NumPy.
         """
+        out = np.empty(len(lcs), dtype=np.float64) if out is None else out
         if new_length == 0:
-            return np.zeros(len(lcs), dtype=np.float64)
-        lcs = lcs.astype(np.float64)
-        precision = lcs / self._lengths[: len(lcs)]
+            out[:] = 0.0
+            return out
+        precision = np.divide(lcs, self._lengths[: len(lcs)], out=out)  # int32 -> float64 exactly, then divided
         recall = lcs / new_length
-        fmeasure = 2 * precision
-        fmeasure *= recall
-        denominator = np.add(precision, recall, out=precision)
+        numerator = 2 * precision
+        numerator *= recall
+        denominator = np.add(precision, recall, out=recall)
         # p + r is 0 exactly when lcs is 0, where the F-measure is 0. Any positive p + r is at least 1/len(b), far
         # above the smallest float, so raising 0 to it leaves every other value alone and makes 0/0 into 0/tiny = 0.
         np.maximum(denominator, np.finfo(np.float64).smallest_subnormal, out=denominator)
-        fmeasure /= denominator
-        return fmeasure
+        return np.divide(numerator, denominator, out=out)
 
-    def _decide(self, text, token_string, lcs):
-        if len(lcs) == 0:
+    def _judge_block(self, texts, token_strings, helpers, lcs_threads):
+        """Decide a block in order. Returns (judgements, rows whose fields the helpers are computing, their futures)."""
+        lcs_vs_pool = process.cdist(token_strings, self._token_strings, scorer=LCSseq.similarity, processor=None,
+                                    dtype=np.int32, workers=lcs_threads)
+        # Against each other too: for the block's candidates that will have joined the pool by a later one's turn.
+        lcs_vs_block = process.cdist(token_strings, token_strings, scorer=LCSseq.similarity, processor=None,
+                                     dtype=np.int32, workers=lcs_threads)
+        judgements, to_sort, kept_in_block = [], [], []
+        for i, (text, token_string) in enumerate(zip(texts, token_strings)):
+            lcs = lcs_vs_pool[i]
+            if kept_in_block:
+                lcs = np.concatenate((lcs, lcs_vs_block[i, kept_in_block]))
+            if len(lcs) == 0:  # empty pool
+                judgements.append([{"most_similar_instructions": {}, "avg_similarity_score": 0.0}, -1, 0.0])
+            else:
+                scores = self._fmeasures(lcs, len(token_string))
+                nearest = int(scores.argmax())
+                if scores[nearest] > self.threshold:
+                    judgements.append([None, nearest, float(scores[nearest])])
+                    continue
+                # rouge_score scores a pair with an empty side as the int 0; when every pair had one, the original's
+                # list was all ints, hence an int64 array: we sort that same array, and write int 0s.
+                every_pair_empty = len(token_string) == 0 or self._num_with_tokens == 0
+                if helpers is None or every_pair_empty:
+                    most_similar = np.argsort(np.zeros(len(scores), np.int64) if every_pair_empty else scores)[-10:]
+                    most_similar = most_similar[::-1]
+                    fields = self._fields(most_similar, scores[most_similar], float(np.mean(scores)), every_pair_empty)
+                else:
+                    fields = None  # filled in by _collect
+                    to_sort.append((len(judgements), scores))
+                judgements.append([fields, nearest, float(scores[nearest])])
             self._append(text, token_string)
-            return {"most_similar_instructions": {}, "avg_similarity_score": 0.0}, -1, 0.0
-        scores = self._fmeasures(lcs, len(token_string))
-        nearest = int(scores.argmax())
-        if scores[nearest] > self.threshold:
-            return None, nearest, float(scores[nearest])
+            kept_in_block.append(i)
+        futures = []
+        for start in range(0, len(to_sort), 16):  # a few tasks per thread, so that they end together
+            rows = [scores for _, scores in to_sort[start : start + 16]]
+            futures.append(helpers.submit(_most_similar_in_rows, rows))
+        return judgements, to_sort, futures
 
-        # The original's two fields, with its very calls (np.argsort's tie order is NumPy's, so the same NumPy on the
-        # same CPU gives the same dict). rouge_score scores a pair with an empty side as the int 0, so the original's
-        # list was all ints, hence an int64 array, when every pair had an empty side, and we sort the same array.
-        every_pair_empty = len(token_string) == 0 or self._num_with_tokens == 0
-        most_similar = np.argsort(np.zeros(len(scores), dtype=np.int64) if every_pair_empty else scores)[-10:][::-1]
+    def _collect(self, judgements, to_sort, futures):
+        results = (result for future in futures for result in future.result())
+        for (j, _), (most_similar, values, mean) in zip(to_sort, results):
+            judgements[j][0] = self._fields(most_similar, values, mean, False)
+        return [tuple(judgement) for judgement in judgements]
+
+    def _fields(self, most_similar, values, mean, every_pair_empty):
+        """The original's two fields from its argsort's ten indices: {pool text: score}, and the mean score."""
         most_similar_instructions = {
-            self.instructions[i]: 0 if every_pair_empty or not self._token_strings[i] else float(scores[i])
-            for i in most_similar
+            self.instructions[i]: 0 if every_pair_empty or not self._token_strings[i] else float(value)
+            for i, value in zip(most_similar, values)
         }
-        fields = {"most_similar_instructions": most_similar_instructions,
-                  "avg_similarity_score": float(np.mean(scores))}
-        self._append(text, token_string)
-        return fields, nearest, float(scores[nearest])
+        return {"most_similar_instructions": most_similar_instructions, "avg_similarity_score": mean}
+
+    def _start_helpers(self, instructions, num_cpus):
+        """Threads for the argsorts of a large batch, or None when there is one CPU or too little work."""
+        num_cpus = available_cpus() if num_cpus is None else int(num_cpus)
+        pairs = len(instructions) * (len(self) + len(instructions) / 2)
+        if num_cpus < 2 or pairs < PARALLEL_MIN_PAIRS:
+            return None
+        return concurrent.futures.ThreadPoolExecutor(num_cpus, thread_name_prefix="novelty-argsort")
+
+
+def _most_similar_in_rows(rows):
+    """For each score row, the original's two computations: np.argsort's ten last indices, reversed, and the mean."""
+    results = []
+    for scores in rows:
+        most_similar = np.argsort(scores)[-10:][::-1]
+        results.append((most_similar, scores[most_similar], float(np.mean(scores))))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,7 +302,7 @@ def load_instructions(path):
 
 
 def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, drop_similarity_fields=False,
-                rejected_path=None, quiet=False):
+                rejected_path=None, num_cpus=None, quiet=False):
     """Drop every record whose instruction is too similar (ROUGE-L F) to one seen before it; write the rest.
 
     The records are considered in file order, with the original Alpaca rule: a record is kept when its instruction's
@@ -253,19 +322,20 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
             By default they are added (replacing any left from an earlier run); with this flag they are removed.
         rejected_path: also write the rejected records (JSON lines) there, each with `rejected_similar_to` (the
             most similar earlier instruction) and `rejected_score` (its ROUGE-L F), to audit what was dropped.
+        num_cpus: CPUs to use (default: all this process may use): LCS threads, and helper processes for the
+            sorting behind `most_similar_instructions` on large inputs.
         quiet: no progress bar and no summary line.
     """
     start_time = time.perf_counter()
-    novelty = NoveltyFilter(threshold=threshold)  # checks the threshold before any file is read
+    NoveltyFilter(threshold=threshold)  # checks the threshold before any file is read
     seeds = load_instructions(seed_tasks_path) if seed_tasks_path is not None else []
-    for seed in seeds:
-        novelty.add(seed)
     records = utils.load_alpaca_data(input_path, required_fields=("instruction",))
+    novelty = NoveltyFilter(seeds, threshold=threshold)
 
     kept, rejected = [], []
     instructions = [record["instruction"] for record in records]
     with tqdm.tqdm(total=len(records), desc="deduplicate", unit="instr", disable=quiet, smoothing=0.05) as bar:
-        judgements = novelty.judge(instructions)
+        judgements = novelty.judge(instructions, num_cpus=num_cpus)
         for index, (record, (fields, nearest, nearest_score)) in enumerate(zip(records, judgements)):
             record = {k: v for k, v in record.items() if k not in SIMILARITY_FIELDS}
             if fields is None:
@@ -797,7 +867,17 @@ def generate_instruction_following_data(
             cost = total_usage.cost(prompt_price_per_million, completion_price_per_million)
             return budget_usd is not None and cost is not None and cost >= budget_usd
 
+    def outcome_of(future):
+        try:
+            return future.result()
+        except openai.APIStatusError as e:  # bad key, unknown model, bad request: retrying will not help
+            raise GenerationError(
+                f"the API refused a request: {redact(e)}\n{regen_path} holds all {len(machine_instruction_data)} "
+                "accepted records; fix the problem and rerun the same command to resume"
+            ) from None
+
     submit, stop_request_threads = start_request_threads(concurrency)
+    jobs_per_round = 1 if api == "completions" else request_batch_size
     pending = collections.deque()  # (round_index, futures), in round order
     next_round = 0
     rounds_applied = 0
@@ -807,12 +887,16 @@ def generate_instruction_following_data(
     clean_exit = False
     try:
         while True:
-            # Keep `concurrency` requests queued or in flight; near the target, no more rounds than it likely needs.
+            # Keep `concurrency` requests in flight, with at most about as many again finished but waiting for an
+            # earlier round (a slow request must not let the others run far ahead); near the target, submit no more
+            # rounds than it likely needs.
             while not budget_reached:
-                in_flight = sum(len(futures) for _, futures in pending)
+                submitted = [future for _, futures in pending for future in futures]
+                unfinished = sum(not future.done() for future in submitted)
                 remaining = num_instructions_to_generate - len(machine_instruction_data)
                 rounds_needed = math.ceil(remaining / (kept_this_run / rounds_applied)) if kept_this_run else math.inf
-                if in_flight >= concurrency or len(pending) >= rounds_needed:
+                if (unfinished >= concurrency or len(submitted) >= 2 * concurrency + jobs_per_round
+                        or len(pending) >= rounds_needed):
                     break
                 if spent_budget():
                     budget_reached = True
@@ -825,14 +909,16 @@ def generate_instruction_following_data(
             if not pending:
                 break
 
-            round_index, futures = pending.popleft()
-            try:
-                outcomes = [future.result() for future in futures]
-            except openai.APIStatusError as e:  # bad key, unknown model, bad request: retrying will not help
-                raise GenerationError(
-                    f"the API refused a request: {redact(e)}\n{regen_path} holds all {len(machine_instruction_data)} "
-                    "accepted records; fix the problem and rerun the same command to resume"
-                ) from None
+            round_index, futures = pending[0]
+            if not all(future.done() for future in futures):
+                # Wait until any request finishes, then top up the requests in flight again.
+                waiting = [future for _, futures in pending for future in futures if not future.done()]
+                done, _ = concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    outcome_of(future)  # a fatal error stops the run now, not when its round's turn comes
+                continue
+            pending.popleft()
+            outcomes = [outcome_of(future) for future in futures]
             round_usage = Usage()
             results = []
             for replies, usage, error, _, _ in outcomes:
