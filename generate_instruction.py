@@ -365,7 +365,7 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Self-instruct generation: prompt an LLM with 3 sampled seed tasks, parse ~17 new tasks per reply, filter them, keep
+# Self-instruct generation: prompt an LLM with 3 sampled seed tasks, parse ~16 new tasks per reply, filter them, keep
 # the novel ones, rewrite regen.json after every round.
 
 # Beside this file, so the command works from any folder (the original read ./prompt.txt and ./seed_tasks.jsonl).
@@ -671,7 +671,7 @@ def write_regen_json(path, record_texts):
 
 
 def start_request_threads(num_threads):
-    """Daemon threads running submitted calls; returns (submit(fn, *args) -> Future, stop()).
+    """Daemon threads running submitted calls; returns (submit(fn, *args) -> Future, stop(abandon=False)).
 
     Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so Ctrl-C (or a fatal error) would hang
     until every request in flight came back, up to --request_timeout. regen.json already holds every accepted record
@@ -681,12 +681,13 @@ def start_request_threads(num_threads):
     import queue
 
     calls = queue.SimpleQueue()
+    abandoned = threading.Event()
 
     def work():
         while (call := calls.get()) is not None:
             future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled before it started
+            if abandoned.is_set() or not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started, or the run is over
             try:
                 future.set_result(fn(*args))
             except BaseException as e:  # handed to whoever reads the future
@@ -700,7 +701,10 @@ def start_request_threads(num_threads):
         calls.put((future, fn, args))
         return future
 
-    def stop():
+    def stop(abandon=False):
+        """End the threads once they are idle; with abandon, calls not yet started are dropped unrun."""
+        if abandon:
+            abandoned.set()
         for _ in range(num_threads):
             calls.put(None)
 
@@ -976,14 +980,16 @@ def generate_instruction_following_data(
         clean_exit = True
     finally:
         progress_bar.close()
-        unapplied = [future for _, futures in pending for future in futures]
-        for future in unapplied:
-            future.cancel()  # only those not started yet
-        if clean_exit:  # wait for the requests in flight, so that the usage below counts all that was paid for
-            concurrent.futures.wait(unapplied)
-        stop_request_threads()
-        if not clean_exit:
-            client.close()
+        if clean_exit:
+            unapplied = [future for _, futures in pending for future in futures]
+            for future in unapplied:
+                future.cancel()  # only those not started yet
+            concurrent.futures.wait(unapplied)  # the requests in flight, so that the usage below counts them all
+            stop_request_threads()
+        else:
+            # An error or Ctrl-C: touch nothing the interrupted code may have held (future locks, the client); drop the
+            # queued requests and abandon those in flight (daemon threads: the process need not wait for them).
+            stop_request_threads(abandon=True)
             print(f"Stopped: {regen_path} holds all {len(machine_instruction_data)} accepted records; rerun the same "
                   "command to resume", file=sys.stderr)
 
@@ -995,4 +1001,7 @@ def generate_instruction_following_data(
 
 
 if __name__ == "__main__":
-    fire.Fire({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data})
+    try:
+        fire.Fire({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data})
+    except GenerationError as e:  # a clear message, not a traceback
+        sys.exit(f"error: {e}")

@@ -598,7 +598,7 @@ def test_ctrl_c_exits_at_once_even_with_requests_in_flight(env):
         process.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         out, err = process.communicate(timeout=20)
-        assert time.monotonic() - interrupted < 5.0
+        assert time.monotonic() - interrupted < 10.0  # the hung requests would hold it for 30 s
     assert process.returncode != 0
     assert "rerun the same command to resume" in err
     assert API_KEY not in out + err
@@ -642,3 +642,13 @@ def test_requests_failing_after_all_retries_are_skipped_then_the_run_stops(env, 
             generate(server, env, num_instructions_to_generate=100, concurrency=1, max_retries=0)
     assert len(server.requests) == 3
     assert json.loads(open(os.path.join(env["output_dir"], "regen.json")).read()) == records
+
+
+def test_command_line_errors_are_one_clear_line(env):
+    environment = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--output_dir",
+         env["output_dir"], "--seed_tasks_path", env["seed_tasks_path"], "--prompt_path", env["prompt_path"]],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=environment)
+    assert result.returncode == 1
+    assert "error: OPENAI_API_KEY is not set" in result.stderr and "Traceback" not in result.stderr
