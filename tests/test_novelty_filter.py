@@ -334,3 +334,19 @@ def test_deduplicate_command_line(tmp_path):
     missing = subprocess.run(command[:5] + [str(tmp_path / "nope.json")] + command[6:8], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "nope.json: no such file" in missing.stderr
+
+
+def test_helper_threads_give_the_same_results(monkeypatch):
+    # Large batches sort in helper threads, a block behind the scoring; force that path on a small batch.
+    monkeypatch.setattr(generate_instruction, "PARALLEL_MIN_PAIRS", 0)
+    monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", 32)
+    seeds = [record["instruction"] for record in SAMPLE_RECORDS] + [""]
+    candidates = synthetic_instructions(400, seed=4) + BUILT_IN_TEXTS
+    expected = reference_filter(seeds, candidates)
+    novelty = NoveltyFilter(seeds)
+    judgements = list(novelty.judge(candidates, num_cpus=2))
+    assert as_json([fields for fields, _, _ in judgements]) == as_json(expected)
+    assert 0 < sum(e is None for e in expected) < len(expected)
+    for candidate, (fields, nearest, score) in zip(candidates, judgements):
+        if fields is None:  # a rejection names the pool entry that scored highest, and its score
+            assert score > 0.7 and score == reference_scores(candidate, [novelty.instructions[nearest]])[0]
