@@ -48,13 +48,17 @@ import utils
 # Candidates are compared with the pool this many at a time: rapidfuzz's many-to-many LCS is about ten times faster
 # per pair than one candidate against the pool. The result is the same as one at a time: a candidate's scores are its
 # scores against the pool as it was when the block started, plus against the block's earlier kept candidates.
+# Blocks get smaller (down to 16) past a pool of 65K, so that a block's int32 LCS matrix stays within LCS_BLOCK_BYTES.
 BLOCK_SIZE = 256
+LCS_BLOCK_BYTES = 64 << 20
 
 # With at least this many (candidate, pool entry) pairs to score and more than one CPU, the argsorts for the two fields
 # run in helper threads (np.argsort releases the GIL) while this thread scores the next block. np.argsort of a score
 # row is the largest cost left (~30 ns an entry, three times the LCS), and the ten indices must come from np.argsort
 # of the full row, as in the original, because which of several equal scores make the ten is NumPy's tie order.
 PARALLEL_MIN_PAIRS = 1_000_000
+# Score rows handed to the helper threads and not yet sorted, at most (beyond it, this thread waits for them).
+SORT_BACKLOG_BYTES = 256 << 20
 
 # Tokens become characters; Python strings hold any code point except that we skip the UTF-16 surrogate range.
 _SURROGATES = range(0xD800, 0xE000)
@@ -135,7 +139,8 @@ class NoveltyFilter:
     def consider_batch(self, instructions, num_cpus=None):
         """`[self.consider(x) for x in instructions]`, with the same results, but much faster.
 
-        num_cpus: processes for the argsorts of large batches (default: every CPU this process may use).
+        num_cpus: threads for the LCS and, on large batches, for the argsorts (default: every CPU this process may
+            use).
         """
         return [fields for fields, _, _ in self.judge(instructions, num_cpus=num_cpus)]
 
@@ -143,8 +148,8 @@ class NoveltyFilter:
         """Consider each instruction in order; yield (fields or None, nearest pool index, its score) for each.
 
         The nearest pool entry (index -1 and score 0.0 on an empty pool) is what a caller can report for a rejected
-        instruction. Results come block by block (of BLOCK_SIZE); with helper threads, a block's results come once
-        the next block has been judged.
+        instruction. Results come block by block (of up to BLOCK_SIZE); with helper threads, a block's results come
+        once the next block has been judged (so a caller that stops early may find one more block in the pool).
         """
         if isinstance(instructions, str):
             raise TypeError("judge/consider_batch take a list of instructions, not a single string")
@@ -153,10 +158,12 @@ class NoveltyFilter:
         helpers = self._start_helpers(instructions, num_cpus)
         lcs_threads = -1 if num_cpus is None else int(num_cpus)  # rapidfuzz: -1 is every CPU
         try:
-            waiting = None  # the previous block, whose argsorts are running in the helpers
-            for start in range(0, len(instructions), BLOCK_SIZE):
-                block = self._judge_block(instructions[start : start + BLOCK_SIZE],
-                                          token_strings[start : start + BLOCK_SIZE], helpers, lcs_threads)
+            waiting = None  # the previous block, whose argsorts may still be running in the helpers
+            start = 0
+            while start < len(instructions):
+                end = start + max(16, min(BLOCK_SIZE, LCS_BLOCK_BYTES // (4 * max(1, len(self)))))
+                block = self._judge_block(instructions[start:end], token_strings[start:end], helpers, lcs_threads)
+                start = end
                 if helpers is None:
                     yield from self._collect(*block)
                     continue
@@ -167,7 +174,7 @@ class NoveltyFilter:
                 yield from self._collect(*waiting)
         finally:
             if helpers is not None:
-                helpers.shutdown(cancel_futures=True)
+                helpers["executor"].shutdown(cancel_futures=True)
 
     # -- internals --------------------------------------------------------------------------------------------------
 
@@ -199,34 +206,34 @@ class NoveltyFilter:
         self._token_strings.append(token_string)
         self.instructions.append(instruction)
 
-    def _fmeasures(self, lcs, new_length, out=None):
+    def _fmeasures(self, lcs, new_length):
         """F-measures from LCS lengths against the pool (pool order), bit-identical to rouge_score's Python floats.
 
         rouge_score computes p = lcs/len(b), r = lcs/len(a), then 2*p*r/(p+r) in Python floats. The same IEEE float64
         operations in the same order (2*p first, then *r, then / (p+r)) give the same bits in NumPy.
         """
-        out = np.empty(len(lcs), dtype=np.float64) if out is None else out
         if new_length == 0:
-            out[:] = 0.0
-            return out
-        precision = np.divide(lcs, self._lengths[: len(lcs)], out=out)  # int32 -> float64 exactly, then divided
+            return np.zeros(len(lcs), dtype=np.float64)
+        precision = lcs / self._lengths[: len(lcs)]  # int32 -> float64 exactly, then divided
         recall = lcs / new_length
         numerator = 2 * precision
         numerator *= recall
-        denominator = np.add(precision, recall, out=recall)
+        denominator = np.add(precision, recall, out=precision)
         # p + r is 0 exactly when lcs is 0, where the F-measure is 0. Any positive p + r is at least 1/len(b), far
         # above the smallest float, so raising 0 to it leaves every other value alone and makes 0/0 into 0/tiny = 0.
         np.maximum(denominator, np.finfo(np.float64).smallest_subnormal, out=denominator)
-        return np.divide(numerator, denominator, out=out)
+        numerator /= denominator
+        return numerator
 
     def _judge_block(self, texts, token_strings, helpers, lcs_threads):
-        """Decide a block in order. Returns (judgements, rows whose fields the helpers are computing, their futures)."""
+        """Decide a block in order. Returns (judgements, which of them the helpers complete, the helpers' futures)."""
         lcs_vs_pool = process.cdist(token_strings, self._token_strings, scorer=LCSseq.similarity, processor=None,
                                     dtype=np.int32, workers=lcs_threads)
         # Against each other too: for the block's candidates that will have joined the pool by a later one's turn.
         lcs_vs_block = process.cdist(token_strings, token_strings, scorer=LCSseq.similarity, processor=None,
                                      dtype=np.int32, workers=lcs_threads)
-        judgements, to_sort, kept_in_block = [], [], []
+        judgements, kept_in_block = [], []
+        to_sort, rows, futures = [], [], []  # judgements whose fields the helpers compute; their rows; the tasks
         for i, (text, token_string) in enumerate(zip(texts, token_strings)):
             lcs = lcs_vs_pool[i]
             if kept_in_block:
@@ -248,19 +255,33 @@ class NoveltyFilter:
                     fields = self._fields(most_similar, scores[most_similar], float(np.mean(scores)), every_pair_empty)
                 else:
                     fields = None  # filled in by _collect
-                    to_sort.append((len(judgements), scores))
+                    to_sort.append(len(judgements))
+                    rows.append(scores)
+                    if len(rows) == 16:  # a task: sorting starts while this thread goes on
+                        futures.append(self._submit(helpers, rows))
+                        rows = []
                 judgements.append([fields, nearest, float(scores[nearest])])
             self._append(text, token_string)
             kept_in_block.append(i)
-        futures = []
-        for start in range(0, len(to_sort), 16):  # a few tasks per thread, so that they end together
-            rows = [scores for _, scores in to_sort[start : start + 16]]
-            futures.append(helpers.submit(_most_similar_in_rows, rows))
+        if rows:
+            futures.append(self._submit(helpers, rows))
         return judgements, to_sort, futures
+
+    @staticmethod
+    def _submit(helpers, rows):
+        future = helpers["executor"].submit(_most_similar_in_rows, rows)
+        backlog = helpers["backlog"]
+        backlog.append((future, sum(row.nbytes for row in rows)))
+        helpers["backlog_bytes"] += backlog[-1][1]
+        while helpers["backlog_bytes"] > SORT_BACKLOG_BYTES:  # wait for the oldest tasks: memory stays bounded
+            oldest, size = backlog.popleft()
+            oldest.result()
+            helpers["backlog_bytes"] -= size
+        return future
 
     def _collect(self, judgements, to_sort, futures):
         results = (result for future in futures for result in future.result())
-        for (j, _), (most_similar, values, mean) in zip(to_sort, results):
+        for j, (most_similar, values, mean) in zip(to_sort, results):
             judgements[j][0] = self._fields(most_similar, values, mean, False)
         return [tuple(judgement) for judgement in judgements]
 
@@ -273,12 +294,13 @@ class NoveltyFilter:
         return {"most_similar_instructions": most_similar_instructions, "avg_similarity_score": mean}
 
     def _start_helpers(self, instructions, num_cpus):
-        """Threads for the argsorts of a large batch, or None when there is one CPU or too little work."""
+        """Threads for the argsorts of a large batch and their backlog, or None (one CPU, or too little work)."""
         num_cpus = available_cpus() if num_cpus is None else int(num_cpus)
         pairs = len(instructions) * (len(self) + len(instructions) / 2)
         if num_cpus < 2 or pairs < PARALLEL_MIN_PAIRS:
             return None
-        return concurrent.futures.ThreadPoolExecutor(num_cpus, thread_name_prefix="novelty-argsort")
+        executor = concurrent.futures.ThreadPoolExecutor(num_cpus, thread_name_prefix="novelty-argsort")
+        return {"executor": executor, "backlog": collections.deque(), "backlog_bytes": 0}
 
 
 def _most_similar_in_rows(rows):

@@ -193,8 +193,10 @@ def test_decisions_and_fields_match_the_original_on_real_data(shared_data_dir):
     assert 50 < sum(g is None for g in got) < 450
 
 
-def test_consider_batch_equals_one_at_a_time(monkeypatch):
-    monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", 7)
+@pytest.mark.parametrize("block_size, lcs_block_bytes", [(7, 64 << 20), (256, 1)])
+def test_consider_batch_equals_one_at_a_time(monkeypatch, block_size, lcs_block_bytes):
+    monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", block_size)
+    monkeypatch.setattr(generate_instruction, "LCS_BLOCK_BYTES", lcs_block_bytes)  # 1: blocks of the minimum, 16
     seeds = [record["instruction"] for record in SAMPLE_RECORDS]
     candidates = synthetic_instructions(120, seed=3)
     one_by_one = NoveltyFilter(seeds)
@@ -336,10 +338,13 @@ def test_deduplicate_command_line(tmp_path):
     assert missing.returncode != 0 and "nope.json: no such file" in missing.stderr
 
 
-def test_helper_threads_give_the_same_results(monkeypatch):
-    # Large batches sort in helper threads, a block behind the scoring; force that path on a small batch.
+@pytest.mark.parametrize("backlog_bytes", [1 << 30, 1])
+def test_helper_threads_give_the_same_results(monkeypatch, backlog_bytes):
+    # Large batches sort in helper threads, a block behind the scoring; force that path on a small batch, with a
+    # backlog limit that never binds, and one that makes every task wait for the previous one.
     monkeypatch.setattr(generate_instruction, "PARALLEL_MIN_PAIRS", 0)
     monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", 32)
+    monkeypatch.setattr(generate_instruction, "SORT_BACKLOG_BYTES", backlog_bytes)
     seeds = [record["instruction"] for record in SAMPLE_RECORDS] + [""]
     candidates = synthetic_instructions(400, seed=4) + BUILT_IN_TEXTS
     expected = reference_filter(seeds, candidates)
