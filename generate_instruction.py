@@ -344,8 +344,8 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
             By default they are added (replacing any left from an earlier run); with this flag they are removed.
         rejected_path: also write the rejected records (JSON lines) there, each with `rejected_similar_to` (the
             most similar earlier instruction) and `rejected_score` (its ROUGE-L F), to audit what was dropped.
-        num_cpus: CPUs to use (default: all this process may use): LCS threads, and helper processes for the
-            sorting behind `most_similar_instructions` on large inputs.
+        num_cpus: CPUs to use (default: all this process may use): threads for the LCS and, on large inputs, for
+            the sorting behind `most_similar_instructions`.
         quiet: no progress bar and no summary line.
     """
     start_time = time.perf_counter()
@@ -1024,6 +1024,9 @@ def generate_instruction_following_data(
 
 if __name__ == "__main__":
     try:
-        fire.Fire({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data})
-    except GenerationError as e:  # a clear message, not a traceback
+        fire.Fire({
+            "deduplicate": deduplicate,
+            "generate_instruction_following_data": generate_instruction_following_data,
+        })
+    except (GenerationError, utils.AlpacaDataError) as e:  # a clear message, not a traceback
         sys.exit(f"error: {e}")

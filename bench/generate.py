@@ -164,7 +164,8 @@ def bench_processing(pool_sizes, baseline_sample, workdir):
         round_seconds = parse_seconds + filter_seconds + write_seconds
         print(f"{size:>7} {len(candidates):>10} {kept:>5} {parse_seconds:>8.3f} {filter_seconds:>9.3f} "
               f"{write_seconds:>8.3f} {round_seconds:>8.3f} {megabytes:>8.1f} | {original_seconds:>14.2f} "
-              f"{original_seconds / filter_seconds:>7.0f}x {jdump_seconds:>8.3f} {jdump_seconds / write_seconds:>7.1f}x")
+              f"{original_seconds / filter_seconds:>7.0f}x {jdump_seconds:>8.3f} "
+              f"{jdump_seconds / write_seconds:>7.1f}x")
     print(f"(pool: the 175 seeds + {source}. Baselines: the original's rouge_score scoring, serial, timed on "
           f"{baseline_sample} candidates and scaled to the round; utils.jdump of the whole list, as the original "
           "rewrote regen.json)")

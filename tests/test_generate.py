@@ -590,7 +590,8 @@ def test_ctrl_c_exits_at_once_even_with_requests_in_flight(env):
         process = subprocess.Popen(
             [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
              "--output_dir", env["output_dir"], "--seed_tasks_path", env["seed_tasks_path"], "--prompt_path",
-             env["prompt_path"], "--model_name", "test-model", "--api_base", server.base_url, "--request_timeout", "60"],
+             env["prompt_path"], "--model_name", "test-model", "--api_base", server.base_url,
+             "--request_timeout", "60"],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not server.requests and time.monotonic() < deadline and process.poll() is None:
