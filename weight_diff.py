@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -708,7 +707,7 @@ def recover(
         path_tuned: folder to write the recovered model to (safetensors shards, config, tokenizer). Unset: nothing is
             written; the diff is only checked (and, with --test_inference, the model is assembled in memory).
         device: where --test_inference runs the model, "cpu" or "cuda". The weight arithmetic itself always streams
-            on CPU: it is bound by disk speed, and CPU float32 sums keep the naive integrity check reproducible.
+            on CPU (it is bound by disk speed, and CPU float32 sums keep the naive integrity check reproducible).
         test_inference: generate a response to an Alpaca prompt with the recovered model and print it. This loads
             the whole model (27 GB for 7B in float32) on `device`.
         check_integrity_naively: check the sum of all recovered weights (the original's check) against

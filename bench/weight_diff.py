@@ -26,10 +26,8 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-
-import torch  # noqa: E402
-
-import weight_diff  # noqa: E402
+# torch and weight_diff are imported only where needed: this process forks the measured ones, and a child's peak RSS
+# (ru_maxrss) starts from its parent's RSS at fork time, so the parent must stay small until the measurements are done.
 
 NAIVE_RECOVER = r"""
 import sys, torch, transformers
@@ -54,9 +52,12 @@ with torch.inference_mode():
 
 def build_models(workdir, args):
     """raw and tuned folders (safetensors shards of <= 2 GB, config, tokenizer), one tensor in memory at a time."""
+    import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import weight_diff
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -128,6 +129,10 @@ def warm_page_cache(*folders):
 
 def compare_outputs(ours, naive, tuned, diff):
     """(tensors, elements, corrected elements): ours == tuned bit for bit; naive == ours with the corrections undone."""
+    import torch
+
+    import weight_diff
+
     ours, naive, tuned = (weight_diff.Checkpoint(p, role) for p, role in ((ours, "ours"), (naive, "naive"),
                                                                            (tuned, "tuned")))
     corrections_path = os.path.join(diff, weight_diff.CORRECTIONS_NAME)
@@ -157,13 +162,22 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--workdir", default="/tmp/alpaca_weight_diff_bench")
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)  # the model-building child
     args = parser.parse_args()
+    if args.build_only:
+        _, num_parameters = build_models(args.workdir, args)
+        print(num_parameters)
+        return
     if os.path.exists(args.workdir):
         sys.exit(f"{args.workdir} exists; remove it first")
-    os.makedirs(args.workdir)
     try:
         start = time.perf_counter()
-        folders, num_parameters = build_models(args.workdir, args)
+        build = subprocess.run([sys.executable, os.path.abspath(__file__), "--build_only"] + sys.argv[1:],
+                               capture_output=True, text=True)
+        if build.returncode:
+            sys.exit(f"building the models failed:\n{build.stderr[-3000:]}")
+        num_parameters = int(build.stdout.split()[-1])
+        folders = {which: os.path.join(args.workdir, which) for which in ("raw", "tuned")}
         print(f"built raw + tuned: {num_parameters / 1e9:.2f}B parameters, "
               f"{num_parameters * 4 / 1e9:.1f} GB each in float32 ({time.perf_counter() - start:.0f} s)")
         diff, ours, naive = (os.path.join(args.workdir, name) for name in ("diff", "ours", "naive"))
