@@ -57,8 +57,9 @@ LCS_BLOCK_BYTES = 64 << 20
 # row is the largest cost left (~30 ns an entry, three times the LCS), and the ten indices must come from np.argsort
 # of the full row, as in the original, because which of several equal scores make the ten is NumPy's tie order.
 PARALLEL_MIN_PAIRS = 1_000_000
-# Score rows handed to the helper threads and not yet sorted, at most (beyond it, this thread waits for them).
-SORT_BACKLOG_BYTES = 256 << 20
+# Score rows handed to the helper threads and not yet sorted, at most (beyond it, this thread waits for them): 64 MB is
+# 150 rows of a 52K pool, a few hundred ms of sorting, enough to keep the helpers busy.
+SORT_BACKLOG_BYTES = 64 << 20
 
 # Tokens become characters; Python strings hold any code point except that we skip the UTF-16 surrogate range.
 _SURROGATES = range(0xD800, 0xE000)
