@@ -114,6 +114,8 @@ LEGACY_FLAGS = {
     "--per_gpu_eval_batch_size": ("--per_device_eval_batch_size", "value"),
     "--no_cuda": ("--use_cpu", "bool"),
     "--group_by_length": ("--train_sampling_strategy", "bool"),
+    "--gradient_checkpointing": ("--activation_checkpointing", "bool"),
+    "--gradient_checkpointing_kwargs": ("--activation_checkpointing_kwargs", "value"),
     "--fsdp_transformer_layer_cls_to_wrap": ("fsdp_config.transformer_layer_cls_to_wrap", "value"),
     "--fsdp_min_num_params": ("fsdp_config.min_num_params", "value"),
     "--overwrite_output_dir": (None, "bool"),
@@ -298,6 +300,10 @@ def parse_args(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         for notice in notices:
             print(f"train.py: {notice}", file=sys.stderr)
+    if namespace.ddp_find_unused_parameters is None:
+        # Every parameter of a causal LM is used in each step; DDP's search for unused ones costs an extra autograd
+        # traversal per step (transformers would turn it on). Pass --ddp_find_unused_parameters True if yours differs.
+        namespace.ddp_find_unused_parameters = False
     model_args, data_args, training_args = parser.parse_dict(vars(namespace))
     return model_args, data_args, training_args
 
@@ -590,9 +596,41 @@ class DistributedCheck(transformers.TrainerCallback):
                 )
             if args.process_index == 0:
                 backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
-                logger.warning("distributed: %s over %d processes (backend %s, device %s)",
+                logger.info("distributed: %s over %d processes (backend %s, device %s)",
                                "FSDP" if self.trainer.is_fsdp_enabled else "DeepSpeed"
                                if self.trainer.is_deepspeed_enabled else kind, self.world_size, backend, args.device)
+
+
+def load_tokenizer(model_args, training_args):
+    """AutoTokenizer with the original's settings (model_max_length, right padding), plus old-LLaMA compatibility.
+
+    transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
+    per-example calls). Early-2023 LLaMA conversions (like the one the original was run with) name the class
+    "LLaMATokenizer" and write "" for bos/eos/unk: transformers 5 cannot load those ("" as unk recurses forever), so
+    the empty tokens are given the defaults </s>, <s>, <unk> (the original's rule for missing tokens) and the class is
+    LlamaTokenizer, adding BOS like the slow tokenizer of the time.
+    """
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    kwargs = dict(
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    config = get_tokenizer_config(model_args.model_name_or_path, cache_dir=training_args.cache_dir) or {}
+    for name, default in (("bos_token", DEFAULT_BOS_TOKEN), ("eos_token", DEFAULT_EOS_TOKEN),
+                          ("unk_token", DEFAULT_UNK_TOKEN), ("pad_token", DEFAULT_PAD_TOKEN)):
+        value = config.get(name)
+        if (value.get("content") if isinstance(value, dict) else value) == "":
+            kwargs[name] = default
+            logger.warning("tokenizer_config.json has an empty %s: using %s", name, default)
+    tokenizer_class = transformers.AutoTokenizer
+    if config.get("tokenizer_class") == "LLaMATokenizer":  # the pre-release name of LlamaTokenizer
+        tokenizer_class = transformers.LlamaTokenizer
+        kwargs.setdefault("add_bos_token", config.get("add_bos_token", True))
+        logger.warning("tokenizer_class LLaMATokenizer (an early LLaMA conversion): loading it as LlamaTokenizer")
+    return tokenizer_class.from_pretrained(model_args.model_name_or_path, **kwargs)
 
 
 def load_model_and_tokenizer(model_args, training_args):
@@ -603,14 +641,7 @@ def load_model_and_tokenizer(model_args, training_args):
         model_kwargs["attn_implementation"] = model_args.attn_implementation
     model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
 
-    # transformers 5 has only fast tokenizers: the original's use_fast=False is gone (same ids, see the tests).
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        cache_dir=training_args.cache_dir,
-        model_max_length=training_args.model_max_length,
-        padding_side="right",
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    tokenizer = load_tokenizer(model_args, training_args)
     special_tokens_dict = missing_special_tokens(tokenizer)
     num_new = smart_tokenizer_and_embedding_resize(special_tokens_dict, tokenizer, model)
     if special_tokens_dict:
@@ -635,6 +666,11 @@ def train(argv=None):
     if data_args.padding_free and not model.config._attn_implementation.startswith("flash"):
         logger.info("padding-free with %s attention: transformers builds a block-diagonal causal mask from the "
                     "position_ids (correct; flash_attention_2 on GPU is faster)", model.config._attn_implementation)
+
+    if data_args.padding_free and training_args.use_cache:
+        # With a KV cache, transformers skips the packed-sequence check and lets examples attend to each other.
+        logger.warning("--padding_free True: ignoring --use_cache True (a KV cache would mix the packed examples)")
+        training_args.use_cache = False
 
     trainer = transformers.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     trainer.add_callback(DistributedCheck(trainer, world_size))
