@@ -371,7 +371,7 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
                 kept.append(record)
             if index % 64 == 63 or index == len(records) - 1:
                 bar.update(index + 1 - bar.n)
-                bar.set_postfix(kept=len(kept), rejected=len(rejected), refresh=False)
+                bar.set_postfix_str(f"kept={len(kept):,} rejected={len(rejected):,}", refresh=False)
 
     if str(output_path).endswith(".jsonl"):
         utils.write_jsonl(kept, output_path)
