@@ -127,14 +127,14 @@ FALSE_STRINGS = {"false", "0", "no", "n", ""}
 
 
 def _split_flags(argv):
-    """Split argv into [flag, value-or-None] pairs; `--flag=value` and `--flag value` both work."""
+    """Split argv into (flag, [values]) pairs: `--flag=value`, `--flag value`, `--flag v1 v2` (lists), bare `--flag`."""
     pairs = []
     for token in argv:
         if token.startswith("--"):
             name, eq, value = token.partition("=")
-            pairs.append([name, value if eq else None])
-        elif pairs and pairs[-1][1] is None:
-            pairs[-1][1] = token
+            pairs.append((name, [value] if eq else []))
+        elif pairs:
+            pairs[-1][1].append(token)
         else:
             raise SystemExit(f"train.py: unexpected argument {token!r} (every argument is a --flag, see --help)")
     return pairs
@@ -157,7 +157,12 @@ def translate_legacy_args(argv):
     """
     out, notices, fsdp_entries = [], [], {}
     fsdp_config_value, fsdp_enabled = None, False
-    for flag, value in _split_flags(argv):
+    for flag, values in _split_flags(argv):
+        if flag == "--fsdp":  # `--fsdp full_shard auto_wrap` unquoted is the same option string
+            values = [" ".join(values)] if values else []
+        if (flag in LEGACY_FLAGS or flag == "--fsdp_config") and len(values) > 1:
+            raise SystemExit(f"train.py: {flag} takes one value, got {values}")
+        value = values[0] if values else None
         if flag in LEGACY_FLAGS:
             new, kind = LEGACY_FLAGS[flag]
             if kind == "value" and value is None:
@@ -217,9 +222,7 @@ def translate_legacy_args(argv):
         elif flag == "--fsdp_config":
             fsdp_config_value = value
         else:
-            out.append(flag)
-            if value is not None:
-                out.append(value)
+            out += [flag, *values]
     if fsdp_enabled:
         out.append("--fsdp")
     if fsdp_entries:
@@ -261,11 +264,12 @@ def adapt_to_hardware(namespace, world_size):
                 raise SystemExit("train.py: --deepspeed needs the deepspeed package: pip install deepspeed") from None
         return notices
     fallback = f"DDP over gloo across {world_size} processes" if world_size > 1 else "a single process"
+    fallback += " on CPU" if _cpu_only() else ""
     if namespace.fsdp:
-        notices.append(f"FSDP needs CUDA GPUs and none was found: falling back to {fallback} on CPU")
+        notices.append(f"FSDP needs CUDA GPUs and none was found: falling back to {fallback}")
         namespace.fsdp, namespace.fsdp_config = None, None
     if namespace.deepspeed:
-        notices.append(f"DeepSpeed needs CUDA GPUs and none was found: falling back to {fallback} on CPU")
+        notices.append(f"DeepSpeed needs CUDA GPUs and none was found: falling back to {fallback}")
         namespace.deepspeed = None
     if namespace.tf32:
         notices.append("--tf32 ignored: TF32 is a mode of NVIDIA Ampere+ GPUs and none was found")
@@ -573,6 +577,40 @@ def resolve_fsdp_wrap_class(training_args, model):
     return resolved
 
 
+def check_padding_free(model):
+    """Stop unless `model` keeps packed examples apart: run two short sequences packed in one row (position_ids
+    restarting) and one by one, and compare the second one's logits.
+
+    With sdpa / eager attention transformers builds the block-diagonal mask from position_ids only when the model passes
+    no attention_mask of its own: Llama, Mistral, Qwen2, GPT-2 do; OPT builds an all-ones mask and mixes the examples.
+    (flash-attention instead uses the cumulative lengths the collator passes.) Returns the largest logit difference.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() or any(p.device.type == "meta" for p in model.parameters()):
+        logger.warning("padding-free: cannot probe a partitioned model; trusting %s to honour packed position_ids",
+                       type(model).__name__)
+        return None
+    vocab_size = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
+    input_ids = ((torch.arange(7) * 37 + 11) % vocab_size)[None].to(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device),
+                       use_cache=False).logits[0, 4:].float()
+        alone = model(input_ids=input_ids[:, 4:], use_cache=False).logits[0].float()
+    model.train(was_training)
+    difference = (packed - alone).abs().max().item()
+    if difference > 0.02 * max(alone.abs().max().item(), 1e-6):  # bf16 noise is ~1e-3 of the scale, leakage ~0.3
+        raise SystemExit(
+            f"train.py: --padding_free True: {type(model).__name__} with {model.config._attn_implementation} "
+            f"attention lets packed examples attend to each other (logits differ by {difference:.3g} on a probe). "
+            "Use --attn_implementation flash_attention_2 on GPU, or leave --padding_free off."
+        )
+    return difference
+
+
 class DistributedCheck(transformers.TrainerCallback):
     """Stop with a clear message when torchrun started several processes but the model is not wrapped for them.
 
@@ -660,12 +698,13 @@ def train(argv=None):
 
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     resolve_fsdp_wrap_class(training_args, model)
+    if data_args.padding_free and not model.config._attn_implementation.startswith("flash"):
+        check_padding_free(model)
+        logger.info("padding-free with %s attention: transformers builds a block-diagonal causal mask from the "
+                    "position_ids (checked; flash_attention_2 on GPU is faster)", model.config._attn_implementation)
     data_module = make_supervised_data_module(
         tokenizer=tokenizer, data_args=data_args, attn_implementation=model.config._attn_implementation
     )
-    if data_args.padding_free and not model.config._attn_implementation.startswith("flash"):
-        logger.info("padding-free with %s attention: transformers builds a block-diagonal causal mask from the "
-                    "position_ids (correct; flash_attention_2 on GPU is faster)", model.config._attn_implementation)
 
     if data_args.padding_free and training_args.use_cache:
         # With a KV cache, transformers skips the packed-sequence check and lets examples attend to each other.

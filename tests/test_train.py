@@ -66,6 +66,13 @@ def load_tokenizer(folder, model_max_length=512):
     return tokenizer
 
 
+def tiny_opt():
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=600, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+        max_position_embeddings=64, word_embed_proj_dim=32))
+
+
 def reference_preprocess(sources, targets, tokenizer):
     """The original's rule written plainly: one tokenizer call per string; mask the first len(source ids) labels."""
     input_ids, labels = [], []
@@ -286,6 +293,9 @@ def test_translate_legacy_args_other_forms(tmp_path):
     assert train.translate_legacy_args(["--fsdp", "True", "--fsdp_config", "c.json"])[0] == [
         "--fsdp", "--fsdp_config", "c.json"]
     assert train.translate_legacy_args(["--fsdp", "false"])[0] == []
+    assert train.translate_legacy_args(["--report_to", "wandb", "tensorboard", "--fsdp", "full_shard", "auto_wrap"])[0] \
+        == ["--report_to", "wandb", "tensorboard", "--fsdp", "--fsdp_config",
+            '{"reshard_after_forward": true, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}']
     for bad in (["--warmup_ratio", "1.5"], ["--fsdp", "hybrid_shard"], ["--group_by_length", "maybe"], ["stray"]):
         with pytest.raises(SystemExit):
             train.translate_legacy_args(bad)
@@ -325,9 +335,7 @@ def test_help_lists_our_flags():
 def test_fsdp_wrap_class_from_the_model(tmp_path):
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(make_tiny_llama_config())
-    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
-        vocab_size=600, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
-        max_position_embeddings=64, word_embed_proj_dim=32))
+    opt = tiny_opt()
 
     def args(**config):
         return train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fsdp=True, fsdp_config=config)
@@ -370,6 +378,19 @@ def test_padding_free_loss_equals_per_example_loss(llama_model_dir, alpaca_sampl
         # Why train.py turns the KV cache off: with a cache, transformers skips the packed-sequence mask.
         leaky = model(**packed_batch, use_cache=True)
         assert abs(leaky.loss.item() - packed.loss.item()) > 1e-4
+
+
+def test_padding_free_probe_accepts_llama_and_rejects_opt():
+    torch.manual_seed(0)
+    for model in (transformers.LlamaForCausalLM(make_tiny_llama_config()),
+                  transformers.MistralForCausalLM(transformers.MistralConfig(
+                      vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8))):
+        assert train.check_padding_free(model.train()) < 1e-5
+        assert model.training  # the probe restores the mode
+    # OPT builds an all-ones attention mask itself, so sdpa never sees the packed layout: examples would mix.
+    with pytest.raises(SystemExit, match="OPTForCausalLM with sdpa attention lets packed examples attend"):
+        train.check_padding_free(tiny_opt())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
