@@ -89,6 +89,7 @@ class NoveltyFilter:
         avg_similarity_score      = float(np.mean(scores))
     On an empty pool a candidate is kept with {} and 0.0 (the original always had its 175 seeds, and would fail here).
     `consider_batch` does the same for a list, in order, much faster; `judge` also tells why a candidate was rejected.
+    Not thread-safe: use one filter from one thread at a time (it runs its own helper threads).
 
     Attributes:
         instructions: the pool's texts, in pool order.
