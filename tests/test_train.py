@@ -442,13 +442,19 @@ def test_resume_from_checkpoint(tmp_path, llama_model_dir, alpaca_sample_path):
     output_dir = tmp_path / "out"
     common = ["--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2",
               "--gradient_checkpointing", "True"]
-    train.train(base_argv(llama_model_dir, alpaca_sample_path, output_dir, "--max_steps", "4", *common))
+    first = train.train(base_argv(llama_model_dir, alpaca_sample_path, output_dir, "--max_steps", "4", *common))
     assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "checkpoint-4").is_dir()
-    trainer = train.train(base_argv(llama_model_dir, alpaca_sample_path, output_dir, "--max_steps", "6",
-                                    "--resume_from_checkpoint", str(output_dir / "checkpoint-4"), *common))
-    assert trainer.args.activation_checkpointing and trainer.model.is_activation_checkpointing
-    steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
-    assert steps == [1, 2, 3, 4, 5, 6] and trainer.state.global_step == 6  # 1-4 restored, 5-6 trained
+    # Resume with another seed: a fresh start would see other batches (other losses) in steps 1-4.
+    argv = base_argv(llama_model_dir, alpaca_sample_path, output_dir, "--max_steps", "6", "--resume_from_checkpoint",
+                     "last", *common)
+    argv[argv.index("--seed") + 1] = "1"
+    resumed = train.train(argv)
+    assert resumed.args.activation_checkpointing and resumed.model.is_activation_checkpointing
+    assert [entry["step"] for entry in resumed.state.log_history if "loss" in entry] == [1, 2, 3, 4, 5, 6]
+    assert logged_losses(resumed)[:4] == logged_losses(first)  # steps 1-4 come from checkpoint-4, the newest
+    fresh_argv = base_argv(llama_model_dir, alpaca_sample_path, tmp_path / "fresh", "--max_steps", "4", *common)
+    fresh_argv[fresh_argv.index("--seed") + 1] = "1"
+    assert logged_losses(train.train(fresh_argv)) != logged_losses(first)
 
 
 def test_original_readme_command_runs_scaled_down(tmp_path, capsys, llama_model_dir, alpaca_sample_path):
