@@ -298,6 +298,8 @@ def parse_args(argv=None):
     if not namespace.data_path:
         raise SystemExit("train.py: --data_path is required (an Alpaca-format .json or .jsonl file, e.g. "
                          "alpaca_data.json from `python utils.py download alpaca_data`)")
+    if not os.path.isfile(namespace.data_path):  # checked before the model is loaded, which can take minutes
+        raise SystemExit(f"train.py: --data_path {namespace.data_path}: no such file")
     if not namespace.output_dir:
         raise SystemExit("train.py: --output_dir is required (the trained model and tokenizer are saved there)")
     # Notices are printed once, by the first process; every process applies the same rewrites.

@@ -322,6 +322,8 @@ def test_parse_args_errors(tmp_path):
         train.parse_args(["--data_path", "x", "--output_dir", str(tmp_path), "--no_such_flag", "1"])
     with pytest.raises(SystemExit, match="--data_path is required"):
         train.parse_args(["--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="missing.json: no such file"):
+        train.parse_args(["--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path)])
 
 
 def test_help_lists_our_flags():
