@@ -87,7 +87,7 @@ def main(num_records=None, prefix=1000, tail_candidates=5, tail_window=2048, num
     started = time.perf_counter()
     cpu_started = time.process_time()
     novelty = generate_instruction.NoveltyFilter(seeds, threshold=threshold)
-    ours, pool_sizes, finished_at = [], [], []
+    ours, finished_at = [], []
     for fields, _, _ in novelty.judge(candidates, num_cpus=num_cpus):
         ours.append(fields)
         finished_at.append(time.perf_counter())
@@ -98,8 +98,9 @@ def main(num_records=None, prefix=1000, tail_candidates=5, tail_window=2048, num
     pairs = int(pool_sizes.sum())
     print(f"\n== ours: {len(candidates):,} candidates, {len(seeds)} seeds, threshold {threshold}")
     print(f"kept {sum(kept):,}, rejected {len(kept) - sum(kept):,}; final pool {len(novelty):,}")
-    print(f"time {elapsed:.1f} s (CPU time of this process {cpu:.1f} s), {len(candidates) / elapsed:,.0f} candidates/s, "
-          f"{pairs / elapsed / 1e6:.1f} M pairs/s ({elapsed / pairs * 1e9:.1f} ns per pair, {pairs:,} pairs)")
+    print(f"time {elapsed:.1f} s (CPU time of this process {cpu:.1f} s), {len(candidates) / elapsed:,.0f} "
+          f"candidates/s, {pairs / elapsed / 1e6:.1f} M pairs/s ({elapsed / pairs * 1e9:.1f} ns per pair, "
+          f"{pairs:,} pairs)")
     print(f"peak memory (ru_maxrss): {peak_rss_mb():.0f} MB ({rss_before:.0f} MB before the filter: Python, "
           f"NumPy and the loaded JSON)")
     window = min(tail_window, len(candidates) - 1)
