@@ -920,6 +920,9 @@ def generate_instruction_following_data(
             # rounds than it likely needs.
             while not budget_reached:
                 submitted = [future for _, futures in pending for future in futures]
+                for future in submitted:
+                    if future.done():
+                        outcome_of(future)  # a fatal error (bad key, unknown model) stops the run before more go out
                 unfinished = sum(not future.done() for future in submitted)
                 remaining = num_instructions_to_generate - len(machine_instruction_data)
                 rounds_needed = math.ceil(remaining / (kept_this_run / rounds_applied)) if kept_this_run else math.inf

@@ -122,16 +122,8 @@ def jdump(obj, f, mode="w", indent=4, default=str):
 
 def read_jsonl(path):
     """Read a JSON-lines file into a list (blank lines are skipped). A bad line is an error naming file and line."""
-    records = []
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
-    return records
+        return _parse_jsonl_text(path, f.read())
 
 
 def write_jsonl(records, path):
@@ -195,6 +187,7 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
 
 
 def _parse_jsonl_text(path, text):
+    """JSON lines -> list; blank lines are skipped, a bad line raises AlpacaDataError (a ValueError) naming it."""
     records = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():

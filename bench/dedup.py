@@ -28,37 +28,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the original algorithm, shared with the tests
 
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer  # noqa: E402
 
 import generate_instruction  # noqa: E402
 import utils  # noqa: E402
+from original_alpaca import original_novelty_filter  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("ALPACA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
-def original_filter(pool_instructions, candidates, threshold=0.7):
-    """The original algorithm, serially: None (rejected) or the two fields (kept) per candidate; the pool grows."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    all_instructions = list(pool_instructions)
-    all_instruction_tokens = [scorer._tokenizer.tokenize(inst) for inst in all_instructions]
-    results = []
-    for instruction in candidates:
-        new_instruction_tokens = scorer._tokenizer.tokenize(instruction)
-        rouge_scores = [rouge_scorer._score_lcs(new_instruction_tokens, tokens) for tokens in all_instruction_tokens]
-        rouge_scores = [score.fmeasure for score in rouge_scores]
-        most_similar_instructions = {
-            all_instructions[i]: rouge_scores[i] for i in np.argsort(rouge_scores)[-10:][::-1]
-        }
-        if max(rouge_scores) > threshold:
-            results.append(None)
-            continue
-        results.append({"most_similar_instructions": most_similar_instructions,
-                        "avg_similarity_score": float(np.mean(rouge_scores))})
-        all_instructions.append(instruction)
-        all_instruction_tokens.append(new_instruction_tokens)
-    return results
 
 
 def peak_rss_mb():
@@ -110,7 +89,7 @@ def main(num_records=None, prefix=1000, tail_candidates=5, tail_window=2048, num
     # -- baseline on the prefix -------------------------------------------------------------------------------------
     prefix = min(prefix, len(candidates))
     started = time.perf_counter()
-    baseline = original_filter(seeds, candidates[:prefix], threshold)
+    baseline = original_novelty_filter(seeds, candidates[:prefix], threshold)
     baseline_prefix = time.perf_counter() - started
     prefix_pairs = int(pool_sizes[:prefix].sum())
     identical = json.dumps(baseline) == json.dumps(ours[:prefix])

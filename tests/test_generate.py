@@ -17,13 +17,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from rouge_score import rouge_scorer
 
 import generate_instruction as gen
 from conftest import REPO_ROOT, SAMPLE_RECORDS
 from openai_server import OpenAIServer, count_tokens, make_reply
+from original_alpaca import original_novelty_filter
 
 API_KEY = "sk-test-Zq8vT3kW1mN0pR7sSECRET"
 PROMPT_HEADER = "Come up with a set of 20 diverse task instructions.\n\nList of 20 tasks:"
@@ -79,26 +78,20 @@ def replies_from_server(server):
 
 
 def reference_regen(seed_instructions, existing_records, replies, target, replies_per_round=5, threshold=0.7):
-    """The original algorithm, verbatim in spirit: rouge_score against every known instruction, in order, round by
-    round (5 replies each) until `target` records. (The generator may have fetched a round more than it needed.)"""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    """The original algorithm: rouge_score against every known instruction, in order, round by round (5 replies
+    each) until `target` records. (The generator may have fetched a round more than it needed.)"""
     all_instructions = list(seed_instructions) + [r["instruction"] for r in existing_records]
-    all_tokens = [scorer._tokenizer.tokenize(i) for i in all_instructions]
     kept = []
-    for index, reply in enumerate(replies):
-        if index % replies_per_round == 0 and len(existing_records) + len(kept) >= target:
+    for start in range(0, len(replies), replies_per_round):
+        if len(existing_records) + len(kept) >= target:
             break
-        for entry in gen.post_process_gpt3_response(3, reply):
-            tokens = scorer._tokenizer.tokenize(entry["instruction"])
-            scores = [rouge_scorer._score_lcs(tokens, t).fmeasure for t in all_tokens]
-            most_similar = {all_instructions[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]}
-            if max(scores) > threshold:
-                continue
-            entry["most_similar_instructions"] = most_similar
-            entry["avg_similarity_score"] = float(np.mean(scores))
-            kept.append(entry)
-            all_instructions.append(entry["instruction"])
-            all_tokens.append(tokens)
+        entries = [entry for reply in replies[start:start + replies_per_round]
+                   for entry in gen.post_process_gpt3_response(3, reply)]
+        results = original_novelty_filter(all_instructions, [entry["instruction"] for entry in entries], threshold)
+        for entry, fields in zip(entries, results):
+            if fields is not None:
+                kept.append({**entry, **fields})
+                all_instructions.append(entry["instruction"])
     return kept
 
 

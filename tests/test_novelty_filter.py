@@ -1,8 +1,6 @@
 """The ROUGE-L novelty filter and the `deduplicate` command, checked against rouge_score itself.
 
-The reference is the original generate_instruction.py loop, verbatim except that Pool.map became a list comprehension
-(same order): rouge_score's tokenizer, rouge_scorer._score_lcs(new, old).fmeasure per pair, np.argsort for the ten
-most similar, np.mean, reject when max > threshold, and the kept instruction joins the pool at once.
+The reference is the original generate_instruction.py loop (tests/original_alpaca.py).
 """
 
 import json
@@ -19,31 +17,10 @@ import generate_instruction
 import utils
 from conftest import REPO_ROOT, SAMPLE_RECORDS
 from generate_instruction import NoveltyFilter
+from original_alpaca import original_novelty_filter as reference_filter
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 tokenize = SCORER._tokenizer.tokenize
-
-
-def reference_filter(seed_instructions, candidates, threshold=0.7):
-    """The original algorithm, serial: a list with None (rejected) or the two fields (kept) per candidate."""
-    all_instructions = list(seed_instructions)
-    all_instruction_tokens = [tokenize(inst) for inst in all_instructions]
-    results = []
-    for instruction in candidates:
-        new_instruction_tokens = tokenize(instruction)
-        rouge_scores = [rouge_scorer._score_lcs(new_instruction_tokens, tokens) for tokens in all_instruction_tokens]
-        rouge_scores = [score.fmeasure for score in rouge_scores]
-        most_similar_instructions = {
-            all_instructions[i]: rouge_scores[i] for i in np.argsort(rouge_scores)[-10:][::-1]
-        }
-        if max(rouge_scores) > threshold:
-            results.append(None)
-            continue
-        results.append({"most_similar_instructions": most_similar_instructions,
-                        "avg_similarity_score": float(np.mean(rouge_scores))})
-        all_instructions.append(instruction)
-        all_instruction_tokens.append(new_instruction_tokens)
-    return results
 
 
 def reference_scores(candidate, pool):
