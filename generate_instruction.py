@@ -23,6 +23,7 @@ Command line (python-fire):
 import collections
 import concurrent.futures
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -832,6 +833,9 @@ def generate_instruction_following_data(
 
     os.makedirs(output_dir, exist_ok=True)
     regen_path = os.path.join(output_dir, "regen.json")
+    # A run killed while writing (kill -9) leaves its temp file behind (regen.json itself is intact): tidy up.
+    for stale_temp_file in glob.glob(os.path.join(glob.escape(output_dir), ".regen.json.*.tmp")):
+        os.remove(stale_temp_file)
     machine_instruction_data = []
     if os.path.exists(regen_path):
         try:

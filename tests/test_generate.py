@@ -556,6 +556,8 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(env):
             assert process.returncode == -signal.SIGKILL
             assert API_KEY not in out + err
             snapshots.append(json.loads(open(regen_path).read()))  # always valid JSON
+        # What a kill in the middle of a write leaves: a temp file beside regen.json. The resumed run removes it.
+        open(os.path.join(env["output_dir"], ".regen.json.k1ll3d.tmp"), "w").write('[\n{"instruction": "half')
         finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"Loaded {len(snapshots[-1])} machine-generated instructions" in finished.stdout
@@ -566,6 +568,7 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(env):
     assert len(final) >= 600
     instructions = [r["instruction"] for r in final]
     assert len(set(instructions)) == len(instructions)  # nothing duplicated
+    assert not [name for name in os.listdir(env["output_dir"]) if name.endswith(".tmp")]  # no temp file left over
     # Every record is exactly what the filter gives against the seeds and all records before it: the resumed runs
     # rebuilt the pool in the right order.
     pool = gen.NoveltyFilter([r["instruction"] for r in SAMPLE_RECORDS])
