@@ -640,8 +640,9 @@ def request_replies(client, api, model_name, prompts, decoding_args, request_see
     max_tokens = decoding_args["max_tokens"]
     usage = Usage(requests=1)
     while True:
-        kwargs = dict(model=model_name, max_tokens=max_tokens, temperature=decoding_args["temperature"],
-                      top_p=decoding_args["top_p"], n=1, stop=decoding_args["stop"])
+        kwargs = dict(model=model_name, temperature=decoding_args["temperature"], top_p=decoding_args["top_p"], n=1,
+                      stop=decoding_args["stop"])
+        kwargs[shared["max_tokens_parameter"]] = max_tokens
         if request_seed is not None:
             kwargs["seed"] = request_seed
         if shared["logit_bias"]:
@@ -666,6 +667,11 @@ def request_replies(client, api, model_name, prompts, decoding_args, request_see
             if is_context_length_error(e) and max_tokens > 1:
                 max_tokens = int(max_tokens * 0.8)
                 shared["warn"](f"context too long; reducing max_tokens to {max_tokens} and retrying")
+                continue
+            if "max_completion_tokens" in str(e) and shared["max_tokens_parameter"] == "max_tokens":
+                # OpenAI's reasoning models (o1, o3, gpt-5) refuse `max_tokens` and take `max_completion_tokens`.
+                shared["max_tokens_parameter"] = "max_completion_tokens"
+                shared["warn"]("the server wants max_completion_tokens instead of max_tokens; sending that from now on")
                 continue
             if "logit_bias" in str(e) and shared["logit_bias"]:
                 shared["logit_bias"] = None  # this backend does not take it: send no logit_bias from now on
@@ -822,7 +828,7 @@ def generate_instruction_following_data(
     if budget_usd is not None and prompt_price_per_million is None and completion_price_per_million is None:
         raise GenerationError("--budget_usd needs --prompt_price_per_million and/or --completion_price_per_million")
     api = choose_api(model_name, api)
-    shared = {"logit_bias": resolve_logit_bias(logit_bias, model_name, api)}
+    shared = {"logit_bias": resolve_logit_bias(logit_bias, model_name, api), "max_tokens_parameter": "max_tokens"}
     if not os.path.exists(prompt_path):
         raise GenerationError(f"{prompt_path}: no such file (the prompt header, see --prompt_path)")
     seed_instruction_data = load_seed_instruction_data(seed_tasks_path)

@@ -158,7 +158,7 @@ class OpenAIServer:
 
     def __init__(self, *, latency=0.0, faults=None, content_faults=None, task_mix=None, chat_restate_header=0.5,
                  retry_after="1", hang_seconds=5.0, context_window=None, fault_seed=0, models=None, api_key=None,
-                 reject_logit_bias=False):
+                 reject_logit_bias=False, reject_max_tokens=False):
         self.latency = latency
         self.faults = dict(faults or {})
         self.content_faults = dict(content_faults or {})
@@ -170,6 +170,8 @@ class OpenAIServer:
         self.models = models  # None: any model name is accepted; else others get a 404 model_not_found
         self.api_key = api_key  # None: any key is accepted; else others get a 401
         self.reject_logit_bias = reject_logit_bias  # a 400 for any request with logit_bias, as some servers do
+        # a 400 for `max_tokens`, as OpenAI's reasoning models (o1, o3, gpt-5) answer: they take max_completion_tokens
+        self.reject_max_tokens = reject_max_tokens
         self.script = []
         self.requests = []
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -295,6 +297,12 @@ class OpenAIServer:
             record["outcome"] = "400"
             return self._send_error(handler, 400, "Unrecognized request argument supplied: logit_bias",
                                     "invalid_request_error", None, param="logit_bias")
+
+        if self.reject_max_tokens and "max_tokens" in body:
+            record["outcome"] = "400"
+            return self._send_error(handler, 400, "Unsupported parameter: 'max_tokens' is not supported with this "
+                                    "model. Use 'max_completion_tokens' instead.", "invalid_request_error",
+                                    "unsupported_parameter", param="max_tokens")
 
         path = handler.path.split("?")[0].rstrip("/")
         if path.endswith("/chat/completions"):

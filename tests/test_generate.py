@@ -462,6 +462,16 @@ def test_logit_bias_sent_to_openai_completion_models_and_dropped_when_rejected(e
     assert "rejected logit_bias" in capsys.readouterr().err
 
 
+def test_reasoning_models_get_max_completion_tokens(env, capsys):
+    with OpenAIServer(reject_max_tokens=True) as server:
+        records = generate(server, env, api="chat", num_instructions_to_generate=20, concurrency=1)
+    assert [r["outcome"] for r in server.requests[:2]] == ["400", "ok"]
+    assert all(r["body"]["max_completion_tokens"] == 3072 and "max_tokens" not in r["body"]
+               for r in server.requests[1:])
+    assert len(records) >= 20
+    assert "wants max_completion_tokens" in capsys.readouterr().err
+
+
 def test_usage_and_cost_totals_equal_the_servers(env, capsys):
     with OpenAIServer(faults={"429": 0.2}, retry_after="0.05", fault_seed=5) as server:
         generate(server, env, api="chat", num_instructions_to_generate=100, concurrency=3,
