@@ -642,35 +642,20 @@ class DistributedCheck(transformers.TrainerCallback):
 
 
 def load_tokenizer(model_args, training_args):
-    """AutoTokenizer with the original's settings (model_max_length, right padding), plus old-LLaMA compatibility.
+    """The tokenizer with the original's settings (model_max_length, right padding).
 
     transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
-    per-example calls). Early-2023 LLaMA conversions (like the one the original was run with) name the class
-    "LLaMATokenizer" and write "" for bos/eos/unk: transformers 5 cannot load those ("" as unk recurses forever), so
-    the empty tokens are given the defaults </s>, <s>, <unk> (the original's rule for missing tokens) and the class is
-    LlamaTokenizer, adding BOS like the slow tokenizer of the time.
+    per-example calls). utils.load_tokenizer also reads the early-2023 LLaMA conversions the original was run with
+    (class "LLaMATokenizer", "" for bos/eos/unk; transformers 5 cannot load them) as LlamaTokenizer, adding BOS like
+    the slow tokenizer of the time, with </s>, <s>, <unk> for the empty tokens.
     """
-    from transformers.models.auto.tokenization_auto import get_tokenizer_config
-
-    kwargs = dict(
+    return utils.load_tokenizer(
+        model_args.model_name_or_path,
         cache_dir=training_args.cache_dir,
         model_max_length=training_args.model_max_length,
         padding_side="right",
         trust_remote_code=model_args.trust_remote_code,
     )
-    config = get_tokenizer_config(model_args.model_name_or_path, cache_dir=training_args.cache_dir) or {}
-    for name, default in (("bos_token", DEFAULT_BOS_TOKEN), ("eos_token", DEFAULT_EOS_TOKEN),
-                          ("unk_token", DEFAULT_UNK_TOKEN), ("pad_token", DEFAULT_PAD_TOKEN)):
-        value = config.get(name)
-        if (value.get("content") if isinstance(value, dict) else value) == "":
-            kwargs[name] = default
-            logger.warning("tokenizer_config.json has an empty %s: using %s", name, default)
-    tokenizer_class = transformers.AutoTokenizer
-    if config.get("tokenizer_class") == "LLaMATokenizer":  # the pre-release name of LlamaTokenizer
-        tokenizer_class = transformers.LlamaTokenizer
-        kwargs.setdefault("add_bos_token", config.get("add_bos_token", True))
-        logger.warning("tokenizer_class LLaMATokenizer (an early LLaMA conversion): loading it as LlamaTokenizer")
-    return tokenizer_class.from_pretrained(model_args.model_name_or_path, **kwargs)
 
 
 def load_model_and_tokenizer(model_args, training_args):

@@ -280,6 +280,72 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers, shared by train.py and weight_diff.py
+
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "LLaMATokenizer")  # the last: early-2023 name
+
+
+def load_tokenizer(name_or_path, **kwargs):
+    """`AutoTokenizer.from_pretrained(name_or_path, **kwargs)`, made to read the 2023 LLaMA tokenizers right.
+
+    transformers 5 has only fast tokenizers, and mis-reads the two kinds of LLaMA tokenizer folder the original
+    recipe met:
+      * early conversions (tokenizer_class "LLaMATokenizer", "" written for bos/eos/unk): "" as unk recurses forever;
+      * a tokenizer.model without tokenizer.json (the released alpaca-7b-wdiff): without tokenizer_config.json,
+        AutoTokenizer silently builds a generic tokenizer that adds no BOS.
+    Those are converted from tokenizer.model with LlamaTokenizer, with the 2023 defaults (BOS added, no EOS) unless the
+    folder says otherwise. A special token that is empty or not in the sentencepiece vocabulary becomes the model's own
+    (<unk>, <s>, </s> for LLaMA), with a warning. Tokens in added_tokens.json must keep their recorded ids.
+    """
+    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+    from transformers.utils import cached_file
+
+    def find(filename):  # a local folder or a hub repo; None when the file is not there
+        return cached_file(name_or_path, filename, cache_dir=kwargs.get("cache_dir"),
+                           _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+
+    def read(filename):
+        path = find(filename)
+        return jload(path) if path else {}
+
+    tokenizer_config = get_tokenizer_config(name_or_path, cache_dir=kwargs.get("cache_dir")) or {}
+    is_llama = tokenizer_config.get("tokenizer_class", "LlamaTokenizer") in LLAMA_TOKENIZER_CLASSES
+    early_conversion = tokenizer_config.get("tokenizer_class") == "LLaMATokenizer"
+    if not is_llama or (find("tokenizer.json") and not early_conversion):  # the common case: nothing to convert
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    sp_path = find("tokenizer.model")
+    if sp_path is None:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_path)
+    special_tokens_map = read("special_tokens_map.json")
+    llama_kwargs = {"add_bos_token": tokenizer_config.get("add_bos_token", True),
+                    "add_eos_token": tokenizer_config.get("add_eos_token", False)}
+    for role, sp_id in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
+        value = special_tokens_map.get(role, tokenizer_config.get(role))
+        if isinstance(value, dict):
+            value = value.get("content")
+        in_vocab = bool(value) and (sp.piece_to_id(value) != sp.unk_id() or value == sp.id_to_piece(sp.unk_id()))
+        if not in_vocab and sp_id >= 0:
+            if value is not None:
+                logger.warning("%s: %s %r is not a token of tokenizer.model; using %r", name_or_path, role, value,
+                               sp.id_to_piece(sp_id))
+            value = sp.id_to_piece(sp_id)
+        if value:
+            llama_kwargs[role] = value
+    kwargs.pop("trust_remote_code", None)  # LlamaTokenizer is transformers' own code
+    tokenizer = LlamaTokenizer.from_pretrained(name_or_path, **{**llama_kwargs, **kwargs})
+    for token, token_id in read("added_tokens.json").items():
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise ValueError(f"{name_or_path}: added token {token!r} should have id {token_id} (added_tokens.json) "
+                             f"but the tokenizer gives it {tokenizer.convert_tokens_to_ids(token)}")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Embedding resizing, shared by train.py and weight_diff.py
 
 

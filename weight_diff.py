@@ -457,53 +457,13 @@ def naive_check_passes(total, expected):
 # Tokenizer
 
 
-def _read_json(path):
-    return utils.jload(path) if os.path.exists(path) else {}
-
-
 def load_tokenizer(folder):
-    """The tokenizer of a model or diff folder.
-
-    A folder with a tokenizer.json is read with AutoTokenizer. A LLaMA folder with only tokenizer.model (the 2023
-    format; transformers 5 has no slow tokenizers and, without tokenizer_config.json, AutoTokenizer silently builds a
-    generic tokenizer that adds no BOS) is converted with LlamaTokenizer, keeping the 2023 defaults (BOS added, no EOS)
-    and the special tokens the folder names; a special token that is empty or not in the vocabulary (some 2023 LLaMA
-    conversions wrote "") is replaced by the sentencepiece model's own, with a warning. Tokens in added_tokens.json
-    must come out with their recorded ids.
-    """
-    from transformers import AutoTokenizer, LlamaTokenizer
-
-    folder = os.fspath(folder)
-    tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
-    sp_path = os.path.join(folder, "tokenizer.model")
-    is_llama = tokenizer_config.get("tokenizer_class", "LlamaTokenizer") in ("LlamaTokenizer", "LlamaTokenizerFast")
-    if os.path.exists(os.path.join(folder, "tokenizer.json")) or not os.path.exists(sp_path) or not is_llama:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    else:
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=sp_path)
-        special_tokens_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
-        kwargs = {"add_bos_token": tokenizer_config.get("add_bos_token", True),
-                  "add_eos_token": tokenizer_config.get("add_eos_token", False)}
-        for role, sp_id in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
-            value = special_tokens_map.get(role, tokenizer_config.get(role))
-            if isinstance(value, dict):
-                value = value.get("content")
-            in_vocab = bool(value) and (sp.piece_to_id(value) != sp.unk_id() or value == sp.id_to_piece(sp.unk_id()))
-            if not in_vocab and sp_id >= 0:
-                if value is not None:
-                    logger.warning("%s: %s %r is not a token of tokenizer.model; using %r", folder, role, value,
-                                   sp.id_to_piece(sp_id))
-                value = sp.id_to_piece(sp_id)
-            if value:
-                kwargs[role] = value
-        tokenizer = LlamaTokenizer.from_pretrained(folder, **kwargs)
-    for token, token_id in _read_json(os.path.join(folder, "added_tokens.json")).items():
-        if tokenizer.convert_tokens_to_ids(token) != token_id:
-            raise WeightDiffError(f"{folder}: added token {token!r} should have id {token_id} (added_tokens.json) but "
-                                  f"the tokenizer gives it {tokenizer.convert_tokens_to_ids(token)}")
-    return tokenizer
+    """The tokenizer of a model or diff folder: utils.load_tokenizer, which converts the 2023 release format
+    (tokenizer.model + added_tokens.json, no tokenizer.json) properly and checks the added tokens' ids."""
+    try:
+        return utils.load_tokenizer(os.fspath(folder))
+    except ValueError as e:
+        raise WeightDiffError(str(e)) from None
 
 
 def save_tokenizer(tokenizer, source_folder, out_folder, num_embeddings):

@@ -318,3 +318,35 @@ def test_fixture_tokenizers_and_model_load(llama_tokenizer_dir, hf_tokenizer_dir
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), TINY_VOCAB_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# load_tokenizer: the 2023 LLaMA tokenizer folders transformers 5 mis-reads
+
+
+@pytest.mark.parametrize("style", ["tokenizer.model only", "early conversion", "current"])
+def test_load_tokenizer_reads_2023_llama_folders(tmp_path, llama_tokenizer_dir, style):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(llama_tokenizer_dir)  # BOS added, unk 0 / bos 1 / eos 2
+    folder = tmp_path / "tok"
+    if style == "current":
+        folder = llama_tokenizer_dir
+    else:
+        folder.mkdir()
+        (folder / "tokenizer.model").write_bytes((llama_tokenizer_dir / "tokenizer.model").read_bytes())
+        (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": len(reference)}))
+        if style == "early conversion":
+            (folder / "tokenizer_config.json").write_text(json.dumps(
+                {"bos_token": "", "eos_token": "", "unk_token": "", "tokenizer_class": "LLaMATokenizer"}))
+    tokenizer = utils.load_tokenizer(folder, model_max_length=64, padding_side="right")
+    text = format_prompt({"instruction": "Say hi in French.", "input": "déjà"}) + " Salut !"
+    assert tokenizer(text).input_ids == reference(text).input_ids
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
+    assert tokenizer.model_max_length == 64 and tokenizer.padding_side == "right"
+    if style != "current":
+        assert tokenizer.convert_tokens_to_ids("[PAD]") == len(reference)
+        # A recorded id the tokenizer does not reproduce is an error naming the folder and the token.
+        (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": len(reference) + 5}))
+        with pytest.raises(ValueError, match=r"added token '\[PAD\]' should have id"):
+            utils.load_tokenizer(folder)
