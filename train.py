@@ -715,4 +715,8 @@ def train(argv=None):
 
 
 if __name__ == "__main__":
-    train()
+    trainer = train()
+    # Leave together, then close the process group (and any tracker such as wandb): a rank that exits while another
+    # is still saving can make the other's gloo/NCCL teardown abort (seen once as SIGABRT in a 2-process CPU run).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
