@@ -10,11 +10,9 @@ import shutil
 import subprocess
 import sys
 
-import torch
-from safetensors.torch import load_file
-
 from conftest import REPO_ROOT, SAMPLE_RECORDS
 from openai_server import OpenAIServer
+from test_weight_diff import assert_bit_identical, load_weights
 
 API_KEY = "sk-pipeline-test-key-0123456789"
 
@@ -24,14 +22,6 @@ def run(args, **env):
                           env=dict(os.environ, OMP_NUM_THREADS="1", **env))
     assert proc.returncode == 0, f"{args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
-
-
-def state_dict(folder):
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors") and name.startswith("model"):
-            tensors.update(load_file(os.path.join(folder, name)))
-    return tensors
 
 
 def test_generate_train_make_diff_recover(tmp_path, tiny_llama_dir, llama_tokenizer_dir):
@@ -67,11 +57,9 @@ def test_generate_train_make_diff_recover(tmp_path, tiny_llama_dir, llama_tokeni
     run(["weight_diff.py", "recover", "--path_raw", str(raw_dir), "--path_diff", str(diff_dir),
          "--path_tuned", str(recovered_dir), "--test_inference", "False"])
 
-    tuned, recovered = state_dict(tuned_dir), state_dict(recovered_dir)
-    assert tuned.keys() == recovered.keys()
+    tuned = load_weights(tuned_dir)
     assert tuned["model.embed_tokens.weight"].shape[0] == 601  # train.py added [PAD] to the 600-token vocabulary
-    for name in tuned:
-        assert torch.equal(tuned[name].view(torch.uint8), recovered[name].view(torch.uint8)), name
+    assert_bit_identical(load_weights(recovered_dir), tuned)
 
     from transformers import AutoTokenizer
 
