@@ -1038,10 +1038,7 @@ def generate_instruction_following_data(
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire({
-            "deduplicate": deduplicate,
-            "generate_instruction_following_data": generate_instruction_following_data,
-        })
-    except (GenerationError, utils.AlpacaDataError) as e:  # a clear message, not a traceback
-        sys.exit(f"error: {e}")
+    import cli
+
+    cli.main({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data},
+             user_errors=(GenerationError, utils.AlpacaDataError))

@@ -200,7 +200,11 @@ def _parse_jsonl_text(path, text):
 
 
 def validate(path):
-    """Check an Alpaca-format data file (.json or .jsonl) and print its counts."""
+    """Check an Alpaca-format data file (.json or .jsonl) and print its counts.
+
+    Args:
+        path: the data file: a JSON list of records or JSON lines, each with string `instruction`, `input`, `output`.
+    """
     records = load_alpaca_data(path)
     with_input = sum(1 for r in records if r["input"] != "")
     empty_output = sum(1 for r in records if r["output"] == "")
@@ -365,6 +369,6 @@ def extend_rows_with_mean(weight, num_new_rows):
 
 
 if __name__ == "__main__":
-    import fire
+    import cli
 
-    fire.Fire({"download": download, "validate": validate})
+    cli.main({"download": download, "validate": validate}, user_errors=(AlpacaDataError, DownloadError))

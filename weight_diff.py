@@ -848,7 +848,7 @@ def _test_inference(path_tuned, config, kept, tokenizer, device):
 
 
 if __name__ == "__main__":
-    import fire
+    import cli
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire({"make_diff": make_diff, "recover": recover})
+    cli.main({"make_diff": make_diff, "recover": recover}, user_errors=(WeightDiffError,))

@@ -126,6 +126,14 @@ def hf_tokenizer_dir(tmp_path_factory):
     return out_dir
 
 
+def restore_sigint():
+    """Popen(preexec_fn=restore_sigint): a child that Ctrl-C tests interrupt must not inherit SIGINT ignored (a shell
+    starts background jobs that way, and Python then installs no KeyboardInterrupt handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

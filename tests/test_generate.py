@@ -20,7 +20,7 @@ import time
 import pytest
 
 import generate_instruction as gen
-from conftest import REPO_ROOT, SAMPLE_RECORDS
+from conftest import REPO_ROOT, SAMPLE_RECORDS, restore_sigint
 from openai_server import OpenAIServer, count_tokens, make_reply
 from original_alpaca import original_novelty_filter
 
@@ -598,7 +598,7 @@ def test_ctrl_c_exits_at_once_even_with_requests_in_flight(env):
              "--output_dir", env["output_dir"], "--seed_tasks_path", env["seed_tasks_path"], "--prompt_path",
              env["prompt_path"], "--model_name", "test-model", "--api_base", server.base_url,
              "--request_timeout", "60"],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
         deadline = time.monotonic() + 60
         while not server.requests and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.02)
@@ -657,5 +657,5 @@ def test_command_line_errors_are_one_clear_line(env):
         [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--output_dir",
          env["output_dir"], "--seed_tasks_path", env["seed_tasks_path"], "--prompt_path", env["prompt_path"]],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=environment)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "error: OPENAI_API_KEY is not set" in result.stderr and "Traceback" not in result.stderr

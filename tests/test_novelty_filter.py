@@ -312,7 +312,7 @@ def test_deduplicate_command_line(tmp_path):
 
     missing = subprocess.run(command[:5] + [str(tmp_path / "nope.json")] + command[6:8], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == f"error: {tmp_path / 'nope.json'}: no such file"
     assert not (tmp_path / "nope.json").exists() and sorted(os.listdir(tmp_path)) == ["in.json", "out.json"]
 

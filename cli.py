@@ -1,0 +1,183 @@
+"""Command-line plumbing for the python-fire scripts: flags checked before any work, a full --help, one-line errors.
+
+    if __name__ == "__main__":
+        cli.main({"make_diff": make_diff, "recover": recover}, user_errors=(WeightDiffError,))
+
+python-fire alone calls the function with the flags it recognises and complains about the others only after the
+function returns (a misspelled `--budget_usd` ran a whole paid run). `main` checks every flag against the function's
+signature first, names the closest valid flag, and only then hands the command line to fire, which converts the
+values. `--help` is printed from the docstring's summary and `Args:` section, in full, with every default.
+An exception listed in `user_errors` (bad file, record, field, flag value, server refusal) prints one line,
+`error: <message>`, and exits with status 2; Ctrl-C prints one line and exits with status 130.
+"""
+
+import difflib
+import inspect
+import os
+import re
+import sys
+import textwrap
+
+
+class UsageError(ValueError):
+    """A command line that names no command, an unknown flag, or too many values."""
+
+
+def main(commands, user_errors=(), argv=None, prog=None):
+    """Run one of `commands` ({name: function}, or a single function) on the command line `argv` (default sys.argv[1:]).
+
+    Returns what the function returned (fire would otherwise print it). Exits: 0 after --help, 2 on a usage or user
+    error (one line on stderr), 130 on Ctrl-C.
+    """
+    import fire
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or _program_name()
+    try:
+        if callable(commands):
+            name, function, args = None, commands, argv
+        else:
+            name, function, args = _pick_command(commands, argv, prog)
+            if function is None:  # `--help`, or no command given
+                print(commands_help(commands, prog))
+                return None
+        if "-h" in args or "--help" in args:
+            print(command_help(function, f"{prog} {name}" if name else prog))
+            return None
+        check_flags(function, args)
+        # fire parses the values (numbers, booleans, JSON-like literals); its own flags after `--` are not offered.
+        return fire.Fire(function, command=args, name=f"{prog} {name}" if name else prog, serialize=lambda _: None)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UsageError as e:
+        _fail(f"{prog}: {e}")
+    except tuple(user_errors) as e:
+        _fail(f"error: {e}")
+
+
+def _fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def _program_name():
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return f"python -m {spec.name}"
+    return f"python {os.path.basename(sys.argv[0] or 'script.py')}"
+
+
+def _pick_command(commands, argv, prog):
+    if not argv or argv[0] in ("-h", "--help"):
+        return None, None, []
+    name, args = argv[0], argv[1:]
+    if name not in commands:
+        hint = _closest(name, commands)
+        raise UsageError(f"unknown command {name!r}{hint}; the commands are: {', '.join(commands)} "
+                         f"(see {prog} --help)")
+    return name, commands[name], args
+
+
+def _closest(word, choices, prefix=""):
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{match[0]}?)" if match else ""
+
+
+def parameters(function):
+    """The function's parameters as {name: inspect.Parameter}, without *args / **kwargs."""
+    return {name: p for name, p in inspect.signature(function).parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_flags(function, args):
+    """Raise UsageError unless every `--flag` in `args` names a parameter of `function` (fire's spellings: --a_b,
+    --a-b, --a_b=v, --noflag for a boolean) and the bare values fit the parameters not given by flag. Reads, sends and
+    writes nothing."""
+    params = parameters(function)
+    given, positional = set(), []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        index += 1
+        if token == "--":
+            raise UsageError("'--' is not used by this command (fire's own flags are not offered); see --help")
+        if not _is_flag(token):
+            positional.append(token)
+            continue
+        key, has_value, _ = token.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        takes_next = not has_value and index < len(args) and not _is_flag(args[index])
+        if key not in params and key.startswith("no") and key[2:] in params and not has_value and not takes_next:
+            key = key[2:]  # fire's --noflag: False
+        if key not in params:
+            hint = _closest(key, params, prefix="--")
+            raise UsageError(f"unknown flag {token.partition('=')[0]}{hint}; see --help for the flags")
+        if key in given:
+            raise UsageError(f"--{key} is given twice")
+        given.add(key)
+        if takes_next:
+            index += 1  # its value
+    free = [name for name in params if name not in given]
+    if len(positional) > len(free):
+        extra = positional[len(free):]
+        raise UsageError(f"unexpected value{'s' if len(extra) > 1 else ''} {' '.join(map(repr, extra))} "
+                         "(every option is a --flag; see --help)")
+    missing = [name for name in free[len(positional):] if params[name].default is inspect.Parameter.empty]
+    if missing:
+        raise UsageError(f"missing {', '.join('--' + name for name in missing)} (see --help)")
+
+
+def _is_flag(token):
+    # fire's rule: "--x", or "-x..." that is not a negative number.
+    return token.startswith("--") or re.match(r"^-[a-zA-Z]", token) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --help from the docstring
+
+
+def parse_docstring(function):
+    """(description, {parameter: help text}) from a Google-style docstring: the text before `Args:`, and each
+    `name: text` entry of the Args section with its continuation lines joined."""
+    doc = inspect.cleandoc(function.__doc__ or "")
+    description, _, rest = doc.partition("\nArgs:\n")
+    arg_help, current = {}, None
+    for line in rest.splitlines():
+        if line and not line.startswith(" "):  # a following section (Returns:, Raises:) ends Args
+            break
+        entry = re.match(r"^ {2,4}(\*{0,2}\w+)(?: \([^)]*\))?: ?(.*)$", line)
+        if entry:
+            current = entry.group(1).lstrip("*")
+            arg_help[current] = entry.group(2).strip()
+        elif current and line.strip():
+            arg_help[current] += " " + line.strip()
+    return description.strip(), arg_help
+
+
+def command_help(function, usage_name):
+    """The --help text of one command: usage, the description, then every flag with its default and full help."""
+    description, arg_help = parse_docstring(function)
+    params = parameters(function)
+    required = [name for name, p in params.items() if p.default is inspect.Parameter.empty]
+    usage = " ".join([f"usage: {usage_name}"] + [f"--{name} {name.upper()}" for name in required] +
+                     (["[flags]"] if len(required) < len(params) else []))
+    lines = [usage, "", description, "", "flags:"]
+    for name, p in params.items():
+        default = "required" if p.default is inspect.Parameter.empty else f"default: {p.default!r}"
+        lines.append(f"  --{name}  ({default})")
+        text = arg_help.get(name, "(undocumented)")
+        lines += textwrap.wrap(text, width=110, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def commands_help(commands, prog):
+    """The --help text of a script with several commands: one line each, and how to get a command's flags."""
+    lines = [f"usage: {prog} COMMAND [--flag value ...]", "", "commands:"]
+    width = max(len(name) for name in commands)
+    for name, function in commands.items():
+        summary = parse_docstring(function)[0].split("\n\n")[0].replace("\n", " ")
+        lines.append(f"  {name.ljust(width)}  {summary}")
+    lines += ["", f"`{prog} COMMAND --help` lists a command's flags."]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The shared command-line layer (cli.py): flags checked before any work, full --help, one-line errors, Ctrl-C."""
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cli
+import generate_instruction
+import utils
+import weight_diff
+from conftest import REPO_ROOT, restore_sigint
+
+# Every python-fire command of the project: (argv prefix, the function it runs).
+FIRE_COMMANDS = [
+    (["-m", "generate_instruction", "generate_instruction_following_data"],
+     generate_instruction.generate_instruction_following_data),
+    (["-m", "generate_instruction", "deduplicate"], generate_instruction.deduplicate),
+    (["weight_diff.py", "make_diff"], weight_diff.make_diff),
+    (["weight_diff.py", "recover"], weight_diff.recover),
+    (["utils.py", "download"], utils.download),
+    (["utils.py", "validate"], utils.validate),
+]
+
+
+def run_cli(args, cwd, timeout=60):
+    """Run `python ARGS` in `cwd`; a script name (`utils.py`) is taken from the repository."""
+    if args[0].endswith(".py"):
+        args = [str(REPO_ROOT / args[0]), *args[1:]]
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def example(a, b_flag=1, use_x=False):
+    """Do a thing.
+
+    Longer description.
+
+    Args:
+        a: the first
+            argument, over two lines.
+        b_flag: a number.
+        use_x: a switch.
+    Returns: nothing.
+    """
+    return (a, b_flag, use_x)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--a", "1", "--b_flg", "2"], "unknown flag --b_flg (did you mean --b_flag?)"),
+    (["--a=1", "--zzz=2"], "unknown flag --zzz;"),
+    (["--a", "1", "--a", "2"], "--a is given twice"),
+    (["1", "2", "3", "4"], "unexpected value '4'"),
+    ([], "missing --a"),
+    (["--a", "1", "--", "--help"], "'--' is not used"),
+])
+def test_check_flags_rejects(args, message):
+    with pytest.raises(cli.UsageError) as raised:
+        cli.check_flags(example, args)
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("args", [
+    ["--a", "1"], ["--a=1", "--b-flag", "2"], ["x", "--use_x"], ["x", "--nouse_x"], ["x", "3", "True"],
+    ["--a", "-1", "--b_flag", "-2.5"],
+])
+def test_check_flags_accepts_fire_spellings(args):
+    cli.check_flags(example, args)
+
+
+def test_main_runs_the_function_with_fire_values():
+    assert cli.main(example, argv=["--a", "1", "--b_flag", "2.5", "--use_x"]) == (1, 2.5, True)
+    assert cli.main({"go": example}, argv=["go", "x", "--nouse_x"]) == ("x", 1, False)
+
+
+def test_help_has_every_flag_with_its_full_text_and_default(capsys):
+    cli.main({"go": example}, argv=["go", "--help"])
+    out = capsys.readouterr().out
+    assert "--a  (required)" in out and "the first argument, over two lines." in out
+    assert "--b_flag  (default: 1)" in out and "--use_x  (default: False)" in out
+    assert "Returns" not in out
+
+
+@pytest.mark.parametrize("argv, function", FIRE_COMMANDS, ids=lambda v: v[-1] if isinstance(v, list) else "")
+def test_every_command_documents_every_flag(argv, function):
+    _, arg_help = cli.parse_docstring(function)
+    undocumented = [name for name in inspect.signature(function).parameters if not arg_help.get(name)]
+    assert not undocumented, f"{function.__name__}: no help text for {undocumented}"
+
+
+@pytest.mark.parametrize("argv, function", FIRE_COMMANDS, ids=lambda v: v[-1] if isinstance(v, list) else "")
+def test_every_command_rejects_a_misspelled_flag_before_doing_anything(argv, function, tmp_path):
+    # Valid values for every required flag pointing into an empty folder: nothing may be read, sent or written.
+    required = [name for name, p in inspect.signature(function).parameters.items() if p.default is p.empty]
+    args = [a for name in required for a in (f"--{name}", str(tmp_path / name))]
+    result = run_cli([*argv, *args, "--definitely_not_a_flag", "1"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown flag --definitely_not_a_flag" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_command_names_the_closest(tmp_path):
+    result = run_cli(["utils.py", "validat", "x.json"], cwd=tmp_path)
+    assert result.returncode == 2 and "did you mean validate?" in result.stderr
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    result = run_cli(["utils.py", "validate", str(tmp_path / "none.json")], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'none.json'}: no such file"
+
+
+def test_ctrl_c_prints_one_line(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import sys, time\nsys.path.insert(0, %r)\nimport cli\n\n"
+        "def wait(seconds=30):\n    \"\"\"Wait.\n\n    Args:\n        seconds: how long.\n    \"\"\"\n"
+        "    print('started', flush=True)\n    time.sleep(seconds)\n\ncli.main(wait)\n" % str(REPO_ROOT)
+    )
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=restore_sigint)
+    assert process.stdout.readline().strip() == "started"
+    process.send_signal(signal.SIGINT)
+    start = time.time()
+    _, stderr = process.communicate(timeout=20)
+    assert time.time() - start < 10
+    assert process.returncode == 130
+    assert stderr.strip() == "python slow.py: interrupted"
