@@ -47,8 +47,8 @@ def main(commands, user_errors=(), argv=None, prog=None):
         check_flags(function, args)
         # fire parses the values (numbers, booleans, JSON-like literals); its own flags after `--` are not offered.
         return fire.Fire(function, command=args, name=f"{prog} {name}" if name else prog, serialize=lambda _: None)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what it leaves behind: KeyboardInterrupt("x.json is complete")
+        print(f"\n{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
     except UsageError as e:
         _fail(f"{prog}: {e}")

@@ -1,27 +1,18 @@
-"""Stage 1 of Alpaca: self-instruct data generation, and the ROUGE-L novelty filter it relies on.
+"""Stage 1 of Alpaca: self-instruct data generation.
 
-The novelty filter is the original's rule, exactly: a new instruction is kept only if its ROUGE-L F-measure against
-*every* instruction seen so far (the seed instructions, then each kept one, in the order they were kept) is at most
-0.7. The original computed that in pure Python (`rouge_score`, ~23 us a pair) and started a multiprocessing Pool per
-candidate, so the cost grew with the square of the pool: about 10 CPU-hours to reach 52K instructions. Here every
-instruction is tokenized once, each token becomes one Unicode character, and rapidfuzz's bit-parallel LCS compares a
-whole block of candidates against the whole pool in one call. The scores are bit-identical to `rouge_score`'s; the
-keep/reject decisions and the two fields stored with a kept instruction are the original's.
+Each round puts 3 sampled seed tasks into each of 5 prompts (prompt.txt, then the tasks as "N. Instruction / N. Input /
+N. Output", ending with the header of the next task), asks an LLM to continue the list up to task 20, parses the
+replies into tasks, drops those that break a rule or whose ROUGE-L to a known instruction is above 0.7
+(novelty_filter.py), and atomically rewrites regen.json. Any OpenAI-compatible server, completion or chat models
+(api_client.py). Kill it at any moment and rerun the same command: it resumes.
 
-Generation is the original's too (same prompt format, parsing, filters, decoding defaults, regen.json fields), on
-today's APIs: the openai>=1 client, completion or chat models, any OpenAI-compatible server (vLLM, Ollama), requests
-in flight concurrently but applied in a fixed order, token usage and cost, and a regen.json that is replaced
-atomically after every round, so a killed run resumes with nothing lost or duplicated.
-
-Command line (python-fire):
     python -m generate_instruction generate_instruction_following_data --output_dir ./ \
         --num_instructions_to_generate 100 [--model_name gpt-3.5-turbo-instruct] [--api_base http://localhost:8000/v1]
-    python -m generate_instruction deduplicate --input_path merged.json --output_path deduped.json \
-        [--seed_tasks_path seed_tasks.jsonl] [--threshold 0.7] [--drop_similarity_fields] [--rejected_path r.jsonl]
+    python -m generate_instruction deduplicate --input_path merged.json --output_path deduped.json   # see --help
 """
 
+import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -31,367 +22,14 @@ import random
 import re
 import string
 import sys
-import threading
 import time
 
-import fire
-import numpy as np
 import tqdm
-from rapidfuzz import process
-from rapidfuzz.distance import LCSseq
-from rouge_score import tokenize as rouge_score_tokenize
 
+import api_client
 import utils
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The ROUGE-L novelty filter
-
-# Candidates are compared with the pool this many at a time: rapidfuzz's many-to-many LCS is about ten times faster
-# per pair than one candidate against the pool. The result is the same as one at a time: a candidate's scores are its
-# scores against the pool as it was when the block started, plus against the block's earlier kept candidates.
-# Blocks get smaller (down to 16) past a pool of 65K, so that a block's int32 LCS matrix stays within LCS_BLOCK_BYTES.
-BLOCK_SIZE = 256
-LCS_BLOCK_BYTES = 64 << 20
-
-# With at least this many (candidate, pool entry) pairs to score and more than one CPU, the argsorts for the two fields
-# run in helper threads (np.argsort releases the GIL) while this thread scores the next block. np.argsort of a score
-# row is the largest cost left (~30 ns an entry, three times the LCS), and the ten indices must come from np.argsort
-# of the full row, as in the original, because which of several equal scores make the ten is NumPy's tie order.
-PARALLEL_MIN_PAIRS = 1_000_000
-# Score rows handed to the helper threads and not yet sorted, at most (beyond it, this thread waits for them): 64 MB is
-# 150 rows of a 52K pool, a few hundred ms of sorting, enough to keep the helpers busy.
-SORT_BACKLOG_BYTES = 64 << 20
-
-# Tokens become characters; Python strings hold any code point except that we skip the UTF-16 surrogate range.
-_SURROGATES = range(0xD800, 0xE000)
-_MAX_DISTINCT_TOKENS = 0x110000 - len(_SURROGATES)  # 1,112,064
-
-
-def rouge_tokens(text):
-    """rouge_score's default tokenizer without stemming, as the original used it (RougeScorer(["rougeL"],
-    use_stemmer=False)._tokenizer.tokenize): lower-case, every run of non-[a-z0-9] characters becomes a space, split.
-    (Its tokenize module directly: the DefaultTokenizer class imports all of nltk, a second at start-up.)"""
-    return rouge_score_tokenize.tokenize(text, None)
-
-
-def available_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class NoveltyFilter:
-    """A growing pool of instructions, and the original's rule for admitting a new one.
-
-    The pool starts with `instructions` (the seed instructions, in order). `consider(instruction)` scores the candidate
-    against every pool entry with ROUGE-L F (rouge_score's tokenizer, no stemming; for new `a` against pool entry `b`:
-    p = lcs/len(b), r = lcs/len(a), f = 2*p*r/(p+r), 0 when either side has no tokens). If the highest score is above
-    `threshold` the candidate is rejected (None); otherwise it joins the pool at once (later candidates are compared
-    with it) and consider returns the two fields the original stored with a kept instruction:
-        most_similar_instructions = {pool[i]: score[i] for i in np.argsort(scores)[-10:][::-1]}
-        avg_similarity_score      = float(np.mean(scores))
-    On an empty pool a candidate is kept with {} and 0.0 (the original always had its 175 seeds, and would fail here).
-    `consider_batch` does the same for a list, in order, much faster; `judge` also tells why a candidate was rejected.
-    Not thread-safe: use one filter from one thread at a time (it runs its own helper threads).
-
-    Attributes:
-        instructions: the pool's texts, in pool order.
-        threshold: the highest score a kept candidate may have (default 0.7, as the original; reject is strictly `>`).
-    """
-
-    def __init__(self, instructions=(), threshold=0.7):
-        if isinstance(instructions, str):
-            raise TypeError("NoveltyFilter(instructions=...) takes a list of instructions, not a single string")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a number between 0 and 1 (ROUGE-L F), got {threshold!r}")
-        self.threshold = float(threshold)
-        self.instructions = []
-        # Pool entry i as a string with one character per token, so that an LCS over characters is the LCS over
-        # tokens. Distinct tokens get distinct characters; each batch's new tokens are numbered most frequent first,
-        # so that common words get the code points below 256, which rapidfuzz looks up fastest.
-        self._token_strings = []
-        self._char_of_token = {}
-        # Token counts in pool order, as float64 (the denominators of precision), with room to grow by doubling.
-        # An entry without tokens is stored as 1: its LCS is 0, so its precision is 0/1 = 0 instead of 0/0.
-        self._lengths = np.empty(1024, dtype=np.float64)
-        self._num_with_tokens = 0
-        instructions = list(instructions)
-        for text, token_string in zip(instructions, self._to_token_strings(instructions)):
-            self._append(text, token_string)
-
-    def __len__(self):
-        return len(self.instructions)
-
-    def add(self, instruction):
-        """Append `instruction` to the pool, whatever its score."""
-        self._append(instruction, self._to_token_strings([instruction])[0])
-
-    def scores(self, instruction):
-        """ROUGE-L F of `instruction` (as the new text) against every pool entry, as float64 in pool order."""
-        token_string = self._to_token_strings([instruction])[0]
-        lcs = process.cdist([token_string], self._token_strings, scorer=LCSseq.similarity, processor=None,
-                            dtype=np.int32, workers=-1)[0]
-        return self._fmeasures(lcs, len(token_string))
-
-    def consider(self, instruction):
-        """Keep `instruction` if no pool entry scores above the threshold: add it and return its two fields.
-
-        Returns None when rejected, else {"most_similar_instructions": {text: score, ... (10 most similar, most
-        similar first)}, "avg_similarity_score": float}.
-        """
-        return self.consider_batch([instruction])[0]
-
-    def consider_batch(self, instructions, num_cpus=None):
-        """`[self.consider(x) for x in instructions]`, with the same results, but much faster.
-
-        num_cpus: threads for the LCS and, on large batches, for the argsorts (default: every CPU this process may
-            use).
-        """
-        return [fields for fields, _, _ in self.judge(instructions, num_cpus=num_cpus)]
-
-    def judge(self, instructions, num_cpus=None):
-        """Consider each instruction in order; yield (fields or None, nearest pool index, its score) for each.
-
-        The nearest pool entry (index -1 and score 0.0 on an empty pool) is what a caller can report for a rejected
-        instruction. Results come block by block (of up to BLOCK_SIZE); with helper threads, a block's results come
-        once the next block has been judged (so a caller that stops early may find one more block in the pool).
-        """
-        if isinstance(instructions, str):
-            raise TypeError("judge/consider_batch take a list of instructions, not a single string")
-        instructions = list(instructions)
-        token_strings = self._to_token_strings(instructions)
-        helpers = self._start_helpers(instructions, num_cpus)
-        lcs_threads = -1 if num_cpus is None else int(num_cpus)  # rapidfuzz: -1 is every CPU
-        try:
-            waiting = None  # the previous block, whose argsorts may still be running in the helpers
-            start = 0
-            while start < len(instructions):
-                end = start + max(16, min(BLOCK_SIZE, LCS_BLOCK_BYTES // (4 * max(1, len(self)))))
-                block = self._judge_block(instructions[start:end], token_strings[start:end], helpers, lcs_threads)
-                start = end
-                if helpers is None:
-                    yield from self._collect(*block)
-                    continue
-                if waiting is not None:
-                    yield from self._collect(*waiting)
-                waiting = block
-            if waiting is not None:
-                yield from self._collect(*waiting)
-        finally:
-            if helpers is not None:
-                helpers["executor"].shutdown(cancel_futures=True)
-
-    # -- internals --------------------------------------------------------------------------------------------------
-
-    def _to_token_strings(self, instructions):
-        token_lists = []
-        for instruction in instructions:
-            if not isinstance(instruction, str):
-                raise TypeError(f"an instruction must be a string, got {type(instruction).__name__}: "
-                                f"{instruction!r:.80}")
-            token_lists.append(rouge_tokens(instruction))
-        char_of_token = self._char_of_token
-        new_tokens = collections.Counter(t for tokens in token_lists for t in tokens if t not in char_of_token)
-        for token, _ in new_tokens.most_common():
-            code_point = len(char_of_token)
-            if code_point >= _SURROGATES.start:
-                code_point += len(_SURROGATES)
-            if code_point > 0x10FFFF:
-                raise RuntimeError(f"NoveltyFilter: more than {_MAX_DISTINCT_TOKENS:,} distinct tokens; each token "
-                                   "must map to its own Unicode character")
-            char_of_token[token] = chr(code_point)
-        return ["".join([char_of_token[t] for t in tokens]) for tokens in token_lists]
-
-    def _append(self, instruction, token_string):
-        n = len(self._token_strings)
-        if n == len(self._lengths):
-            self._lengths = np.concatenate((self._lengths, np.empty(n, dtype=np.float64)))
-        self._lengths[n] = len(token_string) or 1
-        self._num_with_tokens += len(token_string) > 0
-        self._token_strings.append(token_string)
-        self.instructions.append(instruction)
-
-    def _fmeasures(self, lcs, new_length):
-        """F-measures from LCS lengths against the pool (pool order), bit-identical to rouge_score's Python floats.
-
-        rouge_score computes p = lcs/len(b), r = lcs/len(a), then 2*p*r/(p+r) in Python floats. The same IEEE float64
-        operations in the same order (2*p first, then *r, then / (p+r)) give the same bits in NumPy.
-        """
-        if new_length == 0:
-            return np.zeros(len(lcs), dtype=np.float64)
-        precision = lcs / self._lengths[: len(lcs)]  # int32 -> float64 exactly, then divided
-        recall = lcs / new_length
-        numerator = 2 * precision
-        numerator *= recall
-        denominator = np.add(precision, recall, out=precision)
-        # p + r is 0 exactly when lcs is 0, where the F-measure is 0. Any positive p + r is at least 1/len(b), far
-        # above the smallest float, so raising 0 to it leaves every other value alone and makes 0/0 into 0/tiny = 0.
-        np.maximum(denominator, np.finfo(np.float64).smallest_subnormal, out=denominator)
-        numerator /= denominator
-        return numerator
-
-    def _judge_block(self, texts, token_strings, helpers, lcs_threads):
-        """Decide a block in order. Returns (judgements, which of them the helpers complete, the helpers' futures)."""
-        lcs_vs_pool = process.cdist(token_strings, self._token_strings, scorer=LCSseq.similarity, processor=None,
-                                    dtype=np.int32, workers=lcs_threads)
-        # Against each other too: for the block's candidates that will have joined the pool by a later one's turn.
-        lcs_vs_block = process.cdist(token_strings, token_strings, scorer=LCSseq.similarity, processor=None,
-                                     dtype=np.int32, workers=lcs_threads)
-        judgements, kept_in_block = [], []
-        to_sort, rows, futures = [], [], []  # judgements whose fields the helpers compute; their rows; the tasks
-        for i, (text, token_string) in enumerate(zip(texts, token_strings)):
-            lcs = lcs_vs_pool[i]
-            if kept_in_block:
-                lcs = np.concatenate((lcs, lcs_vs_block[i, kept_in_block]))
-            if len(lcs) == 0:  # empty pool
-                judgements.append([{"most_similar_instructions": {}, "avg_similarity_score": 0.0}, -1, 0.0])
-            else:
-                scores = self._fmeasures(lcs, len(token_string))
-                nearest = int(scores.argmax())
-                if scores[nearest] > self.threshold:
-                    judgements.append([None, nearest, float(scores[nearest])])
-                    continue
-                # rouge_score scores a pair with an empty side as the int 0; when every pair had one, the original's
-                # list was all ints, hence an int64 array: we sort that same array, and write int 0s.
-                every_pair_empty = len(token_string) == 0 or self._num_with_tokens == 0
-                if helpers is None or every_pair_empty:
-                    most_similar = np.argsort(np.zeros(len(scores), np.int64) if every_pair_empty else scores)[-10:]
-                    most_similar = most_similar[::-1]
-                    fields = self._fields(most_similar, scores[most_similar], float(np.mean(scores)), every_pair_empty)
-                else:
-                    fields = None  # filled in by _collect
-                    to_sort.append(len(judgements))
-                    rows.append(scores)
-                    if len(rows) == 16:  # a task: sorting starts while this thread goes on
-                        futures.append(self._submit(helpers, rows))
-                        rows = []
-                judgements.append([fields, nearest, float(scores[nearest])])
-            self._append(text, token_string)
-            kept_in_block.append(i)
-        if rows:
-            futures.append(self._submit(helpers, rows))
-        return judgements, to_sort, futures
-
-    @staticmethod
-    def _submit(helpers, rows):
-        future = helpers["executor"].submit(_most_similar_in_rows, rows)
-        backlog = helpers["backlog"]
-        backlog.append((future, sum(row.nbytes for row in rows)))
-        helpers["backlog_bytes"] += backlog[-1][1]
-        while helpers["backlog_bytes"] > SORT_BACKLOG_BYTES:  # wait for the oldest tasks: memory stays bounded
-            oldest, size = backlog.popleft()
-            oldest.result()
-            helpers["backlog_bytes"] -= size
-        return future
-
-    def _collect(self, judgements, to_sort, futures):
-        results = (result for future in futures for result in future.result())
-        for j, (most_similar, values, mean) in zip(to_sort, results):
-            judgements[j][0] = self._fields(most_similar, values, mean, False)
-        return [tuple(judgement) for judgement in judgements]
-
-    def _fields(self, most_similar, values, mean, every_pair_empty):
-        """The original's two fields from its argsort's ten indices: {pool text: score}, and the mean score."""
-        most_similar_instructions = {
-            self.instructions[i]: 0 if every_pair_empty or not self._token_strings[i] else float(value)
-            for i, value in zip(most_similar, values)
-        }
-        return {"most_similar_instructions": most_similar_instructions, "avg_similarity_score": mean}
-
-    def _start_helpers(self, instructions, num_cpus):
-        """Threads for the argsorts of a large batch and their backlog, or None (one CPU, or too little work)."""
-        num_cpus = available_cpus() if num_cpus is None else int(num_cpus)
-        pairs = len(instructions) * (len(self) + len(instructions) / 2)
-        if num_cpus < 2 or pairs < PARALLEL_MIN_PAIRS:
-            return None
-        executor = concurrent.futures.ThreadPoolExecutor(num_cpus, thread_name_prefix="novelty-argsort")
-        return {"executor": executor, "backlog": collections.deque(), "backlog_bytes": 0}
-
-
-def _most_similar_in_rows(rows):
-    """For each score row, the original's two computations: np.argsort's ten last indices, reversed, and the mean."""
-    results = []
-    for scores in rows:
-        most_similar = np.argsort(scores)[-10:][::-1]
-        results.append((most_similar, scores[most_similar], float(np.mean(scores))))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# `deduplicate`: the filter as a dataset-cleaning command
-
-SIMILARITY_FIELDS = ("most_similar_instructions", "avg_similarity_score")
-
-
-def load_instructions(path):
-    """The `instruction` of every record of a JSON/JSONL file (self-instruct seed tasks or Alpaca data), in order."""
-    return [record["instruction"] for record in utils.load_alpaca_data(path, required_fields=("instruction",))]
-
-
-def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, drop_similarity_fields=False,
-                rejected_path=None, num_cpus=None, quiet=False):
-    """Drop every record whose instruction is too similar (ROUGE-L F) to one seen before it; write the rest.
-
-    The records are considered in file order, with the original Alpaca rule: a record is kept when its instruction's
-    ROUGE-L F-measure against every seed instruction and every earlier *kept* instruction is at most `threshold`.
-    The output (JSON like the original when output_path does not end in .jsonl, else JSON lines) is written
-    atomically: an error or Ctrl-C leaves no partial file. Records keep all their fields.
-
-    Args:
-        input_path: Alpaca-format data, a JSON list or JSON lines; each record needs a string `instruction`.
-        output_path: where to write the kept records (.jsonl: JSON lines; anything else: a JSON list, indent 4).
-        seed_tasks_path: optional JSON/JSONL file (e.g. the self-instruct seed_tasks.jsonl) whose instructions start
-            the pool, as in generation; the seeds themselves are not written out.
-        threshold: reject a record when its highest score is above this (0.7 as the original; data cleaning often
-            uses 0.6-0.9).
-        drop_similarity_fields: write kept records without `most_similar_instructions` and `avg_similarity_score`
-            (the ten most similar earlier instructions with their scores, and the mean score against the pool).
-            By default they are added (replacing any left from an earlier run); with this flag they are removed.
-        rejected_path: also write the rejected records (JSON lines) there, each with `rejected_similar_to` (the
-            most similar earlier instruction) and `rejected_score` (its ROUGE-L F), to audit what was dropped.
-        num_cpus: CPUs to use (default: all this process may use): threads for the LCS and, on large inputs, for
-            the sorting behind `most_similar_instructions`.
-        quiet: no progress bar and no summary line.
-    """
-    start_time = time.perf_counter()
-    NoveltyFilter(threshold=threshold)  # checks the threshold before any file is read
-    seeds = load_instructions(seed_tasks_path) if seed_tasks_path is not None else []
-    records = utils.load_alpaca_data(input_path, required_fields=("instruction",))
-    novelty = NoveltyFilter(seeds, threshold=threshold)
-
-    kept, rejected = [], []
-    instructions = [record["instruction"] for record in records]
-    with tqdm.tqdm(total=len(records), desc="deduplicate", unit="instr", disable=quiet, smoothing=0.05) as bar:
-        judgements = novelty.judge(instructions, num_cpus=num_cpus)
-        for index, (record, (fields, nearest, nearest_score)) in enumerate(zip(records, judgements)):
-            record = {k: v for k, v in record.items() if k not in SIMILARITY_FIELDS}
-            if fields is None:
-                record["rejected_similar_to"] = novelty.instructions[nearest]
-                record["rejected_score"] = nearest_score
-                rejected.append(record)
-            else:
-                if not drop_similarity_fields:
-                    record.update(fields)
-                kept.append(record)
-            if index % 64 == 63 or index == len(records) - 1:
-                bar.update(index + 1 - bar.n)
-                bar.set_postfix_str(f"kept={len(kept):,} rejected={len(rejected):,}", refresh=False)
-
-    if str(output_path).endswith(".jsonl"):
-        utils.write_jsonl(kept, output_path)
-    else:
-        utils.jdump(kept, output_path)
-    if rejected_path is not None:
-        utils.write_jsonl(rejected, rejected_path)
-    if not quiet:
-        elapsed = time.perf_counter() - start_time
-        print(f"{input_path}: kept {len(kept):,} and rejected {len(rejected):,} of {len(records):,} records "
-              f"(threshold {threshold}, pool started with {len(seeds):,} seed instructions) in {elapsed:.1f} s; "
-              f"wrote {output_path}" + (f" and {rejected_path}" if rejected_path is not None else ""))
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Self-instruct generation: prompt an LLM with 3 sampled seed tasks, parse ~16 new tasks per reply, filter them, keep
-# the novel ones, rewrite regen.json after every round.
+from api_client import APIError, RequestFailed, Usage, is_context_length_error  # noqa: F401 (public names)
+from novelty_filter import NoveltyFilter, deduplicate, load_instructions  # noqa: F401 (public names)
 
 # Beside this file, so the command works from any folder (the original read ./prompt.txt and ./seed_tasks.jsonl).
 PROMPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt.txt")
@@ -401,8 +39,11 @@ DEFAULT_MODEL = "gpt-3.5-turbo-instruct"
 # OpenAI models served only on /v1/completions; every other name defaults to /v1/chat/completions.
 COMPLETION_ONLY_MODELS = ("gpt-3.5-turbo-instruct", "davinci-002", "babbage-002", "text-davinci-", "text-curie-",
                           "text-babbage-", "text-ada-")
-# The original stops each reply before task 20 (it listed "20." twice; the API takes at most 4 stop sequences).
-STOP_SEQUENCES = ["\n20", "20."]
+# The prompt asks for a list of 20 tasks; each reply stops before task 20, as in the original. The original's stops,
+# "\n20" and "20.", also cut any output that held them ("as of 2020." became "as of 20"): these name only the header
+# of task 20 (plain, and as chat models dress it in markdown; "**20. Instruction:**" contains the first).
+LAST_TASK_NUMBER = 20
+STOP_SEQUENCES = ["20. Instruction", "20. **Instruction"]
 # Keywords for tasks a text-only model cannot do (the original's list).
 BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
              "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
@@ -412,6 +53,10 @@ MAX_FAILED_ROUNDS = 3
 
 class GenerationError(RuntimeError):
     """A run that cannot go on (bad input, or an API error that retrying cannot fix). regen.json is left intact."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The prompt
 
 
 def encode_prompt(prompt_instructions, prompt_path=PROMPT_PATH):
@@ -436,65 +81,133 @@ def encode_prompt(prompt_instructions, prompt_path=PROMPT_PATH):
     return prompt
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing a reply into tasks. A reply is split at its task headers only ("5. Instruction:", "5. Input:",
+# "5. Output:" at the start of a line), never at text an output may hold ("###" headings, "20.", numbered lists).
+
+_EMPHASIS = r"[*_]{0,3}"
+# The prompt's header, or the markdown a chat model dresses it in: "**5. Instruction:**", "### 5. Instruction:",
+# "5. **Input**:", "_5. Output:_".
+TASK_HEADER = re.compile(
+    rf"^[ \t]*(?:#{{1,6}}[ \t]*)?{_EMPHASIS}[ \t]*(?P<number>\d{{1,3}})\.[ \t]*{_EMPHASIS}[ \t]*"
+    rf"(?P<field>Instruction|Input|Output)[ \t]*{_EMPHASIS}[ \t]*:[ \t]*{_EMPHASIS}",
+    re.MULTILINE,
+)
+_SEPARATOR_LINE = re.compile(r"^[ \t]*###[ \t]*$", re.MULTILINE)  # the prompt's separator between tasks
+_RULE_LINE = re.compile(r"^[ \t]*(?:-{3,}|\*{3,}|_{3,})[ \t]*$", re.MULTILINE)  # a markdown horizontal rule
+_FENCE_LINE = re.compile(r"^[ \t]*```")
+_INSTRUCTION_LABEL = re.compile(rf"\A\s*{_EMPHASIS}Instruction{_EMPHASIS}[ \t]*:{_EMPHASIS}")
+# How chat models start the remarks they add after the last task (only a last paragraph starting so is cut).
+CLOSING_REMARKS = ("I hope", "Hope this", "Let me know", "Feel free", "These tasks", "These instructions",
+                   "I've ", "I have ", "Would you like", "If you need", "If you'd like", "Enjoy")
+FIELDS = ("Instruction", "Input", "Output")
+
+
+def parse_reply(text, num_prompt_instructions, finish_reason=None):
+    """Split one reply into tasks by its numbered headers. Returns (tasks, dropped).
+
+    tasks: [{"instruction", "input", "output"}] in reply order, before the rule filters (instruction_rejection_reason);
+    "<noinput>" becomes "". dropped: Counter {reason: tasks} of the tasks found but not returned: "malformed" (its
+    headers are not exactly N. Instruction, N. Input, N. Output) and "cut by max_tokens" (the last task of a reply that
+    stopped for length without closing it with "###", as the original dropped it).
+
+    The reply continues the prompt after "{n+1}. Instruction:", so text before the first header is that task's
+    instruction when the first header is an Input; before an Instruction header it is a preface ("Sure! Here are..."),
+    and ignored. Tolerated around the tasks, as chat models write them: markdown emphasis on headers, a restated
+    header, a leading "Instruction:" label, code fences around the reply, "---" rules, and closing remarks.
+    """
+    headers = list(TASK_HEADER.finditer(text))
+    if not headers:
+        return [], collections.Counter()
+    groups = []  # [number, [(field, raw text)]] per task, in order
+    if headers[0]["field"] != "Instruction":
+        leading_text = _INSTRUCTION_LABEL.sub("", text[:headers[0].start()])
+        groups.append([num_prompt_instructions + 1, [("Instruction", leading_text)]])
+    for header, following in zip(headers, headers[1:] + [None]):
+        number, field = int(header["number"]), header["field"]
+        content = text[header.end(): following.start() if following else len(text)]
+        if field == "Instruction" or not groups or groups[-1][0] != number:
+            groups.append([number, []])
+        groups[-1][1].append((field, content))
+
+    tasks, dropped = [], collections.Counter()
+    for index, (_, fields) in enumerate(groups):
+        last_in_reply = index == len(groups) - 1
+        names = tuple(name for name, _ in fields)
+        closed = bool(_SEPARATOR_LINE.search(fields[-1][1]))
+        if names != FIELDS:
+            dropped["malformed"] += 1
+        elif last_in_reply and finish_reason == "length" and not closed:
+            dropped["cut by max_tokens"] += 1
+        else:
+            instruction, task_input, output = (_field_text(content, last_in_reply and name == "Output")
+                                               for name, content in fields)
+            task_input = "" if task_input.lower() == "<noinput>" else task_input
+            tasks.append({"instruction": instruction, "input": task_input, "output": output})
+    return tasks, dropped
+
+
+def _field_text(content, ends_reply):
+    """A field's text: up to a "###" line; after the reply's last field also up to a rule line or closing remarks;
+    a code fence left unbalanced at either edge (the fences around a whole reply) removed; stripped."""
+    content = _SEPARATOR_LINE.split(content, 1)[0]
+    if ends_reply:
+        content = _RULE_LINE.split(content, 1)[0]
+        head, blank_line, last_paragraph = content.rstrip().rpartition("\n\n")
+        if blank_line and last_paragraph.lstrip().startswith(CLOSING_REMARKS):
+            content = head
+    lines = content.strip("\n").split("\n")
+    while lines and (not lines[-1].strip() or _RULE_LINE.match(lines[-1])):
+        lines.pop()
+    if sum(bool(_FENCE_LINE.match(line)) for line in lines) % 2 == 1:
+        if _FENCE_LINE.match(lines[0]):
+            lines.pop(0)
+        elif _FENCE_LINE.match(lines[-1]):
+            lines.pop()
+    return "\n".join(lines).strip()
+
+
 def find_word_in_string(w, s):
     """The match of word `w` in `s` as a whole word, ignoring case (None when absent)."""
     return re.compile(r"\b({0})\b".format(w), flags=re.IGNORECASE).search(s)
 
 
 def instruction_rejection_reason(instruction):
-    """Why the original's post-filters drop a (stripped) generated instruction, or None when it passes."""
+    """Why the original's post-filters drop a (stripped) generated instruction, or None when it passes: "too short"
+    (3 words or fewer), "too long" (over 150), "blacklisted word", "starts with 'Write a program'", "starts with
+    punctuation", "starts with non-ASCII"."""
     num_words = len(instruction.split())
     if num_words <= 3:
-        return "3 words or fewer"
+        return "too short"
     if num_words > 150:
-        return "more than 150 words"
+        return "too long"
     for word in BLACKLIST:  # things a language model cannot see, hear, draw or do
         if find_word_in_string(word, instruction):
-            return f"mentions '{word}'"
+            return "blacklisted word"
     # Models tend to prefix tasks with "Write a program", which makes it unclear whether to code or to answer.
     if instruction.startswith("Write a program"):
         return "starts with 'Write a program'"
     if instruction[0] in string.punctuation:
         return "starts with punctuation"
     if not instruction[0].isascii():
-        return "starts with a non-ASCII character"
+        return "starts with non-ASCII"
     return None
 
 
 def post_process_gpt3_response(num_prompt_instructions, response):
-    """Parse one reply (a dict with "text" and "finish_reason", or None) into tasks, exactly as the original did.
+    """The tasks of one reply (a dict with "text" and "finish_reason", or None) that pass the original's filters.
 
-    The reply continues the prompt after "{n+1}. Instruction:", so that header is put back in front, then the text is
-    split on "###". A piece numbered idx must split on "{idx}. Instruction|Input|Output:" into exactly 7 parts. When the
-    reply stopped for length its last piece is dropped (likely truncated). Instructions that fail a post-filter
-    (instruction_rejection_reason) are dropped; "<noinput>" becomes "".
+    parse_reply, then instruction_rejection_reason. On a reply in the prompt's own format this keeps exactly what the
+    original post_process_gpt3_response kept (tests/test_generate.py checks both side by side).
     """
     if response is None:
         return []
-    raw_instructions = f"{num_prompt_instructions + 1}. Instruction:" + response["text"]
-    raw_instructions = re.split("###", raw_instructions)
-    instructions = []
-    for idx, inst in enumerate(raw_instructions):
-        if idx == len(raw_instructions) - 1 and response["finish_reason"] == "length":
-            continue
-        idx += num_prompt_instructions + 1
-        splitted_data = re.split(rf"{idx}\.\s+(Instruction|Input|Output):", inst)
-        if len(splitted_data) != 7:
-            continue
-        inst = splitted_data[2].strip()
-        task_input = splitted_data[4].strip()
-        task_input = "" if task_input.lower() == "<noinput>" else task_input
-        output = splitted_data[6].strip()
-        if instruction_rejection_reason(inst) is not None:
-            continue
-        instructions.append({"instruction": inst, "input": task_input, "output": output})
-    return instructions
+    tasks, _ = parse_reply(response["text"], num_prompt_instructions, response["finish_reason"])
+    return [task for task in tasks if instruction_rejection_reason(task["instruction"]) is None]
 
 
-def strip_restated_header(text, num_prompt_instructions):
-    """Remove the "{n+1}. Instruction:" header (optionally after "###") that chat models write at the start of their
-    reply: a chat model answers the prompt instead of continuing it. Completion replies never start with it."""
-    return re.sub(rf"\A\s*(?:###\s*)?{num_prompt_instructions + 1}\.\s+Instruction:", "", text, count=1)
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs: seed tasks, API choice, arguments
 
 
 def load_seed_instruction_data(seed_tasks_path):
@@ -534,7 +247,7 @@ def choose_api(model_name, api="auto"):
     """"completions" or "chat". auto: completions for OpenAI's completion-only models (gpt-3.5-turbo-instruct,
     davinci-002, babbage-002, text-*), chat for every other name (gpt-4o, local chat models...)."""
     if api == "auto":
-        return "completions" if model_name.startswith(COMPLETION_ONLY_MODELS) else "chat"
+        return "completions" if str(model_name).startswith(COMPLETION_ONLY_MODELS) else "chat"
     if api not in ("completions", "chat"):
         raise GenerationError(f"--api must be auto, completions or chat; got {api!r}")
     return api
@@ -565,127 +278,24 @@ def resolve_logit_bias(logit_bias, model_name, api):
             raise GenerationError(f"--logit_bias must be auto, none or a JSON object; got {logit_bias!r}") from None
     if not isinstance(logit_bias, dict):
         raise GenerationError(f"--logit_bias must be auto, none or a JSON object; got {logit_bias!r}")
-    return {str(token): int(bias) for token, bias in logit_bias.items()}
+    try:
+        return {str(int(token)): int(bias) for token, bias in logit_bias.items()}
+    except (TypeError, ValueError):
+        raise GenerationError(f"--logit_bias must map token ids to integer biases; got {logit_bias!r}") from None
 
 
-@dataclasses.dataclass
-class Usage:
-    """Requests and tokens, as the server reported them in each reply's `usage`."""
-
-    requests: int = 0
-    failed_requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, other):
-        self.requests += other.requests
-        self.failed_requests += other.failed_requests
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-
-    @property
-    def total_tokens(self):
-        return self.prompt_tokens + self.completion_tokens
-
-    def cost(self, prompt_price_per_million, completion_price_per_million):
-        """USD, given prices per million tokens (None when no price was given)."""
-        if prompt_price_per_million is None and completion_price_per_million is None:
-            return None
-        return (self.prompt_tokens * (prompt_price_per_million or 0.0)
-                + self.completion_tokens * (completion_price_per_million or 0.0)) / 1e6
-
-    def describe(self, prompt_price_per_million=None, completion_price_per_million=None):
-        text = (f"{self.requests} requests ({self.failed_requests} failed), {self.prompt_tokens:,} prompt + "
-                f"{self.completion_tokens:,} completion tokens")
-        cost = self.cost(prompt_price_per_million, completion_price_per_million)
-        return text if cost is None else f"{text}, ${cost:.4f}"
+def check_numbers(**values):
+    """values: {flag: (value, low, int or float)}. GenerationError naming the first flag whose value is not an
+    integer (int) or a number (float) >= low."""
+    for name, (value, low, kind) in values.items():
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or (kind is int and not isinstance(value, int)) or value < low or value != value:
+            kind_name = "an integer" if kind is int else "a number"
+            raise GenerationError(f"--{name} must be {kind_name} >= {low}; got {value!r}")
 
 
-def is_context_length_error(error):
-    """A 400 saying prompt + max_tokens exceed the context window (OpenAI, vLLM, llama.cpp wordings)."""
-    message = str(getattr(error, "message", error)).lower()
-    return getattr(error, "code", None) == "context_length_exceeded" or any(
-        phrase in message for phrase in ("please reduce your prompt", "maximum context length", "context length",
-                                         "reduce the length")
-    )
-
-
-def make_openai_client(api_base, max_retries, request_timeout):
-    """The openai client: it retries 408/409/429/5xx, timeouts and broken connections with exponential backoff, and
-    honours Retry-After (up to 2 minutes). The key comes from OPENAI_API_KEY only; it is never printed or written."""
-    import openai
-
-    base_url = api_base or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = os.environ.get("OPENAI_API_KEY")
-    if not api_key:
-        if base_url is None:
-            raise GenerationError(
-                "OPENAI_API_KEY is not set: export it (it is read from the environment only), or pass --api_base "
-                "for a local OpenAI-compatible server (vLLM, Ollama) that needs no key"
-            )
-        api_key = "EMPTY"  # local servers ignore it, but the client requires one
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, timeout=request_timeout)
-    return client, api_key
-
-
-def request_replies(client, api, model_name, prompts, decoding_args, request_seed, num_prompt_instructions, shared):
-    """Send one request (completions: all `prompts` at once; chat: one prompt); return (replies, Usage, error).
-
-    replies[i] is {"text", "finish_reason"} for prompts[i], or None. Transient failures that outlived the client's
-    retries come back as error (a string) with replies None; errors that retrying cannot fix (bad key, unknown model,
-    bad request) are raised. A context-too-long error shrinks max_tokens by 0.8 and retries, as the original did.
-    """
-    import openai
-
-    max_tokens = decoding_args["max_tokens"]
-    usage = Usage(requests=1)
-    while True:
-        kwargs = dict(model=model_name, temperature=decoding_args["temperature"], top_p=decoding_args["top_p"], n=1,
-                      stop=decoding_args["stop"])
-        kwargs[shared["max_tokens_parameter"]] = max_tokens
-        if request_seed is not None:
-            kwargs["seed"] = request_seed
-        if shared["logit_bias"]:
-            kwargs["logit_bias"] = shared["logit_bias"]
-        try:
-            if api == "completions":
-                response = client.completions.create(prompt=prompts, **kwargs)
-                replies = [None] * len(prompts)
-                for choice in response.choices:
-                    if 0 <= choice.index < len(prompts):
-                        replies[choice.index] = {"text": choice.text or "", "finish_reason": choice.finish_reason}
-            else:
-                response = client.chat.completions.create(messages=[{"role": "user", "content": prompts[0]}], **kwargs)
-                choice = response.choices[0]
-                text = strip_restated_header(choice.message.content or "", num_prompt_instructions)
-                replies = [{"text": text, "finish_reason": choice.finish_reason}]
-            if response.usage is not None:
-                usage.prompt_tokens = response.usage.prompt_tokens or 0
-                usage.completion_tokens = response.usage.completion_tokens or 0
-            return replies, usage, None
-        except openai.BadRequestError as e:
-            if is_context_length_error(e) and max_tokens > 1:
-                max_tokens = int(max_tokens * 0.8)
-                shared["warn"](f"context too long; reducing max_tokens to {max_tokens} and retrying")
-                continue
-            if "max_completion_tokens" in str(e) and shared["max_tokens_parameter"] == "max_tokens":
-                # OpenAI's reasoning models (o1, o3, gpt-5) refuse `max_tokens` and take `max_completion_tokens`.
-                shared["max_tokens_parameter"] = "max_completion_tokens"
-                shared["warn"]("the server wants max_completion_tokens instead of max_tokens; sending that from now on")
-                continue
-            if "logit_bias" in str(e) and shared["logit_bias"]:
-                shared["logit_bias"] = None  # this backend does not take it: send no logit_bias from now on
-                shared["warn"]("the server rejected logit_bias; sending requests without it")
-                continue
-            raise
-        except openai.APIStatusError as e:
-            if e.status_code in (408, 409, 429) or e.status_code >= 500:  # what the client retries: still failing
-                usage.failed_requests = 1
-                return None, usage, f"{type(e).__name__}: {e.message}"
-            raise  # 401, 403, 404, 422...: retrying will not help
-        except openai.APIConnectionError as e:  # includes APITimeoutError
-            usage.failed_requests = 1
-            return None, usage, f"{type(e).__name__}: {e.message}"
+# ----------------------------------------------------------------------------------------------------------------------
+# regen.json: every accepted record, rewritten atomically after every round
 
 
 def regen_record_json(record):
@@ -701,45 +311,270 @@ def write_regen_json(path, record_texts):
         f.write("[\n" + ",\n".join(record_texts) + "\n]" if record_texts else "[]")
 
 
-def start_request_threads(num_threads):
-    """Daemon threads running submitted calls; returns (submit(fn, *args) -> Future, stop(abandon=False)).
+@dataclasses.dataclass
+class RegenFile:
+    """OUTPUT_DIR/regen.json: the records (in order) and their serialized texts."""
 
-    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so Ctrl-C (or a fatal error) would hang
-    until every request in flight came back, up to --request_timeout. regen.json already holds every accepted record
-    at that point, so requests in flight can simply be abandoned.
-    """
-    import concurrent.futures
-    import queue
+    path: str
+    records: list
+    texts: list
 
-    calls = queue.SimpleQueue()
-    abandoned = threading.Event()
-
-    def work():
-        while (call := calls.get()) is not None:
-            future, fn, args = call
-            if abandoned.is_set() or not future.set_running_or_notify_cancel():
-                continue  # cancelled before it started, or the run is over
+    @classmethod
+    def resume(cls, output_dir):
+        """The records of an existing regen.json (none if absent), after removing the temp file a kill mid-write may
+        have left beside it. A file that is not valid Alpaca data is a GenerationError, and left alone."""
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "regen.json")
+        for stale_temp_file in glob.glob(os.path.join(glob.escape(output_dir), ".regen.json.*.tmp")):
+            os.remove(stale_temp_file)
+        records = []
+        if os.path.exists(path):
             try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # handed to whoever reads the future
-                future.set_exception(e)
+                records = utils.load_alpaca_data(path)
+            except utils.AlpacaDataError as e:
+                raise GenerationError(f"cannot resume: {e}") from None
+        return cls(path, records, [regen_record_json(record) for record in records])
 
-    for i in range(num_threads):
-        threading.Thread(target=work, name=f"request-{i}", daemon=True).start()
+    def __len__(self):
+        return len(self.records)
 
-    def submit(fn, *args):
-        future = concurrent.futures.Future()
-        calls.put((future, fn, args))
-        return future
+    def append_and_write(self, records):
+        self.records += records
+        self.texts += [regen_record_json(record) for record in records]
+        write_regen_json(self.path, self.texts)  # atomic: a kill leaves the previous round's file
 
-    def stop(abandon=False):
-        """End the threads once they are idle; with abandon, calls not yet started are dropped unrun."""
-        if abandon:
-            abandoned.set()
-        for _ in range(num_threads):
-            calls.put(None)
+    def where(self):
+        return f"{self.path} holds all {len(self.records)} accepted records; rerun the same command to resume"
 
-    return submit, stop
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rounds: prompts, requests, and what their replies yield
+
+
+@dataclasses.dataclass
+class RoundPlan:
+    """How round i's prompts are made: fully determined by (seed, records at start, i), never by timing, so that with
+    --seed the run does not depend on concurrency; a resumed run gets a fresh stream instead of replaying the first."""
+
+    seeds: list
+    num_prompt_instructions: int
+    request_batch_size: int
+    prompt_path: str
+    seed: int | None
+    num_loaded: int
+    api: str
+    base_seed: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.base_seed = self.seed if self.seed is not None else random.SystemRandom().getrandbits(63)
+
+    @property
+    def requests_per_round(self):
+        return 1 if self.api == "completions" else self.request_batch_size
+
+    @property
+    def most_tasks_per_round(self):
+        return self.request_batch_size * (LAST_TASK_NUMBER - 1 - self.num_prompt_instructions)
+
+    def requests(self, round_index):
+        """[(prompts, request seed or None)]: one request of all prompts (completions, as the original), or one per
+        prompt (chat)."""
+        rng = random.Random(f"{self.base_seed}/{self.num_loaded}/{round_index}")
+        prompts = [encode_prompt(rng.sample(self.seeds, self.num_prompt_instructions), self.prompt_path)
+                   for _ in range(self.request_batch_size)]
+        groups = [prompts] if self.api == "completions" else [[prompt] for prompt in prompts]
+        return [(group, rng.getrandbits(31) if self.seed is not None else None) for group in groups]
+
+
+@dataclasses.dataclass
+class RequestSettings:
+    """The decoding arguments every request carries."""
+
+    model_name: str
+    api: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    logit_bias: dict | None
+
+    def params(self, request_seed):
+        params = dict(model=self.model_name, temperature=self.temperature, top_p=self.top_p, n=1,
+                      max_tokens=self.max_tokens, stop=STOP_SEQUENCES)
+        if request_seed is not None:
+            params["seed"] = request_seed
+        if self.logit_bias:
+            params["logit_bias"] = self.logit_bias
+        return params
+
+
+@dataclasses.dataclass
+class RequestResult:
+    replies: list  # api_client.Reply or None, one per prompt
+    usage: Usage
+    error: str | None  # why the request failed after its retries (its prompts yield nothing)
+    seconds: float
+
+
+async def send(api, settings, prompts, request_seed, label):
+    """One request for `prompts`; a failure that outlived the retries becomes the result's `error`."""
+    started = time.monotonic()
+    try:
+        if settings.api == "completions":
+            replies, usage = await api.complete(prompts, label=label, **settings.params(request_seed))
+        else:
+            reply, usage = await api.chat([{"role": "user", "content": prompts[0]}], label=label,
+                                          **settings.params(request_seed))
+            replies = [reply]
+        return RequestResult(replies, usage, None, time.monotonic() - started)
+    except RequestFailed as e:
+        return RequestResult([None] * len(prompts), Usage(requests=1, failed_requests=1), str(e),
+                             time.monotonic() - started)
+
+
+@dataclasses.dataclass
+class Tally:
+    """What one round's replies yielded: tasks parsed, dropped (by reason), near-duplicates, kept."""
+
+    parsed: int = 0
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    near_duplicates: int = 0
+    kept: int = 0
+
+    def describe(self):
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.dropped.most_common())
+        dropped = f"dropped {sum(self.dropped.values())}" + (f" ({reasons})" if reasons else "")
+        return f"parsed {self.parsed} tasks, {dropped}, {self.near_duplicates} near-duplicates, kept {self.kept}"
+
+
+def select_tasks(replies, num_prompt_instructions, novelty_filter):
+    """The round's new records (the tasks that pass the rules and the novelty filter, with the two similarity fields)
+    and its Tally. Tasks are judged in reply order, each against the pool as it stands, kept ones joining it."""
+    tally, candidates = Tally(), []
+    for reply in replies:
+        if reply is None:
+            continue
+        tasks, dropped = parse_reply(reply.text, num_prompt_instructions, reply.finish_reason)
+        tally.parsed += len(tasks) + sum(dropped.values())
+        tally.dropped.update(dropped)
+        for task in tasks:
+            reason = instruction_rejection_reason(task["instruction"])
+            if reason is None:
+                candidates.append(task)
+            else:
+                tally.dropped[reason] += 1
+    similarities = novelty_filter.consider_batch([task["instruction"] for task in candidates])
+    records = [{**task, **fields} for task, fields in zip(candidates, similarities) if fields is not None]
+    tally.near_duplicates, tally.kept = len(candidates) - len(records), len(records)
+    return records, tally
+
+
+@dataclasses.dataclass
+class Round:
+    index: int
+    requests: list  # asyncio tasks, each giving a RequestResult
+
+    def done(self):
+        return all(request.done() for request in self.requests)
+
+    def results(self):
+        return [request.result() for request in self.requests]
+
+
+class RoundQueue:
+    """Rounds sent ahead and handed back in order: up to `concurrency` requests in flight (api_client's semaphore),
+    at most about as many again finished but waiting for an earlier round, and no more rounds than `wanted`."""
+
+    def __init__(self, api, plan, settings, concurrency):
+        self.api, self.plan, self.settings, self.concurrency = api, plan, settings, concurrency
+        self.pending = collections.deque()
+        self.next_index = 0
+
+    def top_up(self, wanted):
+        while len(self.pending) < wanted:
+            requests = [request for round_ in self.pending for request in round_.requests]
+            unfinished = sum(not request.done() for request in requests)
+            if unfinished >= self.concurrency or len(requests) >= 2 * self.concurrency + self.plan.requests_per_round:
+                return
+            index = self.next_index
+            self.pending.append(Round(index, [
+                asyncio.create_task(send(self.api, self.settings, prompts, request_seed,
+                                         f"round {index + 1}, request {i + 1}"))
+                for i, (prompts, request_seed) in enumerate(self.plan.requests(index))]))
+            self.next_index += 1
+
+    async def next_done(self):
+        """The oldest round if all its requests are done; else wait until some request is done and return None. A
+        fatal error (APIError) in any request is raised at once."""
+        if self.pending[0].done():
+            return self.pending.popleft()
+        unfinished = [r for round_ in self.pending for r in round_.requests if not r.done()]
+        done, _ = await asyncio.wait(unfinished, return_when=asyncio.FIRST_COMPLETED)
+        for request in done:
+            request.result()  # raises a fatal error now, not when its round's turn comes
+        return None
+
+    async def finish(self):
+        """Send nothing more; wait for the requests in flight (they are paid for: their usage counts)."""
+        requests = [request for round_ in self.pending for request in round_.requests]
+        self.api.stop_sending()
+        await asyncio.gather(*requests, return_exceptions=True)
+
+    def abandon(self):
+        for round_ in self.pending:
+            for request in round_.requests:
+                request.cancel()
+
+
+@dataclasses.dataclass
+class Progress:
+    """The run so far: what decides how many rounds to send ahead and when to stop."""
+
+    target: int
+    max_empty_rounds: int
+    rounds_applied: int = 0
+    kept: int = 0
+    empty_rounds: list = dataclasses.field(default_factory=list)  # Tally of each round in the current empty streak
+    failed_rounds: int = 0  # in a row
+    sample_reply: str = ""  # a reply of the last empty round, for the message that stops the run
+
+    def rounds_wanted(self, regen, plan):
+        """Rounds worth having in flight: as many as the remaining target needs at the keep rate so far; before the
+        first kept task, as many as it needs if every reply held the most tasks it can, plus one, and never more
+        than the empty rounds still allowed (if they are all empty, the run stops)."""
+        remaining = self.target - len(regen)
+        if self.kept:
+            return math.ceil(remaining / (self.kept / self.rounds_applied))
+        wanted = math.ceil(remaining / plan.most_tasks_per_round) + 1
+        if self.max_empty_rounds:
+            wanted = min(wanted, self.max_empty_rounds - len(self.empty_rounds))
+        return wanted
+
+
+def empty_rounds_message(progress, regen, redact):
+    tallies = progress.empty_rounds
+    parsed = sum(t.parsed for t in tallies)
+    dropped = collections.Counter()
+    for tally in tallies:
+        dropped.update(tally.dropped)
+    if parsed == 0:
+        causes = ("the replies hold no task in the prompt's format (N. Instruction: / N. Input: / N. Output:): a "
+                  "model too small or not following the prompt, a chat model answering instead of continuing the "
+                  "list (try a better instruction-following model, or --api completions with a base model), or "
+                  "replies cut short by --max_tokens")
+    elif sum(t.near_duplicates for t in tallies) == 0:
+        causes = f"every task broke a filter rule ({', '.join(f'{n} {r}' for r, n in dropped.most_common())})"
+    else:
+        causes = ("the tasks repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies "
+                  "the prompt's examples, or a low --temperature")
+    sample = redact(progress.sample_reply)
+    shown = json.dumps(sample[:600] + ("..." if len(sample) > 600 else ""), ensure_ascii=False)
+    return (f"{len(tallies)} rounds in a row kept no instruction ({parsed} tasks parsed; last round: "
+            f"{tallies[-1].describe()}). Likely cause: {causes}. A reply ({len(sample)} characters): {shown}. "
+            f"{regen.where()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command
 
 
 def generate_instruction_following_data(
@@ -766,14 +601,16 @@ def generate_instruction_following_data(
     completion_price_per_million=None,
     budget_usd=None,
     budget_tokens=None,
+    max_empty_rounds=3,
 ):
     """Self-instruct: generate instruction-following data with an LLM, appending the novel tasks to regen.json.
 
     Each round samples `num_prompt_instructions` seed tasks per prompt (seeds only) for `request_batch_size` prompts,
-    sends them, parses each reply (post_process_gpt3_response), keeps the instructions whose ROUGE-L to every known
-    instruction (seeds, then all kept ones, in order) is at most `similarity_threshold`, and atomically rewrites
-    OUTPUT_DIR/regen.json. An existing regen.json is resumed: its records are kept and join the novelty pool. Kill the
-    run at any moment and rerun the same command: nothing accepted is lost, nothing is duplicated.
+    sends them, parses each reply into tasks (parse_reply), drops the tasks that break a rule, keeps the instructions
+    whose ROUGE-L to every known instruction (seeds, then all kept ones, in order) is at most `similarity_threshold`,
+    and atomically rewrites OUTPUT_DIR/regen.json. Every round prints what its replies yielded. An existing regen.json
+    is resumed: its records are kept and join the novelty pool. Kill the run at any moment and rerun the same command:
+    nothing accepted is lost, nothing is duplicated.
 
     The API key is read from OPENAI_API_KEY (never from a flag; never printed or written).
 
@@ -783,7 +620,7 @@ def generate_instruction_following_data(
         num_instructions_to_generate: stop once regen.json holds at least this many records (whole rounds are kept,
             so it may end a little above).
         model_name: model to ask. Default gpt-3.5-turbo-instruct, OpenAI's successor of the retired text-davinci-003.
-        num_prompt_instructions: seed tasks shown in each prompt.
+        num_prompt_instructions: seed tasks shown in each prompt (at most 18: replies stop before task 20).
         request_batch_size: prompts per round (regen.json is rewritten after each round).
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
@@ -791,9 +628,9 @@ def generate_instruction_following_data(
         api: "completions" (/v1/completions, all prompts of a round in one request, as the original), "chat"
             (/v1/chat/completions, the prompt as one user message, one prompt per request) or "auto": completions for
             OpenAI's completion-only models (gpt-3.5-turbo-instruct, davinci-002, babbage-002, text-*), chat otherwise.
-        api_base: OpenAI-compatible server URL, e.g. http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1
-            (Ollama). Default: $OPENAI_BASE_URL, else api.openai.com. With a base URL and no OPENAI_API_KEY, a
-            placeholder key is sent.
+        api_base: OpenAI-compatible server URL, e.g. http://localhost:8000/v1 (vLLM, transformers serve) or
+            http://localhost:11434/v1 (Ollama). Default: $OPENAI_BASE_URL, else api.openai.com. With a base URL and no
+            OPENAI_API_KEY, a placeholder key is sent.
         concurrency: requests in flight at once. Results are still applied in round order, so with --seed and a
             deterministic server regen.json does not depend on it.
         seed: makes the sampled prompts reproducible, and is sent as the request `seed` (derived per request).
@@ -803,7 +640,8 @@ def generate_instruction_following_data(
             object {"token_id": bias}. Dropped automatically if the server rejects it.
         prompt_path: the instructions that head every prompt (ends with "List of 20 tasks:").
         similarity_threshold: reject an instruction whose ROUGE-L F to any known instruction is above this.
-        request_timeout: seconds before a request is abandoned and retried.
+        request_timeout: seconds to wait for a reply before the attempt is abandoned and retried (each timeout and
+            retry is printed; a line every 30 s says what is still in flight).
         max_retries: retries per request for rate limits (honouring Retry-After), 5xx errors, timeouts and broken
             connections, with exponential backoff. A request that still fails is skipped (logged); the run stops after
             3 rounds in a row where every request failed.
@@ -813,232 +651,134 @@ def generate_instruction_following_data(
         budget_usd: stop cleanly (no new requests; those in flight are finished and kept) once the spend reaches this.
             Needs the prices.
         budget_tokens: the same, in prompt + completion tokens.
+        max_empty_rounds: stop, showing a reply and the likely causes, after this many rounds in a row that keep no
+            instruction (replies without a task in the prompt's format, or only rejected tasks); 0: never.
     """
-    import concurrent.futures
-
-    import openai
-
-    # -- check the inputs before spending anything
-    for name, value, low in (("num_instructions_to_generate", num_instructions_to_generate, 0),
-                             ("num_prompt_instructions", num_prompt_instructions, 1),
-                             ("request_batch_size", request_batch_size, 1), ("concurrency", concurrency, 1),
-                             ("max_tokens", max_tokens, 1), ("max_retries", max_retries, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise GenerationError(f"--{name} must be an integer >= {low}; got {value!r}")
-    if budget_usd is not None and prompt_price_per_million is None and completion_price_per_million is None:
-        raise GenerationError("--budget_usd needs --prompt_price_per_million and/or --completion_price_per_million")
+    # -- check every argument before anything is read, sent or written
+    check_numbers(num_instructions_to_generate=(num_instructions_to_generate, 0, int),
+                  num_prompt_instructions=(num_prompt_instructions, 1, int),
+                  request_batch_size=(request_batch_size, 1, int), concurrency=(concurrency, 1, int),
+                  max_tokens=(max_tokens, 1, int), max_retries=(max_retries, 0, int),
+                  max_empty_rounds=(max_empty_rounds, 0, int), temperature=(temperature, 0, float),
+                  top_p=(top_p, 0, float), request_timeout=(request_timeout, 0.001, float),
+                  similarity_threshold=(similarity_threshold, 0, float))
+    if num_prompt_instructions > LAST_TASK_NUMBER - 2:
+        raise GenerationError(f"--num_prompt_instructions {num_prompt_instructions} leaves no task to generate: the "
+                              f"prompt lists {LAST_TASK_NUMBER} tasks and every reply stops before task "
+                              f"{LAST_TASK_NUMBER}, so use at most {LAST_TASK_NUMBER - 2}")
     api = choose_api(model_name, api)
-    shared = {"logit_bias": resolve_logit_bias(logit_bias, model_name, api), "max_tokens_parameter": "max_tokens"}
+    settings = RequestSettings(model_name, api, temperature, top_p, max_tokens,
+                               resolve_logit_bias(logit_bias, model_name, api))
+    budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
+    budget.check()
+    NoveltyFilter(threshold=similarity_threshold)  # checks the threshold
+    # The base URL and the key (from the environment); nothing is sent yet.
+    client = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
+                                  request_timeout=request_timeout)
     if not os.path.exists(prompt_path):
         raise GenerationError(f"{prompt_path}: no such file (the prompt header, see --prompt_path)")
-    seed_instruction_data = load_seed_instruction_data(seed_tasks_path)
-    if len(seed_instruction_data) < num_prompt_instructions:
-        raise GenerationError(f"{seed_tasks_path}: {len(seed_instruction_data)} seed tasks, fewer than "
+
+    # -- load the seeds; resume regen.json
+    seeds = load_seed_instruction_data(seed_tasks_path)
+    if len(seeds) < num_prompt_instructions:
+        raise GenerationError(f"{seed_tasks_path}: {len(seeds)} seed tasks, fewer than "
                               f"--num_prompt_instructions={num_prompt_instructions}")
-    print(f"Loaded {len(seed_instruction_data)} human-written seed instructions")
-
-    os.makedirs(output_dir, exist_ok=True)
-    regen_path = os.path.join(output_dir, "regen.json")
-    # A run killed while writing (kill -9) leaves its temp file behind (regen.json itself is intact): tidy up.
-    for stale_temp_file in glob.glob(os.path.join(glob.escape(output_dir), ".regen.json.*.tmp")):
-        os.remove(stale_temp_file)
-    machine_instruction_data = []
-    if os.path.exists(regen_path):
-        try:
-            machine_instruction_data = utils.load_alpaca_data(regen_path)
-        except utils.AlpacaDataError as e:
-            raise GenerationError(f"cannot resume: {e}") from None
-        print(f"Loaded {len(machine_instruction_data)} machine-generated instructions")
-    num_loaded = len(machine_instruction_data)
-    record_texts = [regen_record_json(record) for record in machine_instruction_data]
-    if num_loaded >= num_instructions_to_generate:
-        print(f"{regen_path} already holds {num_loaded} >= {num_instructions_to_generate} instructions; nothing to do")
+    print(f"Loaded {len(seeds)} human-written seed instructions")
+    regen = RegenFile.resume(output_dir)
+    if regen.records:
+        print(f"Loaded {len(regen)} machine-generated instructions")
+    if len(regen) >= num_instructions_to_generate:
+        print(f"{regen.path} already holds {len(regen)} >= {num_instructions_to_generate} instructions; nothing to do")
         return
-
     # The novelty pool: seeds, then the generated instructions in their order, exactly as an uninterrupted run had it.
-    novelty_filter = NoveltyFilter(
-        [d["instruction"] for d in seed_instruction_data] + [d["instruction"] for d in machine_instruction_data],
-        threshold=similarity_threshold,
-    )
+    novelty_filter = NoveltyFilter([d["instruction"] for d in seeds + regen.records], threshold=similarity_threshold)
+    plan = RoundPlan(seeds, num_prompt_instructions, request_batch_size, prompt_path, seed, len(regen), api)
+    progress = Progress(num_instructions_to_generate, max_empty_rounds)
 
-    client, api_key = make_openai_client(api_base, max_retries, request_timeout)
-
-    def redact(text):
-        return str(text).replace(api_key, "***") if api_key and api_key != "EMPTY" else str(text)
-
-    progress_bar = tqdm.tqdm(total=num_instructions_to_generate, initial=num_loaded, desc="instructions kept",
-                             dynamic_ncols=True)
-    shared["warn"] = lambda message: progress_bar.write(f"warning: {redact(message)}", file=sys.stderr)
-    base_url = re.sub(r"//[^/@]*@", "//", str(client.base_url))  # no user:password@ in logs
-    print(f"Generating with {model_name} at {base_url} ({api} API), up to {concurrency} requests in flight")
-
-    # Rounds are numbered from 0 and fully determined by (seed, records at start, round number), so the prompts do not
-    # depend on timing; a resumed run (more records at start) gets a fresh stream instead of replaying the first one.
-    base_seed = seed if seed is not None else random.SystemRandom().getrandbits(63)
-    decoding_args = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=STOP_SEQUENCES)
-    total_usage = Usage()  # every finished request, applied or not (it was paid for)
-    usage_lock = threading.Lock()
-
-    def run_request(prompts, request_seed):
-        started = time.time()
-        replies, usage, error = request_replies(client, api, model_name, prompts, decoding_args, request_seed,
-                                                num_prompt_instructions, shared)
-        with usage_lock:
-            total_usage.add(usage)
-        return replies, usage, error, started, time.time()
-
-    def submit_round(round_index):
-        rng = random.Random(f"{base_seed}/{num_loaded}/{round_index}")
-        prompts = [encode_prompt(rng.sample(seed_instruction_data, num_prompt_instructions), prompt_path)
-                   for _ in range(request_batch_size)]
-        prompt_groups = [prompts] if api == "completions" else [[p] for p in prompts]
-        futures = []
-        for group in prompt_groups:
-            request_seed = rng.getrandbits(31)
-            futures.append(submit(run_request, group, request_seed if seed is not None else None))
-        return futures
-
-    def spent_budget():
-        with usage_lock:
-            if budget_tokens is not None and total_usage.total_tokens >= budget_tokens:
-                return True
-            cost = total_usage.cost(prompt_price_per_million, completion_price_per_million)
-            return budget_usd is not None and cost is not None and cost >= budget_usd
-
-    def outcome_of(future):
-        try:
-            return future.result()
-        except openai.APIStatusError as e:  # bad key, unknown model, bad request: retrying will not help
-            raise GenerationError(
-                f"the API refused a request: {redact(e)}\n{regen_path} holds all {len(machine_instruction_data)} "
-                "accepted records; fix the problem and rerun the same command to resume"
-            ) from None
-
-    submit, stop_request_threads = start_request_threads(concurrency)
-    jobs_per_round = 1 if api == "completions" else request_batch_size
-    pending = collections.deque()  # (round_index, futures), in round order
-    next_round = 0
-    rounds_applied = 0
-    kept_this_run = 0
-    failed_rounds_in_a_row = 0
-    budget_reached = False
-    clean_exit = False
+    # -- rounds: send, then parse, filter and write each round in order
+    bar = tqdm.tqdm(total=num_instructions_to_generate, initial=len(regen), desc="instructions kept",
+                    dynamic_ncols=True)
+    client.log = lambda text: bar.write(text, file=sys.stderr)
     try:
-        while True:
-            # Keep `concurrency` requests in flight, with at most about as many again finished but waiting for an
-            # earlier round (a slow request must not let the others run far ahead); near the target, submit no more
-            # rounds than it likely needs.
-            while not budget_reached:
-                submitted = [future for _, futures in pending for future in futures]
-                for future in submitted:
-                    if future.done():
-                        outcome_of(future)  # a fatal error (bad key, unknown model) stops the run before more go out
-                unfinished = sum(not future.done() for future in submitted)
-                remaining = num_instructions_to_generate - len(machine_instruction_data)
-                rounds_needed = math.ceil(remaining / (kept_this_run / rounds_applied)) if kept_this_run else math.inf
-                if (unfinished >= concurrency or len(submitted) >= 2 * concurrency + jobs_per_round
-                        or len(pending) >= rounds_needed):
-                    break
-                if spent_budget():
-                    budget_reached = True
-                    with usage_lock:
-                        spent = total_usage.describe(prompt_price_per_million, completion_price_per_million)
-                    progress_bar.write(f"Budget reached ({spent}); finishing the requests in flight")
-                    break
-                pending.append((next_round, submit_round(next_round)))
-                next_round += 1
-            if not pending:
-                break
-
-            round_index, futures = pending[0]
-            if not all(future.done() for future in futures):
-                # Wait until any request finishes, then top up the requests in flight again.
-                waiting = [future for _, futures in pending for future in futures if not future.done()]
-                done, _ = concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    outcome_of(future)  # a fatal error stops the run now, not when its round's turn comes
-                continue
-            pending.popleft()
-            outcomes = [outcome_of(future) for future in futures]
-            round_usage = Usage()
-            results = []
-            for replies, usage, error, _, _ in outcomes:
-                round_usage.add(usage)
-                if error is not None:
-                    shared["warn"](f"round {round_index + 1}: a request failed after {max_retries} retries ({error}); "
-                                   "its prompts are skipped")
-                results += replies or []
-            request_duration = max(o[4] for o in outcomes) - min(o[3] for o in outcomes)
-            if round_usage.failed_requests == len(outcomes):
-                failed_rounds_in_a_row += 1
-                if failed_rounds_in_a_row >= MAX_FAILED_ROUNDS:
-                    raise GenerationError(
-                        f"every request of the last {MAX_FAILED_ROUNDS} rounds failed (last error: "
-                        f"{redact(outcomes[-1][2])}); {regen_path} holds all {len(machine_instruction_data)} accepted "
-                        "records; rerun the same command to resume"
-                    )
-            else:
-                failed_rounds_in_a_row = 0
-
-            process_start = time.time()
-            instruction_data = []
-            for reply in results:
-                instruction_data += post_process_gpt3_response(num_prompt_instructions, reply)
-            keep = 0
-            # One by one in order, each against the seeds and every instruction kept before it (this round included).
-            similarities = novelty_filter.consider_batch([entry["instruction"] for entry in instruction_data])
-            for instruction_data_entry, similarity in zip(instruction_data, similarities):
-                if similarity is None:
-                    continue
-                keep += 1
-                instruction_data_entry["most_similar_instructions"] = similarity["most_similar_instructions"]
-                instruction_data_entry["avg_similarity_score"] = similarity["avg_similarity_score"]
-                machine_instruction_data.append(instruction_data_entry)
-                record_texts.append(regen_record_json(instruction_data_entry))
-            write_regen_json(regen_path, record_texts)  # atomic: a kill leaves the previous round's file
-            process_duration = time.time() - process_start
-            rounds_applied += 1
-            kept_this_run += keep
-            progress_bar.total = max(progress_bar.total, len(machine_instruction_data))  # whole rounds may overshoot
-            progress_bar.update(keep)
-
-            with usage_lock:
-                usage_so_far = total_usage.describe(prompt_price_per_million, completion_price_per_million)
-            progress_bar.write(
-                f"Round {round_index + 1}: {len(outcomes)} request{'s' if len(outcomes) > 1 else ''} took "
-                f"{request_duration:.2f}s, processing took "
-                f"{process_duration:.2f}s\n"
-                f"Generated {len(instruction_data)} instructions, kept {keep} instructions\n"
-                f"Usage: round {round_usage.describe(prompt_price_per_million, completion_price_per_million)}; "
-                f"total {usage_so_far}"
-            )
-            if len(machine_instruction_data) >= num_instructions_to_generate:
-                break
-        clean_exit = True
+        asyncio.run(run_rounds(client, plan, settings, progress, regen, novelty_filter, budget, bar))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(regen.where()) from None
+    except APIError as e:
+        raise GenerationError(f"{e}. {regen.where()}") from None
     finally:
-        progress_bar.close()
-        if clean_exit:
-            unapplied = [future for _, futures in pending for future in futures]
-            for future in unapplied:
-                future.cancel()  # only those not started yet
-            concurrent.futures.wait(unapplied)  # the requests in flight, so that the usage below counts them all
-            stop_request_threads()
-        else:
-            # An error or Ctrl-C: touch nothing the interrupted code may have held (future locks, the client); drop the
-            # queued requests and abandon those in flight (daemon threads: the process need not wait for them).
-            stop_request_threads(abandon=True)
-            print(f"Stopped: {regen_path} holds all {len(machine_instruction_data)} accepted records; rerun the same "
-                  "command to resume", file=sys.stderr)
+        bar.close()
+    short = budget.reached(client.usage) and len(regen) < num_instructions_to_generate
+    print(f"{'budget reached: ' if short else ''}{len(regen)} instructions in {regen.path} ({progress.kept} new this "
+          "run)")
+    print(f"Total usage this run: {budget.describe(client.usage)}")
 
-    short = budget_reached and len(machine_instruction_data) < num_instructions_to_generate
-    stopped = "budget reached: " if short else ""
-    print(f"{stopped}{len(machine_instruction_data)} instructions in {regen_path} ({kept_this_run} new this run)")
-    print(f"Total usage this run: {total_usage.describe(prompt_price_per_million, completion_price_per_million)}")
-    client.close()
+
+async def run_rounds(api, plan, settings, progress, regen, novelty_filter, budget, bar):
+    """Send rounds ahead, and apply each in round order: parse, filter, write regen.json, print what it yielded."""
+    async with api:
+        await api.check_connection()
+        bar.write(f"Generating with {settings.model_name} at {api.url} ({settings.api} API), up to "
+                  f"{api.concurrency} requests in flight")
+        queue = RoundQueue(api, plan, settings, api.concurrency)
+        budget_reached = False
+        try:
+            while len(regen) < progress.target:
+                if not budget_reached and budget.reached(api.usage):
+                    budget_reached = True
+                    bar.write(f"Budget reached ({budget.describe(api.usage)}); finishing the requests in flight")
+                queue.top_up(0 if budget_reached else progress.rounds_wanted(regen, plan))
+                if not queue.pending:
+                    break
+                round_ = await queue.next_done()
+                if round_ is not None:
+                    apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
+        except BaseException:
+            queue.abandon()  # an error or Ctrl-C: regen.json is complete, the requests in flight are not needed
+            raise
+        await queue.finish()
+
+
+def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar):
+    """Parse, filter and write one finished round; print its line; raise GenerationError when the run must stop."""
+    results = round_.results()
+    started = time.monotonic()
+    replies = [reply for result in results for reply in result.replies]
+    records, tally = select_tasks(replies, plan.num_prompt_instructions, novelty_filter)
+    regen.append_and_write(records)
+    round_usage = Usage()
+    for result in results:
+        round_usage.add(result.usage)
+        if result.error is not None:
+            bar.write(f"warning: round {round_.index + 1}: a request failed after all retries ({result.error}); its "
+                      "prompts are skipped", file=sys.stderr)
+    progress.rounds_applied += 1
+    progress.kept += tally.kept
+    bar.total = max(bar.total, len(regen))  # whole rounds may overshoot
+    bar.update(tally.kept)
+    requests = f"{len(results)} request{'s' if len(results) > 1 else ''}"
+    bar.write(f"Round {round_.index + 1}: {requests} took {max(r.seconds for r in results):.2f}s, processing took "
+              f"{time.monotonic() - started:.2f}s: {tally.describe()}\n"
+              f"Usage: round {budget.describe(round_usage)}; total {budget.describe(api.usage)}")
+
+    if round_usage.failed_requests == len(results):
+        progress.failed_rounds += 1
+        if progress.failed_rounds >= MAX_FAILED_ROUNDS:
+            raise GenerationError(f"every request of the last {MAX_FAILED_ROUNDS} rounds failed (last error: "
+                                  f"{api.redact(results[-1].error)}); {regen.where()}")
+        return
+    progress.failed_rounds = 0
+    if tally.kept:
+        progress.empty_rounds = []
+        return
+    progress.empty_rounds.append(tally)
+    texts = [reply.text for reply in replies if reply is not None]
+    progress.sample_reply = max(texts, key=len, default="")  # the longest: the most telling
+    if progress.max_empty_rounds and len(progress.empty_rounds) >= progress.max_empty_rounds:
+        raise GenerationError(empty_rounds_message(progress, regen, api.redact))
 
 
 if __name__ == "__main__":
     import cli
 
     cli.main({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data},
-             user_errors=(GenerationError, utils.AlpacaDataError))
+             user_errors=(GenerationError, APIError, utils.AlpacaDataError))

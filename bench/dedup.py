@@ -1,4 +1,4 @@
-"""Benchmark of the exact ROUGE-L novelty filter (generate_instruction.NoveltyFilter). Not run by pytest.
+"""Benchmark of the exact ROUGE-L novelty filter (novelty_filter.NoveltyFilter). Not run by pytest.
 
 Ours: the first `num_records` instructions of ../shared/data/alpaca_data.json (default: all 52,002) go through the
 filter in order, with the 175 self-instruct seeds of ../shared/data/seed_tasks.jsonl first in the pool, and both
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the original algorithm, shared w
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer  # noqa: E402
 
-import generate_instruction  # noqa: E402
+import novelty_filter  # noqa: E402
 import utils  # noqa: E402
 from original_alpaca import original_novelty_filter  # noqa: E402
 
@@ -55,17 +55,17 @@ def main(num_records=None, prefix=1000, tail_candidates=5, tail_window=2048, num
     """
     if not (SHARED_DATA / "alpaca_data.json").exists():
         sys.exit(f"no reference data at {SHARED_DATA}; set ALPACA_SHARED_DATA to the folder holding alpaca_data.json")
-    seeds = generate_instruction.load_instructions(SHARED_DATA / "seed_tasks.jsonl")
+    seeds = novelty_filter.load_instructions(SHARED_DATA / "seed_tasks.jsonl")
     records = utils.jload(SHARED_DATA / "alpaca_data.json")[:num_records]
     candidates = [record["instruction"] for record in records]
     rss_before = peak_rss_mb()
-    print(f"machine: {os.cpu_count()} CPUs, {generate_instruction.available_cpus()} usable, "
+    print(f"machine: {os.cpu_count()} CPUs, {novelty_filter.available_cpus()} usable, "
           f"load average {os.getloadavg()[0]:.2f} at start")
 
     # -- ours -----------------------------------------------------------------------------------------------------
     started = time.perf_counter()
     cpu_started = time.process_time()
-    novelty = generate_instruction.NoveltyFilter(seeds, threshold=threshold)
+    novelty = novelty_filter.NoveltyFilter(seeds, threshold=threshold)
     ours, finished_at = [], []
     for fields, _, _ in novelty.judge(candidates, num_cpus=num_cpus):
         ours.append(fields)

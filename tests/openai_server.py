@@ -10,10 +10,10 @@ What it speaks:
 
 What it answers: a self-instruct continuation of the prompt, as a model would write it. The prompt ends with
 "###\\n{n+1}. Instruction:"; the reply continues with tasks n+1, n+2, ... (up to task 22), each built from a word bank
-in this file, and the request's `stop` sequences cut it exactly as a real server does (so "\\n20" ends it before task
-20). `max_tokens` cuts it with finish_reason "length". A realistic share of tasks breaks one of the generator's rules
-(too short, a blacklisted word, "Write a program", leading punctuation or non-ASCII, a copy of a prompt instruction),
-so a generator that filters correctly keeps most but not all of them.
+in this file, and the request's `stop` sequences cut it exactly as a real server does (so "20. Instruction" ends it
+before task 20). `max_tokens` cuts it with finish_reason "length". A realistic share of tasks breaks one of the
+generator's rules (too short, a blacklisted word, "Write a program", leading punctuation or non-ASCII, a copy of a
+prompt instruction), so a generator that filters correctly keeps most but not all of them.
 
 Determinism: when the request carries `seed`, the reply is a function of (seed, prompt position, prompt text) only, so
 a generator that sends the same requests gets the same text whatever the order or concurrency of its requests.
@@ -24,7 +24,13 @@ Faults, for the tests:
   * content faults, drawn from the reply's own deterministic generator (so they are part of "the" reply for a seed):
     "garbage" (text with no task structure) and "length" (reply cut mid-task, finish_reason "length").
     Probabilities in `content_faults`.
-  * chat replies restate the "{n+1}. Instruction:" header with probability `chat_restate_header` (chat models do).
+  * chat replies restate the "{n+1}. Instruction:" header with probability `chat_restate_header` (chat models do),
+    and are dressed as chat models write (`chat_dressing`, probabilities of: "markdown" bold headers, a "preface",
+    "fence"s around the reply, "closing" remarks; the last two end the reply at task 19, as a model that stops on its
+    own). Each answered request records `clean_texts`: the same tasks as a completion model writes them.
+  * FastAPI-style servers (vLLM, `transformers serve`): only paths under /v1 exist (others: 404 {"detail": "Not
+    Found"}); with `prompt_lists=False` a list `prompt` gets 400 {"detail": "prompt must be a string."}, as
+    `transformers serve` answers.
   * context too long: with `context_window` set, a request whose prompt tokens + max_tokens exceed it gets the HTTP
     400 error OpenAI sends ("code": "context_length_exceeded").
   * `script`: a list of fault names consumed in order by the next requests, for exact tests ("429", "500", "hang",
@@ -114,21 +120,39 @@ def make_task(rng, prompt_instructions, task_mix):
     return instruction, task_input, output
 
 
+def make_tasks(prompt, rng, task_mix=None, last_task=22):
+    """(first task number, [(instruction, input, output) for tasks n+1 .. last_task]) continuing a prompt of n tasks."""
+    task_mix = DEFAULT_TASK_MIX if task_mix is None else task_mix
+    match = _LAST_HEADER.search(prompt)
+    first = int(match.group(1)) if match else 1
+    prompt_instructions = _PROMPT_INSTRUCTION.findall(prompt)
+    return first, [make_task(rng, prompt_instructions, task_mix) for _ in range(first, last_task + 1)]
+
+
+def render_reply(first, tasks, restate_header=False, markdown=False):
+    """Tasks in the prompt's format, "###"-separated, continuing after "{first}. Instruction:" (or restating it);
+    markdown: headers in bold ("**5. Input:**"), as chat models write them."""
+    pieces = []
+    for number, (instruction, task_input, output) in enumerate(tasks, start=first):
+        def header(field):
+            return f"**{number}. {field}:**" if markdown else f"{number}. {field}:"
+        instruction_header = header("Instruction") if (number > first or restate_header) else ""
+        pieces.append(f"{instruction_header} {instruction}\n{header('Input')}\n{task_input}\n{header('Output')}\n"
+                      f"{output}\n")
+    return "###\n".join(pieces)
+
+
 def make_reply(prompt, rng, task_mix=None, restate_header=False, last_task=22):
     """The text a model appends to a self-instruct prompt: tasks n+1 .. last_task, "###"-separated.
 
     With restate_header the reply begins with "{n+1}. Instruction:" itself, as chat models tend to write it.
     """
-    task_mix = DEFAULT_TASK_MIX if task_mix is None else task_mix
-    match = _LAST_HEADER.search(prompt)
-    first = int(match.group(1)) if match else 1
-    prompt_instructions = _PROMPT_INSTRUCTION.findall(prompt)
-    pieces = []
-    for number in range(first, last_task + 1):
-        instruction, task_input, output = make_task(rng, prompt_instructions, task_mix)
-        header = f"{number}. Instruction:" if (number > first or restate_header) else ""
-        pieces.append(f"{header} {instruction}\n{number}. Input:\n{task_input}\n{number}. Output:\n{output}\n")
-    return "###\n".join(pieces)
+    first, tasks = make_tasks(prompt, rng, task_mix, last_task)
+    return render_reply(first, tasks, restate_header)
+
+
+PREFACE = "Sure! Here are more tasks in the same format:\n\n"
+CLOSING = "\nI hope these tasks are useful for your dataset!"
 
 
 def apply_stop(text, stop):
@@ -157,13 +181,15 @@ class OpenAIServer:
     """
 
     def __init__(self, *, latency=0.0, faults=None, content_faults=None, task_mix=None, chat_restate_header=0.5,
-                 retry_after="1", hang_seconds=5.0, context_window=None, fault_seed=0, models=None, api_key=None,
-                 reject_logit_bias=False, reject_max_tokens=False):
+                 chat_dressing=None, retry_after="1", hang_seconds=5.0, context_window=None, fault_seed=0, models=None,
+                 api_key=None, reject_logit_bias=False, reject_max_tokens=False, prompt_lists=True):
         self.latency = latency
         self.faults = dict(faults or {})
         self.content_faults = dict(content_faults or {})
         self.task_mix = DEFAULT_TASK_MIX if task_mix is None else dict(task_mix)
         self.chat_restate_header = chat_restate_header
+        self.chat_dressing = dict(chat_dressing or {})
+        self.prompt_lists = prompt_lists
         self.retry_after = retry_after
         self.hang_seconds = hang_seconds
         self.context_window = context_window
@@ -197,11 +223,14 @@ class OpenAIServer:
                 server._handle(self)
 
             def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    server._send_error(self, 401, "Incorrect API key provided.", "invalid_request_error",
+                                       "invalid_api_key")
+                elif self.path.rstrip("/") == "/v1/models":
                     server._send_json(self, 200, {"object": "list", "data": [
                         {"id": m, "object": "model", "owned_by": "test"} for m in (server.models or ["test-model"])]})
                 else:
-                    server._send_error(self, 404, "Not found", "invalid_request_error", "not_found")
+                    server._send_json(self, 404, {"detail": "Not Found"})
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
@@ -305,7 +334,7 @@ class OpenAIServer:
                                     "unsupported_parameter", param="max_tokens")
 
         path = handler.path.split("?")[0].rstrip("/")
-        if path.endswith("/chat/completions"):
+        if path == "/v1/chat/completions":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 record["outcome"] = "400"
@@ -313,17 +342,20 @@ class OpenAIServer:
                                         None)
             prompts = ["\n".join(str(m.get("content", "")) for m in messages)]
             chat = True
-        elif path.endswith("/completions"):
+        elif path == "/v1/completions":
             prompt = body.get("prompt")
             if prompt is None:
                 record["outcome"] = "400"
                 return self._send_error(handler, 400, "'prompt' is a required property", "invalid_request_error",
                                         None)
+            if not self.prompt_lists and not isinstance(prompt, str):
+                record["outcome"] = "400"
+                return self._send_json(handler, 400, {"detail": "prompt must be a string."})
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             chat = False
         else:
             record["outcome"] = "404"
-            return self._send_error(handler, 404, f"Unknown path {handler.path}", "invalid_request_error", None)
+            return self._send_json(handler, 404, {"detail": "Not Found"})
 
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         prompt_tokens = sum(count_tokens(p) for p in prompts)
@@ -340,8 +372,10 @@ class OpenAIServer:
 
         choices = []
         completion_tokens = 0
+        record["clean_texts"] = []
         for index, prompt in enumerate(prompts):
-            text, finish_reason = self._reply(body, index, prompt, chat, max_tokens)
+            text, finish_reason, clean_text = self._reply(body, index, prompt, chat, max_tokens)
+            record["clean_texts"].append(clean_text)
             completion_tokens += count_tokens(text)
             if chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": text},
@@ -385,16 +419,23 @@ class OpenAIServer:
                     break
                 draw -= probability
         if content_fault == "garbage":
-            return f"Sure! {_words(rng, 20, 60)} {_words(rng, 5, 20)}", "stop"
+            return f"Sure! {_words(rng, 20, 60)} {_words(rng, 5, 20)}", "stop", None
         restate = chat and rng.random() < self.chat_restate_header
-        text = make_reply(prompt, rng, self.task_mix, restate_header=restate)
+        dressing = {name for name in ("markdown", "preface", "fence", "closing")
+                    if chat and self.chat_dressing.get(name) and rng.random() < self.chat_dressing[name]}
+        first, tasks = make_tasks(prompt, rng, self.task_mix, last_task=19 if dressing & {"fence", "closing"} else 22)
+        text = render_reply(first, tasks, restate_header=restate or bool(dressing), markdown="markdown" in dressing)
+        text = (PREFACE if "preface" in dressing else "") + text + (CLOSING if "closing" in dressing else "")
+        if "fence" in dressing:
+            text = f"```\n{text}\n```"
         if content_fault == "length":
             # Cut somewhere in the middle of the reply, as if max_tokens had been reached there.
             text, _ = cut_to_tokens(text, rng.randint(20, max(21, count_tokens(text) // 2)))
-            return text, "length"
+            return text, "length", None
+        clean_text, _ = apply_stop(render_reply(first, tasks), body.get("stop"))
         text, stopped = apply_stop(text, body.get("stop"))
         text, cut = cut_to_tokens(text, max_tokens)
-        return text, ("length" if cut else "stop")
+        return text, ("length" if cut else "stop"), (None if cut else clean_text)
 
     @staticmethod
     def _send_json(handler, status, obj, headers=None):

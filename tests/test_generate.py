@@ -2,11 +2,13 @@
 
 The real `openai` client talks to tests/openai_server.py over HTTP, so retries, timeouts, Retry-After and error bodies
 take the same code paths as against api.openai.com, vLLM or Ollama. What is checked:
-  * encode_prompt / post_process_gpt3_response byte-exact against hand-written strings, and every filter rule;
-  * end to end: regen.json equals what the original algorithm (rouge_score, pure Python) makes of the very replies
-    the server sent, in order — parsing, filtering, novelty decisions and both similarity fields;
+  * encode_prompt byte-exact (the parser has its own file, tests/test_parse_reply.py);
+  * end to end: regen.json equals what the original algorithm (its parser and rouge_score, pure Python) makes of the
+    very replies the server sent, in order — parsing, filtering, novelty decisions and both similarity fields;
   * 30 % injected faults still give N; kill -9 then rerun loses and duplicates nothing; regen.json does not depend on
-    concurrency; usage and cost totals equal the server's; the API key is never printed or written.
+    concurrency; usage and cost totals equal the server's; the API key is never printed or written;
+  * runs that stop (replies without tasks, impossible settings), visible retries and stalls, server messages, flags
+    checked before anything is sent, small targets, Ctrl-C.
 """
 
 import json
@@ -21,8 +23,9 @@ import pytest
 
 import generate_instruction as gen
 from conftest import REPO_ROOT, SAMPLE_RECORDS, restore_sigint
-from openai_server import OpenAIServer, count_tokens, make_reply
-from original_alpaca import original_novelty_filter
+import api_client
+from openai_server import OpenAIServer, count_tokens
+from original_alpaca import original_novelty_filter, original_post_process
 
 API_KEY = "sk-test-Zq8vT3kW1mN0pR7sSECRET"
 PROMPT_HEADER = "Come up with a set of 20 diverse task instructions.\n\nList of 20 tasks:"
@@ -65,28 +68,28 @@ def generate(server, env, **kwargs):
 
 
 def replies_from_server(server):
-    """The replies the server delivered, in request order, as post_process_gpt3_response takes them."""
+    """The replies the server delivered, in request order, as the original parser takes them: a completion model's
+    text (for a chat reply, the same tasks without the chat model's restated header and markdown)."""
     replies = []
     for record in server.completed_requests():
         for choice in sorted(record["response"]["choices"], key=lambda c: c["index"]):
-            if "message" in choice:
-                text = gen.strip_restated_header(choice["message"]["content"], 3)
-            else:
-                text = choice["text"]
+            text = record["clean_texts"][choice["index"]]
+            if text is None:
+                text = choice["message"]["content"] if "message" in choice else choice["text"]
             replies.append({"text": text, "finish_reason": choice["finish_reason"]})
     return replies
 
 
 def reference_regen(seed_instructions, existing_records, replies, target, replies_per_round=5, threshold=0.7):
-    """The original algorithm: rouge_score against every known instruction, in order, round by round (5 replies
-    each) until `target` records. (The generator may have fetched a round more than it needed.)"""
+    """The original algorithm: its parser, then rouge_score against every known instruction, in order, round by round
+    (5 replies each) until `target` records. (The generator may have fetched a round more than it needed.)"""
     all_instructions = list(seed_instructions) + [r["instruction"] for r in existing_records]
     kept = []
     for start in range(0, len(replies), replies_per_round):
         if len(existing_records) + len(kept) >= target:
             break
         entries = [entry for reply in replies[start:start + replies_per_round]
-                   for entry in gen.post_process_gpt3_response(3, reply)]
+                   for entry in original_post_process(3, reply)]
         results = original_novelty_filter(all_instructions, [entry["instruction"] for entry in entries], threshold)
         for entry, fields in zip(entries, results):
             if fields is not None:
@@ -113,7 +116,7 @@ def total_usage_line(output):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# encode_prompt / post_process_gpt3_response, byte-exact
+# encode_prompt, byte-exact; small pieces
 
 
 def test_encode_prompt_byte_exact(tmp_path):
@@ -144,116 +147,6 @@ def test_encode_prompt_byte_exact(tmp_path):
     assert gen.encode_prompt(tasks, prompt_path=str(prompt_path)) == expected
 
 
-HAND_WRITTEN_REPLY = (
-    " Describe the water cycle to a ten-year-old.\n"
-    "4. Input:\n<noinput>\n"
-    "4. Output:\nWater evaporates, forms clouds, falls as rain and flows back to the sea.\n"
-    "###\n"
-    "5. Instruction: Classify the email as spam or not spam.\n"
-    "5. Input:\nYou have WON a free cruise! Click now.\n"
-    "5. Output:\nSpam\n"
-    "###\n"
-    "6.   Instruction:   Convert the temperature from Celsius to Fahrenheit.  \n"
-    "6. Input:\n  25 °C \n"
-    "6. Output:\n77 °F\n"
-    "###\n"
-    "7. Instruction: Suggest two names for a bakery.\n"
-    "7. Input:\n<NoInput>\n"
-    "7. Output:\nRise & Shine; The Crumb"
-)
-
-
-def test_post_process_hand_written_reply():
-    expected = [
-        {"instruction": "Describe the water cycle to a ten-year-old.", "input": "",
-         "output": "Water evaporates, forms clouds, falls as rain and flows back to the sea."},
-        {"instruction": "Classify the email as spam or not spam.", "input": "You have WON a free cruise! Click now.",
-         "output": "Spam"},
-        {"instruction": "Convert the temperature from Celsius to Fahrenheit.", "input": "25 °C", "output": "77 °F"},
-        {"instruction": "Suggest two names for a bakery.", "input": "", "output": "Rise & Shine; The Crumb"},
-    ]
-    assert gen.post_process_gpt3_response(3, {"text": HAND_WRITTEN_REPLY, "finish_reason": "stop"}) == expected
-    # Stopped for length: the last piece is presumed truncated and dropped, even though it parses.
-    assert gen.post_process_gpt3_response(3, {"text": HAND_WRITTEN_REPLY, "finish_reason": "length"}) == expected[:3]
-    assert gen.post_process_gpt3_response(3, None) == []
-    # Numbering is checked per piece: the same text read as a reply to 2 prompt tasks parses to nothing.
-    assert gen.post_process_gpt3_response(2, {"text": HAND_WRITTEN_REPLY, "finish_reason": "stop"}) == []
-
-
-def test_post_process_drops_malformed_pieces():
-    text = (
-        " Give three tips for saving money.\n4. Input:\n<noinput>\n4. Output:\nBudget, cook, compare.\n###\n"
-        "5. Instruction: Explain what a mortgage is.\n5. Output:\nA loan for a house.\n###\n"  # no Input: 5 parts
-        "7. Instruction: List four ocean animals please.\n7. Input:\n<noinput>\n7. Output:\nWhale\n###\n"  # should be 6
-        "7. Instruction: Define the word ephemeral for me.\n7. Input:\n<noinput>\n7. Output:\nBrief.\n"
-        "7. Output:\nShort-lived.\n###\n"  # two Outputs: 9 parts
-        "8. Instruction: Write a limerick about a cat.\n8. Input:\n<noinput>\n8. Output:\nThere once was a cat"
-    )
-    parsed = gen.post_process_gpt3_response(3, {"text": text, "finish_reason": "stop"})
-    assert [p["instruction"] for p in parsed] == ["Give three tips for saving money.", "Write a limerick about a cat."]
-
-
-LONG_150 = " ".join(["word"] * 149 + ["end."])
-LONG_151 = " ".join(["word"] * 150 + ["end."])
-
-
-@pytest.mark.parametrize("instruction, kept", [
-    ("Name three primary colours.", True),            # 4 words
-    ("Name primary colours.", False),                 # 3 words
-    (LONG_150, True),
-    (LONG_151, False),
-    *[(f"Describe the {w} in this sentence.", False) for w in gen.BLACKLIST],
-    ("Describe the IMAGES in this sentence.", False),  # any case
-    ("Describe the Map of the old city.", False),
-    ("Please go to the shop and buy milk.", False),    # "go to" is a phrase
-    ("Imagine a world without cars or trains.", True),  # "image" only as part of a word
-    ("Explain how a mapping between sets works.", True),
-    ("Summarize the profile of the candidate.", True),
-    ("Describe the drawing room of a manor.", True),
-    ("Draw a conclusion from the facts below.", False),
-    ("Write a program that reverses a string.", False),
-    ("Write a programme that reverses a string.", False),  # starts with "Write a program"
-    ("write a program that reverses a string.", True),  # the check is case-sensitive, as in the original
-    ("Please write a program that reverses a string.", True),
-    ("\"Quote\" the most famous line of Hamlet.", False),
-    ("(Optional) explain the rule of thirds.", False),
-    ("¿Cómo se dice hello en francés?", False),
-    ("Éxplain the meaning of this French word.", False),
-    ("3 reasons to learn a second language.", True),
-])
-def test_filter_rules(instruction, kept):
-    reply = f" {instruction}\n4. Input:\n<noinput>\n4. Output:\nSomething.\n"
-    parsed = gen.post_process_gpt3_response(3, {"text": reply, "finish_reason": "stop"})
-    assert parsed == ([{"instruction": instruction, "input": "", "output": "Something."}] if kept else [])
-    assert (gen.instruction_rejection_reason(instruction) is None) == kept
-
-
-@pytest.mark.parametrize("reply", [
-    "4. Instruction: Describe the water cycle to a ten-year-old.",
-    "  4.  Instruction:Describe the water cycle to a ten-year-old.",
-    "###\n4. Instruction: Describe the water cycle to a ten-year-old.",
-    " Describe the water cycle to a ten-year-old.",
-])
-def test_chat_reply_restating_the_header_parses(reply):
-    text = gen.strip_restated_header(HAND_WRITTEN_REPLY.replace(" Describe the water cycle to a ten-year-old.", reply,
-                                                                1), 3)
-    parsed = gen.post_process_gpt3_response(3, {"text": text, "finish_reason": "stop"})
-    assert [p["instruction"] for p in parsed] == [
-        "Describe the water cycle to a ten-year-old.", "Classify the email as spam or not spam.",
-        "Convert the temperature from Celsius to Fahrenheit.", "Suggest two names for a bakery."]
-
-
-def test_server_replies_parse_like_a_model_would():
-    """The test server's reply to a 3-task prompt, cut by the original stop sequences, holds tasks 4..19."""
-    import random
-
-    prompt = gen.encode_prompt(SAMPLE_RECORDS[:3], prompt_path=os.devnull)
-    text = make_reply(prompt, random.Random(0), task_mix={})
-    text = text[: text.find("\n20")]
-    parsed = gen.post_process_gpt3_response(3, {"text": text, "finish_reason": "stop"})
-    assert len(parsed) == 16
-
-
 @pytest.mark.parametrize("model, api, bias", [
     ("gpt-3.5-turbo-instruct", "completions", {"100257": -100}),
     ("gpt-3.5-turbo-instruct-0914", "completions", {"100257": -100}),
@@ -282,7 +175,7 @@ def test_api_and_logit_bias_defaults(model, api, bias):
     ("Invalid value for 'temperature': must be at most 2.", False),
 ])
 def test_context_length_error_detection(message, expected):
-    assert gen.is_context_length_error(message) is expected
+    assert api_client.is_context_length_error(message) is expected
 
 
 def test_seed_task_errors_name_file_line_and_field(tmp_path):
@@ -321,7 +214,7 @@ def test_end_to_end_completions_matches_the_original_algorithm(env, capsys):
     assert all(r["path"] == "/v1/completions" for r in server.requests)
     body = requests[0]["body"]
     assert len(body["prompt"]) == 5  # all prompts of a round in one request, as the original
-    assert body["stop"] == ["\n20", "20."] and body["max_tokens"] == 3072 and body["n"] == 1
+    assert body["stop"] == ["20. Instruction", "20. **Instruction"] and body["max_tokens"] == 3072 and body["n"] == 1
     assert body["temperature"] == 1.0 and body["top_p"] == 1.0 and isinstance(body["seed"], int)
     assert "logit_bias" not in body  # not an OpenAI completion model: its token ids are unknown
     for prompt in body["prompt"]:
@@ -332,11 +225,17 @@ def test_end_to_end_completions_matches_the_original_algorithm(env, capsys):
     expected = reference_regen([r["instruction"] for r in SAMPLE_RECORDS], [], replies_from_server(server), 60)
     assert_same_records(records, expected)
     # Some tasks were rejected by the filters and some by novelty (the server copies prompt tasks now and then).
-    assert sum(len(gen.post_process_gpt3_response(3, r)) for r in replies_from_server(server)) > len(records)
+    assert sum(len(original_post_process(3, r)) for r in replies_from_server(server)) > len(records)
     out = capsys.readouterr()
     assert "Loaded 16 human-written seed instructions" in out.out
-    assert re.search(r"Round 1: 1 request took [\d.]+s, processing took [\d.]+s\nGenerated \d+ instructions, "
-                     r"kept \d+ instructions", out.out)
+    # Every round says what its replies yielded, and the counts add up: parsed = dropped + near-duplicates + kept.
+    rounds = re.findall(r"Round \d+: 1 request took [\d.]+s, processing took [\d.]+s: parsed (\d+) tasks, dropped "
+                        r"(\d+)(?: \(([^)]*)\))?, (\d+) near-duplicates, kept (\d+)\n", out.out)
+    assert rounds and sum(int(kept) for *_, kept in rounds) == len(records)
+    for parsed, dropped, reasons, duplicates, kept in rounds:
+        assert int(parsed) == int(dropped) + int(duplicates) + int(kept)
+        assert int(dropped) == sum(int(n) for n in re.findall(r"(\d+) [a-z']", reasons))
+    assert any("too short" in reasons for _, _, reasons, _, _ in rounds)
     assert "instructions kept" in out.err  # the progress bar
     assert API_KEY not in out.out + out.err
     assert all(r["authorization"] == f"Bearer {API_KEY}" for r in server.requests)
@@ -345,6 +244,8 @@ def test_end_to_end_completions_matches_the_original_algorithm(env, capsys):
 def test_end_to_end_chat_with_restated_headers(env):
     with OpenAIServer(chat_restate_header=1.0) as server:
         records = generate(server, env, api="chat", num_instructions_to_generate=50, concurrency=1)
+    assert all(r["response"]["choices"][0]["message"]["content"].startswith("4. Instruction:")
+               for r in server.completed_requests())
     assert all(r["path"] == "/v1/chat/completions" for r in server.requests)
     body = server.requests[0]["body"]
     assert body["messages"][0]["role"] == "user" and body["messages"][0]["content"].endswith("4. Instruction:")
@@ -498,7 +399,7 @@ def test_budget_stops_cleanly_and_resumes(env, capsys):
     with OpenAIServer() as server:
         more = generate(server, env, num_instructions_to_generate=len(records) + 20, concurrency=1)
     assert more[: len(records)] == records and len(more) >= len(records) + 20
-    with pytest.raises(gen.GenerationError, match="needs --prompt_price_per_million"):
+    with pytest.raises(api_client.APIError, match="needs --prompt_price_per_million"):
         gen.generate_instruction_following_data(**env, model_name="test-model", budget_usd=1.0)
 
 
@@ -516,7 +417,7 @@ def test_fatal_errors_are_clear_and_never_show_the_key(env):
 
 def test_missing_key_and_local_servers(env, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(gen.GenerationError, match="OPENAI_API_KEY is not set"):
+    with pytest.raises(api_client.APIError, match="OPENAI_API_KEY is not set"):
         gen.generate_instruction_following_data(**env, model_name="test-model", num_instructions_to_generate=5)
     with OpenAIServer() as server:  # a local server (vLLM, Ollama) needs no key: a placeholder is sent
         generate(server, env, num_instructions_to_generate=5)
@@ -643,7 +544,8 @@ def test_requests_failing_after_all_retries_are_skipped_then_the_run_stops(env, 
         server.script = ["500"]  # with no retries left, the first request fails for good: its prompts are skipped
         records = generate(server, env, num_instructions_to_generate=20, concurrency=1, max_retries=0)
     assert [r["outcome"] for r in server.requests[:2]] == ["500", "ok"] and len(records) >= 20
-    assert "round 1: a request failed after 0 retries (InternalServerError" in capsys.readouterr().err
+    assert ("round 1: a request failed after all retries (HTTP 500: The server had an error while processing your "
+            "request.)") in capsys.readouterr().err
     with OpenAIServer(faults={"500": 1.0}) as server:  # the server is down: stop after 3 rounds, keep regen.json
         with pytest.raises(gen.GenerationError, match="every request of the last 3 rounds failed"):
             generate(server, env, num_instructions_to_generate=100, concurrency=1, max_retries=0)

@@ -1,4 +1,4 @@
-"""The ROUGE-L novelty filter and the `deduplicate` command, checked against rouge_score itself.
+"""The ROUGE-L novelty filter (novelty_filter.py) and the `deduplicate` command, checked against rouge_score itself.
 
 The reference is the original generate_instruction.py loop (tests/original_alpaca.py).
 """
@@ -14,9 +14,10 @@ import pytest
 from rouge_score import rouge_scorer
 
 import generate_instruction
+import novelty_filter
 import utils
 from conftest import REPO_ROOT, SAMPLE_RECORDS
-from generate_instruction import NoveltyFilter
+from novelty_filter import NoveltyFilter
 from original_alpaca import original_novelty_filter as reference_filter
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -85,6 +86,11 @@ def synthetic_instructions(n, seed=0):
 # Scores
 
 
+def test_the_original_names_stay_importable_from_generate_instruction():
+    assert generate_instruction.NoveltyFilter is NoveltyFilter
+    assert generate_instruction.deduplicate is novelty_filter.deduplicate
+
+
 def test_edge_pairs_have_the_float_values_rouge_score_gives():
     assert rouge_scorer._score_lcs(tokenize(EXACT_SEVEN_TENTHS[0]), tokenize(EXACT_SEVEN_TENTHS[1])).fmeasure == 0.7
     assert rouge_scorer._score_lcs(tokenize(JUST_ABOVE[0]), tokenize(JUST_ABOVE[1])).fmeasure == 0.7000000000000001
@@ -108,7 +114,7 @@ def test_scores_are_bit_identical_to_rouge_score_on_built_in_pairs():
 
 def test_scores_are_bit_identical_to_rouge_score_on_real_pairs(shared_data_dir):
     data = utils.jload(shared_data_dir / "alpaca_data.json")
-    pool = generate_instruction.load_instructions(shared_data_dir / "seed_tasks.jsonl") + [
+    pool = novelty_filter.load_instructions(shared_data_dir / "seed_tasks.jsonl") + [
         record["instruction"] for record in data[:1500]]
     novelty = NoveltyFilter(pool, threshold=1.0)
     pool_tokens = [tokenize(text) for text in pool]
@@ -145,7 +151,7 @@ def test_exact_seven_tenths_is_kept_and_the_float_just_above_is_rejected():
 
 @pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
 def test_decisions_and_fields_match_the_original_on_built_in_data(threshold, monkeypatch):
-    monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", 16)  # many block boundaries
+    monkeypatch.setattr(novelty_filter, "BLOCK_SIZE", 16)  # many block boundaries
     seeds = [record["instruction"] for record in SAMPLE_RECORDS[:8]] + ["", "??"]
     candidates = synthetic_instructions(300, seed=2) + BUILT_IN_TEXTS
     expected = reference_filter(seeds, candidates, threshold)
@@ -158,7 +164,7 @@ def test_decisions_and_fields_match_the_original_on_built_in_data(threshold, mon
 
 
 def test_decisions_and_fields_match_the_original_on_real_data(shared_data_dir):
-    seeds = generate_instruction.load_instructions(shared_data_dir / "seed_tasks.jsonl")
+    seeds = novelty_filter.load_instructions(shared_data_dir / "seed_tasks.jsonl")
     data = utils.jload(shared_data_dir / "alpaca_data.json")
     # The first 250 Alpaca instructions, each followed by a lightly edited copy (which should mostly be rejected).
     candidates = []
@@ -172,8 +178,8 @@ def test_decisions_and_fields_match_the_original_on_real_data(shared_data_dir):
 
 @pytest.mark.parametrize("block_size, lcs_block_bytes", [(7, 64 << 20), (256, 1)])
 def test_consider_batch_equals_one_at_a_time(monkeypatch, block_size, lcs_block_bytes):
-    monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", block_size)
-    monkeypatch.setattr(generate_instruction, "LCS_BLOCK_BYTES", lcs_block_bytes)  # 1: blocks of the minimum, 16
+    monkeypatch.setattr(novelty_filter, "BLOCK_SIZE", block_size)
+    monkeypatch.setattr(novelty_filter, "LCS_BLOCK_BYTES", lcs_block_bytes)  # 1: blocks of the minimum, 16
     seeds = [record["instruction"] for record in SAMPLE_RECORDS]
     candidates = synthetic_instructions(120, seed=3)
     one_by_one = NoveltyFilter(seeds)
@@ -255,7 +261,7 @@ def test_deduplicate_writes_kept_records_with_fields(tmp_path, capsys):
     seeds_path = tmp_path / "seeds.jsonl"
     utils.write_jsonl([{"instruction": "What is the capital of Australia?", "instances": []}], seeds_path)
 
-    generate_instruction.deduplicate(input_path, tmp_path / "out.json", seed_tasks_path=seeds_path,
+    novelty_filter.deduplicate(input_path, tmp_path / "out.json", seed_tasks_path=seeds_path,
                                      rejected_path=tmp_path / "rejected.jsonl")
     out = utils.jload(tmp_path / "out.json")
     expected = reference_filter(["What is the capital of Australia?"], [r["instruction"] for r in records])
@@ -278,7 +284,7 @@ def test_deduplicate_jsonl_output_and_drop_fields(tmp_path):
     records = [dict(r, most_similar_instructions={"stale": 1.0}) for r in SAMPLE_RECORDS[:5]] + [SAMPLE_RECORDS[0]]
     input_path = tmp_path / "in.jsonl"
     utils.write_jsonl(records, input_path)
-    generate_instruction.deduplicate(input_path, tmp_path / "out.jsonl", drop_similarity_fields=True, quiet=True)
+    novelty_filter.deduplicate(input_path, tmp_path / "out.jsonl", drop_similarity_fields=True, quiet=True)
     out = utils.read_jsonl(tmp_path / "out.jsonl")
     assert out == [{k: v for k, v in r.items() if k != "most_similar_instructions"} for r in SAMPLE_RECORDS[:5]]
 
@@ -295,7 +301,7 @@ def test_deduplicate_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, con
     (tmp_path / "existing.json").write_text("old", encoding="utf-8")
     for output_name in ("out.json", "existing.json"):
         with pytest.raises(utils.AlpacaDataError, match=message) as error:
-            generate_instruction.deduplicate(input_path, tmp_path / output_name, quiet=True)
+            novelty_filter.deduplicate(input_path, tmp_path / output_name, quiet=True)
         assert str(input_path) in str(error.value)
     assert sorted(os.listdir(tmp_path)) == ["bad.json", "existing.json"]
     assert (tmp_path / "existing.json").read_text(encoding="utf-8") == "old"
@@ -321,9 +327,9 @@ def test_deduplicate_command_line(tmp_path):
 def test_helper_threads_give_the_same_results(monkeypatch, backlog_bytes):
     # Large batches sort in helper threads, a block behind the scoring; force that path on a small batch, with a
     # backlog limit that never binds, and one that makes every task wait for the previous one.
-    monkeypatch.setattr(generate_instruction, "PARALLEL_MIN_PAIRS", 0)
-    monkeypatch.setattr(generate_instruction, "BLOCK_SIZE", 32)
-    monkeypatch.setattr(generate_instruction, "SORT_BACKLOG_BYTES", backlog_bytes)
+    monkeypatch.setattr(novelty_filter, "PARALLEL_MIN_PAIRS", 0)
+    monkeypatch.setattr(novelty_filter, "BLOCK_SIZE", 32)
+    monkeypatch.setattr(novelty_filter, "SORT_BACKLOG_BYTES", backlog_bytes)
     seeds = [record["instruction"] for record in SAMPLE_RECORDS] + [""]
     candidates = synthetic_instructions(400, seed=4) + BUILT_IN_TEXTS
     expected = reference_filter(seeds, candidates)

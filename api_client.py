@@ -1,0 +1,514 @@
+"""Sending prompts to an OpenAI-compatible server (OpenAI, vLLM, Ollama, `transformers serve`), visibly and safely.
+
+    async with APIClient(api_base, concurrency=8, log=print) as api:
+        await api.check_connection()                            # seconds, not minutes, when the URL is wrong
+        replies, usage = await api.complete(prompts, label="batch 3", model=..., max_tokens=...)  # /v1/completions
+        reply, usage = await api.chat(messages, label="question 7", model=..., max_tokens=...)  # /v1/chat/completions
+    api.usage.describe(prices)                                  # every request, tokens, cost
+
+What it adds to `openai.AsyncOpenAI` (which does the HTTP, the retries with backoff and Retry-After):
+  * the key from the environment only, never printed (`redact`); a placeholder key for local servers;
+  * the base URL checked before anything is sent (scheme, host), a hint when a 404 comes from a URL without /v1, and a
+    refused connection or an unknown host reported at once with the URL and the cause, instead of after every retry;
+  * at most `concurrency` requests in flight (a semaphore); every retry and timeout said at once with its attempt
+    number (from the client's own `openai` log records), and a heartbeat when nothing has finished for 30 s;
+  * the server's own message in every fatal error (`error.message`, FastAPI's `detail`, or the body's text);
+  * what a server turns out to refuse, learnt once and applied to every later request: a list of prompts (one request
+    per prompt instead), `max_tokens` (OpenAI's reasoning models take `max_completion_tokens`), `logit_bias`; and a
+    prompt too long for the context, retried with max_tokens x 0.8 (the original Alpaca rule);
+  * token usage, cost and budgets (`Usage`, `Budget`).
+Errors: `APIError` for what the user must fix (stop, show it), `RequestFailed` for a request that failed after all its
+retries (skip it, or stop).
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import os
+import re
+import socket
+import ssl
+import sys
+import time
+import urllib.parse
+
+import openai
+
+# Print a line when requests are in flight and none has finished (or been retried) for this many seconds.
+HEARTBEAT_SECONDS = 30.0
+# Seconds allowed for the connection check (GET /models, no retries) before the first request.
+CONNECTION_CHECK_TIMEOUT = 15.0
+# HTTP statuses the openai client retries: if one comes back, it kept failing through every retry.
+RETRIED_STATUSES = (408, 409, 429)
+
+
+class APIError(RuntimeError):
+    """A problem retrying cannot fix (bad URL, key, model or request); the message says what and names the server."""
+
+
+class RequestFailed(RuntimeError):
+    """A request that still failed (timeout, lost connection, 429, 5xx) after the client's retries."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Usage, cost, budget
+
+
+@dataclasses.dataclass
+class Usage:
+    """Requests and tokens, as the server reported them in each reply's `usage`."""
+
+    requests: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other):
+        self.requests += other.requests
+        self.failed_requests += other.failed_requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    @property
+    def total_tokens(self):
+        return self.prompt_tokens + self.completion_tokens
+
+    def cost(self, prompt_price_per_million, completion_price_per_million):
+        """USD, given prices per million tokens (None when no price was given)."""
+        if prompt_price_per_million is None and completion_price_per_million is None:
+            return None
+        return (self.prompt_tokens * (prompt_price_per_million or 0.0)
+                + self.completion_tokens * (completion_price_per_million or 0.0)) / 1e6
+
+    def describe(self, prompt_price_per_million=None, completion_price_per_million=None):
+        text = (f"{self.requests} requests ({self.failed_requests} failed), {self.prompt_tokens:,} prompt + "
+                f"{self.completion_tokens:,} completion tokens")
+        cost = self.cost(prompt_price_per_million, completion_price_per_million)
+        return text if cost is None else f"{text}, ${cost:.4f}"
+
+
+@dataclasses.dataclass
+class Budget:
+    """Prices (USD per million prompt / completion tokens) and the spend at which to stop sending (USD, tokens)."""
+
+    prompt_price_per_million: float | None = None
+    completion_price_per_million: float | None = None
+    usd: float | None = None
+    tokens: int | None = None
+
+    def check(self, flag_prefix="--"):
+        """Raise APIError for a budget that cannot work (negative, or in USD without any price)."""
+        for name in ("prompt_price_per_million", "completion_price_per_million", "usd", "tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                flag = f"{flag_prefix}{'budget_' if name in ('usd', 'tokens') else ''}{name}"
+                raise APIError(f"{flag} must be a number >= 0; got {value!r}")
+        if self.usd is not None and self.prompt_price_per_million is None and self.completion_price_per_million is None:
+            raise APIError(f"{flag_prefix}budget_usd needs {flag_prefix}prompt_price_per_million and/or "
+                           f"{flag_prefix}completion_price_per_million")
+
+    def cost(self, usage):
+        return usage.cost(self.prompt_price_per_million, self.completion_price_per_million)
+
+    def describe(self, usage):
+        return usage.describe(self.prompt_price_per_million, self.completion_price_per_million)
+
+    def reached(self, usage):
+        if self.tokens is not None and usage.total_tokens >= self.tokens:
+            return True
+        cost = self.cost(usage)
+        return self.usd is not None and cost is not None and cost >= self.usd
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Messages: the base URL, the server's own words, the cause of a failed connection
+
+
+def check_base_url(url):
+    """`url` (or None: api.openai.com) if it is an http(s) URL with a host; else APIError saying how to fix it."""
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme not in ("http", "https"):
+        guess = f"http://{url}" if "://" not in str(url) else None
+        hint = f"; did you mean {guess}?" if guess else " (http:// or https:// only)"
+        raise APIError(f"base URL {url!r} has no http:// or https:// scheme{hint}")
+    if not parts.hostname:
+        raise APIError(f"base URL {url!r} names no host (e.g. http://localhost:8000/v1)")
+    return str(url)
+
+
+def server_message(error):
+    """The server's own explanation in an APIStatusError: error.message (OpenAI, vLLM), detail (FastAPI servers such
+    as `transformers serve`: a string or a list of validation errors), message, or the body's text."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        for key in ("message", "detail", "error", "msg"):
+            value = body.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or value.get("detail")
+            if isinstance(value, list):  # FastAPI validation errors: [{"loc": [...], "msg": ...}, ...]
+                value = "; ".join(
+                    f"{'.'.join(map(str, item.get('loc', [])))}: {item.get('msg')}" if isinstance(item, dict)
+                    else str(item) for item in value)
+            if value:
+                return str(value)
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:500]
+    response = getattr(error, "response", None)
+    if response is not None:
+        with contextlib.suppress(Exception):
+            if response.text.strip():
+                return response.text.strip()[:500]
+    return str(getattr(error, "message", error))
+
+
+def connection_failure_cause(error):
+    """A readable cause for an APIConnectionError: the deepest OSError in its chain (refused, DNS, TLS, timeout)."""
+    deepest, seen = None, set()
+    current = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) or type(current).__name__ in ("ConnectTimeout", "UnsupportedProtocol"):
+            deepest = current
+        current = current.__cause__ or current.__context__
+    if isinstance(deepest, ConnectionRefusedError):
+        return "connection refused (is the server running, on this host and port?)"
+    if isinstance(deepest, socket.gaierror):
+        return f"host name not found ({deepest.strerror or deepest})"
+    if isinstance(deepest, ssl.SSLError):
+        return f"TLS error ({deepest.reason or deepest}); http:// instead of https:// (or the reverse)?"
+    if isinstance(deepest, (TimeoutError, socket.timeout)) or type(deepest).__name__ == "ConnectTimeout":
+        return "no answer while connecting (host down, or a firewall?)"
+    if deepest is not None:
+        return str(deepest) or type(deepest).__name__
+    return type(error.__cause__ or error).__name__
+
+
+def is_context_length_error(error):
+    """A 400 saying prompt + max_tokens exceed the context window (OpenAI, vLLM, llama.cpp wordings)."""
+    message = str(getattr(error, "message", error)).lower()
+    return getattr(error, "code", None) == "context_length_exceeded" or any(
+        phrase in message for phrase in ("please reduce your prompt", "maximum context length", "context length",
+                                         "reduce the length")
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Retries made visible: the openai client logs each one on the `openai._base_client` logger; a filter on that logger
+# reads them for the requests of an APIClient (found through a context variable) and lets every other record through
+# exactly as before.
+
+_current_request = contextvars.ContextVar("api_client_request", default=None)
+_RETRY_LOGGER = "openai._base_client"
+_CAUSE_PATTERNS = {
+    "Encountered a timeout exception: %s": "timed out",
+    "Encountered exception: %s": "connection error",
+    "Encountered an HTTP status error: %i": "HTTP",
+}
+
+
+@dataclasses.dataclass(eq=False)
+class _RequestInFlight:
+    label: str
+    client: "APIClient"
+    task: asyncio.Task
+    started: float
+    cause: str = "failed"
+
+
+class _RetryObserver(logging.Filter):
+    def __init__(self, passing_level):
+        super().__init__()
+        self.passing_level = passing_level  # the logger's level before we lowered it to DEBUG
+
+    def filter(self, record):
+        request = _current_request.get()
+        if request is not None:
+            with contextlib.suppress(Exception):  # observing must never break a request
+                request.client._observe(request, record)
+        return record.levelno >= self.passing_level
+
+
+def _observe_openai_retries():
+    logger = logging.getLogger(_RETRY_LOGGER)
+    if any(isinstance(f, _RetryObserver) for f in logger.filters):
+        return
+    logger.addFilter(_RetryObserver(logger.getEffectiveLevel()))
+    logger.setLevel(logging.DEBUG)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The client
+
+
+@dataclasses.dataclass
+class Reply:
+    """One generated text and why it ended ("stop", "length", ...)."""
+
+    text: str
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class ServerQuirks:
+    """What this server refused so far; every later request is sent without it."""
+
+    max_tokens_parameter: str = "max_tokens"
+    send_logit_bias: bool = True
+    prompt_lists: bool = True  # /v1/completions takes a list of prompts (transformers serve takes one string)
+
+
+class APIClient:
+    """An `openai.AsyncOpenAI` with the checks, limits, visibility and accounting described in the module docstring.
+
+    Use it inside one event loop (`async with`). `log(text)` receives every line it prints (retries, heartbeats,
+    adaptations); the default is print to stderr. `usage` sums every request (failed ones count as requests).
+    """
+
+    def __init__(self, api_base=None, *, concurrency=8, max_retries=8, request_timeout=300.0, log=None,
+                 key_variable="OPENAI_API_KEY", base_url_variable="OPENAI_BASE_URL"):
+        self.base_url = check_base_url(api_base or os.environ.get(base_url_variable) or None)
+        api_key = os.environ.get(key_variable)
+        if not api_key:
+            if self.base_url is None:
+                raise APIError(f"{key_variable} is not set: export it (it is read from the environment only), or "
+                               "pass the base URL of a local OpenAI-compatible server (vLLM, Ollama, transformers "
+                               "serve) that needs no key")
+            api_key = "EMPTY"  # local servers ignore it, but the client requires one
+        self._secrets = [api_key] if api_key != "EMPTY" else []
+        self.request_timeout = float(request_timeout)
+        self.max_retries = int(max_retries)
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=self.max_retries,
+                                         timeout=self.request_timeout)
+        self.url = re.sub(r"//[^/@]*@", "//", str(self.client.base_url)).rstrip("/")  # no user:password@ in logs
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.quirks = ServerQuirks()
+        self.usage = Usage()
+        self.concurrency = int(concurrency)
+        self._semaphore = None
+        self._stopped = False
+        self._in_flight = set()
+        self._last_progress = time.monotonic()
+        self._heartbeat = None
+        _observe_openai_retries()
+
+    def redact(self, text):
+        """`text` with the API key masked."""
+        text = str(text)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    async def __aenter__(self):
+        self._semaphore = asyncio.Semaphore(self.concurrency)
+        self._heartbeat = asyncio.create_task(self._beat())
+        return self
+
+    async def __aexit__(self, *exc):
+        self._heartbeat.cancel()
+        with contextlib.suppress(BaseException):
+            await self._heartbeat
+        await self.client.close()
+
+    # -- before the first request
+
+    async def check_connection(self):
+        """GET /models once, without retries: a refused connection, an unknown host or a wrong scheme (and a refused
+        key, where /models needs one) is an APIError within seconds. Any other answer, even an error, means the
+        server is reachable (some servers have no /models)."""
+        quick = self.client.with_options(max_retries=0, timeout=min(self.request_timeout, CONNECTION_CHECK_TIMEOUT))
+        try:
+            await quick.models.list()
+        except openai.APITimeoutError as e:
+            if "ConnectTimeout" in repr(e.__cause__) or "ConnectTimeout" in repr(e.__context__):
+                raise APIError(f"cannot connect to {self.url}: {connection_failure_cause(e)}") from None
+            self.log(f"warning: {self.url} did not answer GET /models within {CONNECTION_CHECK_TIMEOUT:g} s; "
+                     "going on")
+        except openai.APIConnectionError as e:
+            raise APIError(f"cannot connect to {self.url}: {self.redact(connection_failure_cause(e))}") from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise self._fatal(e) from None
+        except Exception:  # noqa: BLE001 -- a 404 / 500 / odd body still proves the server is there
+            pass
+
+    # -- requests
+
+    async def complete(self, prompts, *, label="request", **params):
+        """POST /v1/completions for `prompts` (one request; the prompt as a string when there is one, as some servers
+        require). Returns ([Reply or None per prompt], Usage). If the server refuses a list of prompts, it is sent one
+        prompt per request from then on (concurrently, within the limit)."""
+        prompts = list(prompts)
+        if len(prompts) > 1 and not self.quirks.prompt_lists:
+            return await self._complete_one_by_one(prompts, label, params)
+        try:
+            response, usage = await self._create(self.client.completions.create, label,
+                                                 dict(params, prompt=prompts[0] if len(prompts) == 1 else prompts))
+        except _PromptListRefused:
+            return await self._complete_one_by_one(prompts, label, params)
+        replies = [None] * len(prompts)
+        for choice in response.choices:
+            if choice.index is not None and 0 <= choice.index < len(prompts):
+                replies[choice.index] = Reply(choice.text or "", choice.finish_reason)
+        return replies, usage
+
+    async def chat(self, messages, *, label="request", **params):
+        """POST /v1/chat/completions. Returns (Reply, Usage)."""
+        response, usage = await self._create(self.client.chat.completions.create, label,
+                                             dict(params, messages=messages))
+        choice = response.choices[0]
+        return Reply(choice.message.content or "", choice.finish_reason), usage
+
+    async def _complete_one_by_one(self, prompts, label, params):
+        """One request per prompt, concurrently; a prompt whose request failed after its retries gets None (all
+        failed: RequestFailed)."""
+        results = await asyncio.gather(*(self.complete([prompt], label=f"{label}, prompt {i + 1}", **params)
+                                         for i, prompt in enumerate(prompts)), return_exceptions=True)
+        replies, usage = [], Usage()
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, RequestFailed):
+                raise result
+            if isinstance(result, RequestFailed):
+                replies.append(None)
+                usage.add(Usage(requests=1, failed_requests=1))
+                continue
+            replies.append(result[0][0])
+            usage.add(result[1])
+        if all(reply is None for reply in replies):
+            raise next(result for result in results if isinstance(result, RequestFailed))
+        return replies, usage
+
+    def stop_sending(self):
+        """Send no more requests: those waiting for a slot fail at once (RequestFailed), and those in flight finish
+        their current attempt but are not retried."""
+        self._stopped = True
+
+    async def _create(self, create, label, params):
+        """One request through the semaphore, adapted to what the server refused so far; (response, Usage)."""
+        max_tokens = params.pop("max_tokens", None)
+        while True:
+            try:
+                async with self._semaphore:
+                    if self._stopped:
+                        raise RequestFailed("not sent: the run is over")
+                    kwargs = self._adapted(params, max_tokens)  # with what was learnt while this one waited
+                    request = _RequestInFlight(label, self, asyncio.current_task(), time.monotonic())
+                    self._in_flight.add(request)
+                    token = _current_request.set(request)
+                    try:
+                        response = await create(**kwargs)
+                    finally:
+                        _current_request.reset(token)
+                        self._in_flight.discard(request)
+                        self._last_progress = time.monotonic()
+            except openai.BadRequestError as e:
+                if is_context_length_error(e) and max_tokens is not None and max_tokens > 1:
+                    max_tokens = int(max_tokens * 0.8)
+                    self.log(f"warning: {label}: context too long; reducing max_tokens to {max_tokens} and retrying")
+                    continue
+                if self._learn_refusal(e, kwargs, label):
+                    continue
+                raise self._fatal(e) from None
+            except openai.UnprocessableEntityError as e:
+                if self._learn_refusal(e, kwargs, label):
+                    continue
+                raise self._fatal(e) from None
+            except openai.APIStatusError as e:
+                if e.status_code in RETRIED_STATUSES or e.status_code >= 500:
+                    self.usage.add(Usage(requests=1, failed_requests=1))
+                    raise RequestFailed(self.redact(f"HTTP {e.status_code}: {server_message(e)}")) from None
+                raise self._fatal(e) from None
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                self.usage.add(Usage(requests=1, failed_requests=1))
+                what = (f"no reply within {self.request_timeout:g} s" if isinstance(e, openai.APITimeoutError)
+                        else connection_failure_cause(e))
+                raise RequestFailed(self.redact(f"{type(e).__name__}: {what}")) from None
+            usage = Usage(requests=1)
+            if response.usage is not None:
+                usage.prompt_tokens = response.usage.prompt_tokens or 0
+                usage.completion_tokens = response.usage.completion_tokens or 0
+            self.usage.add(usage)
+            return response, usage
+
+    def _adapted(self, params, max_tokens):
+        kwargs = dict(params)
+        if max_tokens is not None:
+            kwargs[self.quirks.max_tokens_parameter] = max_tokens
+        if not self.quirks.send_logit_bias or not kwargs.get("logit_bias"):
+            kwargs.pop("logit_bias", None)
+        return kwargs
+
+    def _learn_refusal(self, error, kwargs, label):
+        """Adapt to a 400/422 that names a parameter this server does not take; True when the request is worth
+        sending again. A refused list of prompts raises _PromptListRefused (the caller sends them one by one)."""
+        message = server_message(error)
+        if "max_completion_tokens" in message and "max_tokens" in kwargs:
+            # OpenAI's reasoning models (o1, o3, gpt-5) refuse `max_tokens` and take `max_completion_tokens`.
+            self.quirks.max_tokens_parameter = "max_completion_tokens"
+            self.log("warning: the server wants max_completion_tokens instead of max_tokens; sending that from now on")
+            return True
+        if "logit_bias" in message and kwargs.get("logit_bias"):
+            self.quirks.send_logit_bias = False
+            self.log("warning: the server rejected logit_bias; sending requests without it")
+            return True
+        if isinstance(kwargs.get("prompt"), list) and "prompt" in message.lower():
+            if self.quirks.prompt_lists:
+                self.quirks.prompt_lists = False
+                self.log(f"warning: the server takes one prompt per request ({self.redact(message)}); sending one "
+                         "request per prompt from now on")
+            raise _PromptListRefused()
+        return False
+
+    def _fatal(self, error):
+        """An APIError with the status, the server's own message (key masked) and, for a 404 on a base URL without
+        /v1, the hint to add it."""
+        status = getattr(error, "status_code", None)
+        text = f"{self.url} answered HTTP {status}: {server_message(error)}"
+        path = urllib.parse.urlsplit(self.url).path
+        if status == 404 and not re.search(r"/v\d+(/|$)", path):
+            text += (f" -- the base URL has no /v1: OpenAI-compatible servers answer under /v1, e.g. "
+                     f"{self.url}/v1")
+        return APIError(self.redact(text))
+
+    # -- visibility
+
+    def _observe(self, request, record):
+        """Called for each log record of the openai client while `request` is being sent."""
+        template = record.msg if isinstance(record.msg, str) else ""
+        if template in _CAUSE_PATTERNS:
+            cause = _CAUSE_PATTERNS[template]
+            argument = record.args[0] if record.args else ""
+            if cause == "timed out":
+                cause = f"no reply within {self.request_timeout:g} s (timed out)"
+            elif cause == "HTTP":
+                cause = f"HTTP {argument}"
+            else:
+                cause = f"connection error ({argument})"
+            request.cause = cause
+        elif template.startswith("Retrying request in") and len(record.args) >= 3:
+            delay, attempt, total = record.args[:3]
+            self._last_progress = time.monotonic()
+            if self._stopped:  # a failed attempt costs nothing; its result is no longer wanted
+                request.task.cancel()
+                return
+            self.log(f"{request.label}: {request.cause}; retry {attempt} of {total} in {float(delay):.1f} s")
+
+    async def _beat(self):
+        while True:
+            await asyncio.sleep(min(1.0, HEARTBEAT_SECONDS / 4))
+            now = time.monotonic()
+            if not self._in_flight or now - self._last_progress < HEARTBEAT_SECONDS:
+                if not self._in_flight:
+                    self._last_progress = now
+                continue
+            oldest = max(now - request.started for request in self._in_flight)
+            self.log(f"waiting: {len(self._in_flight)} request{'s' if len(self._in_flight) > 1 else ''} in flight, "
+                     f"the oldest for {oldest:.0f} s (timeout {self.request_timeout:g} s, up to {self.max_retries} "
+                     f"retries); nothing finished in the last {now - self._last_progress:.0f} s")
+            self._last_progress = now
+
+
+class _PromptListRefused(Exception):
+    pass
