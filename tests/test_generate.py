@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -507,8 +508,12 @@ def test_ctrl_c_exits_at_once_even_with_requests_in_flight(env):
         interrupted = time.monotonic()
         out, err = process.communicate(timeout=20)
         assert time.monotonic() - interrupted < 10.0  # the hung requests would hold it for 30 s
-    assert process.returncode != 0
-    assert "rerun the same command to resume" in err
+    assert process.returncode == 130
+    # One line besides the progress bar, saying what is safe: no traceback.
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "instructions kept" not in line]
+    regen_path = os.path.join(env["output_dir"], "regen.json")
+    assert lines == [f"python -m generate_instruction: interrupted; {regen_path} holds all 0 accepted records; rerun "
+                     "the same command to resume"]
     assert API_KEY not in out + err
 
 
@@ -561,3 +566,178 @@ def test_command_line_errors_are_one_clear_line(env):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=environment)
     assert result.returncode == 2
     assert "error: OPENAI_API_KEY is not set" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chat replies as chat models write them
+
+
+def test_end_to_end_chat_dressed_as_chat_models_write(env):
+    """Bold headers, prefaces, code fences and closing remarks: regen.json is what the original algorithm makes of
+    the same tasks written plainly (the original parsed the bold ones to nothing and lost the first task after a
+    preface)."""
+    dressing = {"markdown": 0.5, "preface": 0.3, "fence": 0.2, "closing": 0.3}
+    with OpenAIServer(chat_dressing=dressing) as server:
+        records = generate(server, env, api="chat", num_instructions_to_generate=120, concurrency=1)
+    contents = [r["response"]["choices"][0]["message"]["content"] for r in server.completed_requests()]
+    assert any("**5. Input:**" in c for c in contents) and any(c.startswith("```") for c in contents)
+    assert any(gen.re.match(r"(```\n)?Sure!", c) for c in contents) and any("I hope" in c for c in contents)
+    expected = reference_regen([r["instruction"] for r in SAMPLE_RECORDS], [], replies_from_server(server), 120)
+    assert_same_records(records, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs that stop, settings refused before anything is spent
+
+
+@pytest.mark.parametrize("api, requests_per_round", [("completions", 1), ("chat", 5)])
+def test_replies_without_tasks_stop_the_run_with_a_reply_and_the_causes(env, api, requests_per_round):
+    """A model that answers anything but tasks once looped forever (885 requests in 20 s, "kept 0" each round)."""
+    with OpenAIServer(content_faults={"garbage": 1.0}) as server:
+        with pytest.raises(gen.GenerationError) as raised:
+            generate(server, env, api=api, num_instructions_to_generate=10_000, concurrency=8)
+    message = str(raised.value)
+    assert message.startswith("3 rounds in a row kept no instruction (0 tasks parsed; last round: parsed 0 tasks, "
+                              "dropped 0, 0 near-duplicates, kept 0). Likely cause: the replies hold no task in the "
+                              "prompt's format (N. Instruction: / N. Input: / N. Output:)")
+    assert re.search(r'A reply \(\d+ characters\): "Sure! [a-z ]+"\.', message)
+    assert message.endswith("regen.json holds all 0 accepted records; rerun the same command to resume")
+    # Before the first kept task, no more rounds are sent than the empty ones that stop the run.
+    assert len(server.requests) == 3 * requests_per_round
+
+
+def run_command(argv):
+    """The command line `python -m generate_instruction ARGV`, in this process (cli.main, as __main__ runs it)."""
+    import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main({"deduplicate": gen.deduplicate,
+                  "generate_instruction_following_data": gen.generate_instruction_following_data},
+                 user_errors=(gen.GenerationError, gen.APIError, gen.utils.AlpacaDataError), argv=argv,
+                 prog="python -m generate_instruction")
+    return exited.value.code
+
+
+def test_replies_without_tasks_stop_the_command_with_one_error(env, capsys):
+    with OpenAIServer(content_faults={"garbage": 1.0}) as server:
+        code = run_command(["generate_instruction_following_data", "--output_dir", env["output_dir"],
+                            "--seed_tasks_path", env["seed_tasks_path"], "--prompt_path", env["prompt_path"],
+                            "--model_name", "m", "--api", "chat", "--api_base", server.base_url,
+                            "--max_empty_rounds", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 rounds in a row kept no instruction")
+    assert len(server.requests) == 10
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(num_prompt_instructions=19), "--num_prompt_instructions 19 leaves no task to generate: the prompt lists 20 "
+                                       "tasks and every reply stops before task 20, so use at most 18"),
+    (dict(api_base="localhost:8000/v1"), "base URL 'localhost:8000/v1' has no http:// or https:// scheme; did you "
+                                         "mean http://localhost:8000/v1?"),
+    (dict(api_base="ftp://example.com/v1"), "has no http:// or https:// scheme (http:// or https:// only)"),
+    (dict(temperature=-1), "--temperature must be a number >= 0; got -1"),
+    (dict(concurrency=0), "--concurrency must be an integer >= 1; got 0"),
+    (dict(budget_tokens=-5), "--budget_tokens must be a number >= 0; got -5"),
+    (dict(logit_bias='{"x": 1}'), "--logit_bias must map token ids to integer biases"),
+    (dict(similarity_threshold=2), "threshold must be a number between 0 and 1"),
+])
+def test_impossible_settings_are_refused_before_anything_is_read_or_sent(env, flags, message):
+    with OpenAIServer() as server:
+        with pytest.raises((gen.GenerationError, api_client.APIError, ValueError)) as raised:
+            generate(server, env, **flags)
+    assert message in str(raised.value)
+    assert server.requests == [] and not os.path.exists(env["output_dir"])
+
+
+@pytest.mark.parametrize("flag, closest", [("--budget", "--budget_usd"),
+                                           ("--num_instruction_to_generate", "--num_instructions_to_generate")])
+def test_a_misspelled_flag_stops_the_command_before_any_request(env, flag, closest, capsys):
+    """--budget 0.001 (for --budget_usd) once ran a whole paid run, then complained."""
+    with OpenAIServer() as server:
+        code = run_command(["generate_instruction_following_data", "--output_dir", env["output_dir"],
+                            "--seed_tasks_path", env["seed_tasks_path"], "--model_name", "m", "--api_base",
+                            server.base_url, flag, "0.001"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"python -m generate_instruction: unknown flag {flag} (did you mean "
+                                               f"{closest}?); see --help for the flags")
+    assert server.requests == [] and not os.path.exists(env["output_dir"])
+
+
+@pytest.mark.parametrize("api, most_requests", [("chat", 10), ("completions", 2)])
+def test_a_small_target_sends_at_most_two_rounds(env, api, most_requests):
+    """--num_instructions_to_generate 20 once sent 23 chat requests, of which 5 were used."""
+    with OpenAIServer(latency=0.05) as server:
+        records = generate(server, env, api=api, num_instructions_to_generate=20, concurrency=8)
+    assert len(records) >= 20 and len(server.requests) <= most_requests
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Progress, retries and stalls are visible; the server's own words; connection problems in seconds
+
+
+def test_timeouts_and_retries_are_said_at_once_with_the_attempt(env, capsys):
+    with OpenAIServer(hang_seconds=3.0, retry_after="0.05") as server:
+        server.script = ["hang", "429", "500"]
+        generate(server, env, num_instructions_to_generate=5, request_batch_size=1, request_timeout=1.0,
+                 concurrency=1, max_retries=4)
+    err = capsys.readouterr().err
+    assert re.search(r"round 1, request 1: no reply within 1 s \(timed out\); retry 1 of 4 in [\d.]+ s\n", err)
+    assert re.search(r"round 1, request 1: HTTP 429; retry 2 of 4 in [\d.]+ s\n", err)
+    assert re.search(r"round 1, request 1: HTTP 500; retry 3 of 4 in [\d.]+ s\n", err)
+
+
+def test_a_heartbeat_says_what_is_in_flight_when_nothing_finishes(env, capsys, monkeypatch):
+    monkeypatch.setattr(api_client, "HEARTBEAT_SECONDS", 0.4)
+    with OpenAIServer(latency=1.5) as server:
+        generate(server, env, num_instructions_to_generate=5, request_batch_size=1, concurrency=1)
+    assert re.search(r"waiting: 1 request in flight, the oldest for \d+ s \(timeout 5 s, up to 4 retries\); nothing "
+                     r"finished in the last \d+ s", capsys.readouterr().err)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("host, cause", [("127.0.0.1:{port}", "connection refused (is the server running, on this "
+                                                              "host and port?)"),
+                                         ("no-such-host.invalid", "host name not found")])
+def test_a_server_that_cannot_be_reached_stops_the_run_in_seconds(env, host, cause):
+    """A refused connection once took 34 s to its first message ("Connection error.", no URL, no cause) and 69 s to
+    stop."""
+    url = f"http://{host.format(port=free_port())}/v1"
+    started = time.monotonic()
+    with pytest.raises(gen.GenerationError) as raised:
+        gen.generate_instruction_following_data(**env, model_name="m", api_base=url, max_retries=8)
+    assert time.monotonic() - started < 10
+    assert str(raised.value).startswith(f"cannot connect to {url}: {cause}")
+
+
+def test_a_404_from_a_base_url_without_v1_says_to_add_it(env):
+    with OpenAIServer() as server:
+        root = server.base_url.removesuffix("/v1")
+        with pytest.raises(gen.GenerationError) as raised:
+            generate(server, env, api_base=root)
+    assert str(raised.value).startswith(f"{root} answered HTTP 404: Not Found -- the base URL has no /v1: "
+                                        f"OpenAI-compatible servers answer under /v1, e.g. {root}/v1. ")
+    assert len(server.requests) <= 2  # the rounds sent before the first answer; no more
+
+
+def test_one_prompt_is_sent_as_a_string_and_a_server_refusing_lists_gets_one_prompt_per_request(env, capsys):
+    with OpenAIServer(prompt_lists=False) as server:
+        generate(server, env, num_instructions_to_generate=5, request_batch_size=1, concurrency=1)
+    assert all(isinstance(r["body"]["prompt"], str) for r in server.requests)
+    with OpenAIServer(prompt_lists=False) as server:
+        records = generate(server, env, output_dir=env["output_dir"] + "2", num_instructions_to_generate=150,
+                           concurrency=2)
+    lists = [r for r in server.requests if not isinstance(r["body"]["prompt"], str)]
+    # the requests sent before the first refusal came back (up to --concurrency), then one prompt per request
+    assert 1 <= len(lists) <= 2 and all(r["outcome"] == "400" and len(r["body"]["prompt"]) == 5 for r in lists)
+    assert all(r["outcome"] == "ok" for r in server.requests if r not in lists)
+    assert len(records) >= 150
+    err = capsys.readouterr().err
+    assert err.count("warning: the server takes one prompt per request (prompt must be a string.); sending one "
+                     "request per prompt from now on") == 1
