@@ -398,7 +398,8 @@ class RequestSettings:
     logit_bias: dict | None
 
     def params(self, request_seed):
-        params = dict(model=self.model_name, temperature=self.temperature, top_p=self.top_p, n=1,
+        # (n=1, which the original also sent, is the default: left out, as some servers warn about it.)
+        params = dict(model=self.model_name, temperature=self.temperature, top_p=self.top_p,
                       max_tokens=self.max_tokens, stop=STOP_SEQUENCES)
         if request_seed is not None:
             params["seed"] = request_seed

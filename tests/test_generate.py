@@ -215,7 +215,7 @@ def test_end_to_end_completions_matches_the_original_algorithm(env, capsys):
     assert all(r["path"] == "/v1/completions" for r in server.requests)
     body = requests[0]["body"]
     assert len(body["prompt"]) == 5  # all prompts of a round in one request, as the original
-    assert body["stop"] == ["20. Instruction", "20. **Instruction"] and body["max_tokens"] == 3072 and body["n"] == 1
+    assert body["stop"] == ["20. Instruction", "20. **Instruction"] and body["max_tokens"] == 3072 and "n" not in body
     assert body["temperature"] == 1.0 and body["top_p"] == 1.0 and isinstance(body["seed"], int)
     assert "logit_bias" not in body  # not an OpenAI completion model: its token ids are unknown
     for prompt in body["prompt"]:

@@ -1,0 +1,169 @@
+"""api_client.py on its own, as the scripts that reuse it see it: the server's own words in every fatal error (however
+the server words it), prompts sent as the server wants them, usage and budgets, base-URL checks, stopping cleanly.
+
+Real HTTP on 127.0.0.1 with the real `openai` client: a server that answers each request with a canned response.
+"""
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import api_client
+from api_client import APIClient, APIError, Budget, RequestFailed, Usage
+
+
+class CannedServer:
+    """Answers POSTs with the next (status, body) of `responses` (a dict body is sent as JSON, a str as text), the
+    last one forever; records each request body."""
+
+    def __init__(self, responses, delay=0.0):
+        self.responses, self.delay, self.bodies = list(responses), delay, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # GET /models: the connection check
+                self._send(404, {"detail": "Not Found"})
+
+            def do_POST(self):
+                server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                threading.Event().wait(server.delay)
+                self._send(*(server.responses.pop(0) if len(server.responses) > 1 else server.responses[0]))
+
+            def _send(self, status, body):
+                data = json.dumps(body).encode() if isinstance(body, dict) else body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json" if isinstance(body, dict) else "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def completion(*texts, usage=(10, 5)):
+    return {"id": "x", "object": "text_completion", "created": 0, "model": "m",
+            "choices": [{"index": i, "text": t, "finish_reason": "stop"} for i, t in texts],
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}}
+
+
+def chat_reply(text):
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+
+
+def run(server, coroutine_function, **client_options):
+    async def main():
+        async with APIClient(server.base_url, max_retries=0, request_timeout=10, log=lambda text: None,
+                             **client_options) as api:
+            return await coroutine_function(api)
+    return asyncio.run(main())
+
+
+@pytest.fixture(autouse=True)
+def key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+
+
+@pytest.mark.parametrize("status, body, message", [
+    (400, {"error": {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error"}},
+     "answered HTTP 400: Invalid value for 'temperature'."),  # OpenAI, vLLM
+    (400, {"detail": "prompt must be a string."}, "answered HTTP 400: prompt must be a string."),  # FastAPI
+    (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]},
+     "answered HTTP 422: body.messages: Field required"),  # FastAPI validation
+    (403, "Blocked by the proxy.", "answered HTTP 403: Blocked by the proxy."),  # plain text
+    (401, {"error": {"message": "Incorrect API key provided: sk-secret-123."}},
+     "answered HTTP 401: Incorrect API key provided: ***."),  # the key, echoed, is masked
+])
+def test_a_fatal_error_shows_the_servers_own_message(status, body, message):
+    with CannedServer([(status, body)]) as server:
+        with pytest.raises(APIError) as raised:
+            run(server, lambda api: api.chat([{"role": "user", "content": "hi"}], model="m"))
+    assert str(raised.value) == f"{server.base_url} {message}"
+
+
+def test_one_prompt_goes_as_a_string_several_as_a_list_replies_by_index():
+    with CannedServer([(200, completion((0, "only"))), (200, completion((1, "second"), (0, "first")))]) as server:
+        async def both(api):
+            return await api.complete(["p"], model="m"), await api.complete(["p1", "p2"], model="m", max_tokens=9)
+        (one, usage_one), (two, usage_two) = run(server, both)
+    assert server.bodies[0]["prompt"] == "p" and server.bodies[1]["prompt"] == ["p1", "p2"]
+    assert server.bodies[1]["max_tokens"] == 9
+    assert [r.text for r in one] == ["only"] and [r.text for r in two] == ["first", "second"]
+    assert usage_one == Usage(requests=1, prompt_tokens=10, completion_tokens=5)
+
+
+def test_a_server_refusing_prompt_lists_gets_one_request_per_prompt_from_then_on():
+    responses = [(400, {"detail": "prompt must be a string."})] + [(200, completion((0, f"r{i}"))) for i in range(4)]
+    with CannedServer(responses) as server:
+        async def twice(api):
+            first, _ = await api.complete(["a", "b"], model="m")
+            second, _ = await api.complete(["c", "d"], model="m")
+            return first + second, api.usage
+        replies, total = run(server, twice, concurrency=1)
+    assert [body["prompt"] for body in server.bodies] == [["a", "b"], "a", "b", "c", "d"]
+    assert [reply.text for reply in replies] == ["r0", "r1", "r2", "r3"] and total.requests == 4
+
+
+def test_chat_reply_and_usage():
+    with CannedServer([(200, chat_reply("hello"))]) as server:
+        reply, usage = run(server, lambda api: api.chat([{"role": "user", "content": "hi"}], model="m"))
+    assert (reply.text, reply.finish_reason) == ("hello", "length")
+    assert usage.describe(1.0, 2.0) == "1 requests (0 failed), 7 prompt + 3 completion tokens, $0.0000"
+
+
+def test_a_request_that_keeps_failing_is_a_request_failed_with_the_servers_words():
+    with CannedServer([(503, {"error": {"message": "Overloaded, try later."}})]) as server:
+        with pytest.raises(RequestFailed, match=r"HTTP 503: Overloaded, try later\."):
+            run(server, lambda api: api.chat([{"role": "user", "content": "hi"}], model="m"))
+
+
+def test_after_stop_sending_waiting_requests_are_not_sent():
+    with CannedServer([(200, chat_reply("ok"))], delay=0.3) as server:
+        async def main(api):
+            calls = [asyncio.create_task(api.chat([{"role": "user", "content": str(i)}], model="m")) for i in range(3)]
+            await asyncio.sleep(0.1)  # the first is in flight, two wait for the one slot
+            api.stop_sending()
+            return await asyncio.gather(*calls, return_exceptions=True)
+        results = run(server, main, concurrency=1)
+    assert results[0][0].text == "ok" and all(isinstance(r, RequestFailed) for r in results[1:])
+    assert len(server.bodies) == 1
+
+
+@pytest.mark.parametrize("url, message", [
+    ("localhost:8000/v1", "no http:// or https:// scheme; did you mean http://localhost:8000/v1?"),
+    ("ftp://host/v1", "no http:// or https:// scheme (http:// or https:// only)"),
+    ("http:///v1", "names no host"),
+])
+def test_base_url_checks(url, message):
+    with pytest.raises(APIError, match=message.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):
+        api_client.check_base_url(url)
+    assert api_client.check_base_url("https://api.openai.com/v1") == "https://api.openai.com/v1"
+
+
+def test_budget():
+    usage = Usage(requests=2, prompt_tokens=600_000, completion_tokens=200_000)
+    assert Budget(1.5, 2.0, usd=1.3).reached(usage) and not Budget(1.5, 2.0, usd=1.31).reached(usage)
+    assert Budget(tokens=800_000).reached(usage) and not Budget(tokens=800_001).reached(usage)
+    with pytest.raises(APIError, match="--budget_usd needs --prompt_price_per_million"):
+        Budget(usd=5).check()
+    with pytest.raises(APIError, match="--budget_tokens must be a number >= 0"):
+        Budget(tokens=-1).check()

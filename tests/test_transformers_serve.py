@@ -1,0 +1,129 @@
+"""Stage 1 against a real OpenAI-compatible server: `transformers serve` hosting the tiny fixture Llama on 127.0.0.1.
+
+The model (random weights, a chat template added) writes gibberish, which is the point: both APIs must get through
+the protocol (a completions server that takes one prompt per request, its FastAPI-style errors), and a model whose
+replies hold no task must stop the run after 3 rounds with its message, instead of paying for rounds forever.
+The server is started once for this module (about 10 s) from a local folder, offline, on a free port.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import generate_instruction as gen
+from conftest import SAMPLE_RECORDS
+from test_generate import PROMPT_HEADER, write_seed_tasks
+
+CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+STARTUP_TIMEOUT = 120
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def healthy(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory, tiny_llama_dir, hf_tokenizer_dir):
+    """(base URL, model name = the folder it serves, log path) of `transformers serve` on the tiny Llama."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("served_model")
+    for path in tiny_llama_dir.iterdir():
+        shutil.copy(path, folder / path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_tokenizer_dir))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+
+    log_path = folder.parent / "serve.log"
+    port = free_port()
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false",
+                       OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
+             "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=environment)
+    started = time.monotonic()
+    try:
+        while not healthy(f"http://127.0.0.1:{port}/health"):
+            if process.poll() is not None or time.monotonic() - started > STARTUP_TIMEOUT:
+                pytest.fail(f"transformers serve did not start (exit code {process.poll()}):\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        print(f"transformers serve answered /health after {time.monotonic() - started:.1f} s")
+        yield f"http://127.0.0.1:{port}/v1", str(folder), log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server: the placeholder key is sent
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    prompt_path = tmp_path / "prompt.txt"  # a short header: prompts stay within the tiny model's 512 positions
+    prompt_path.write_text(PROMPT_HEADER, encoding="utf-8")
+    return {"seed_tasks_path": write_seed_tasks(tmp_path / "seed_tasks.jsonl", SAMPLE_RECORDS),
+            "prompt_path": str(prompt_path), "output_dir": str(tmp_path / "out")}
+
+
+def generate(served_model, env, **kwargs):
+    base_url, model_name, _ = served_model
+    args = dict(env, model_name=model_name, api_base=base_url, seed=0, num_instructions_to_generate=20,
+                max_tokens=16, request_timeout=60.0, max_retries=1, concurrency=4)
+    args.update(kwargs)
+    gen.generate_instruction_following_data(**args)
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_replies_without_tasks_stop_the_run_after_three_rounds(served_model, env, api, capsys):
+    with pytest.raises(gen.GenerationError) as raised:
+        generate(served_model, env, api=api)
+    message = str(raised.value)
+    assert message.startswith("3 rounds in a row kept no instruction (0 tasks parsed")
+    assert "Likely cause: the replies hold no task in the prompt's format" in message
+    assert re.search(r"A reply \((\d+) characters\): \".+\"\.", message)
+    assert json.loads(open(os.path.join(env["output_dir"], "regen.json")).read()) == []
+    out, err = capsys.readouterr()
+    # The protocol went through: every round's requests were answered, with tokens generated.
+    rounds = re.findall(r"Usage: round (\d+) requests \((\d+) failed\), ([\d,]+) prompt \+ ([\d,]+) completion", out)
+    assert len(rounds) == 3
+    assert all(int(failed) == 0 and int(completion.replace(",", "")) > 0 for _, failed, _, completion in rounds)
+    if api == "completions":  # transformers serve takes one prompt per request: the client adapts, once
+        assert err.count("warning: the server takes one prompt per request (prompt must be a string.)") == 1
+        assert all(requests == "5" for requests, *_ in rounds)
+
+
+def test_the_servers_own_message_is_shown(served_model, env):
+    with pytest.raises(gen.GenerationError) as raised:
+        generate(served_model, env, model_name="gpt-4o-mini", api="chat")
+    base_url, model_name, _ = served_model
+    assert str(raised.value).startswith(f"{base_url} answered HTTP 400: Server is pinned to '{model_name}'; "
+                                        "requested 'gpt-4o-mini'.")
+    root = base_url.removesuffix("/v1")
+    with pytest.raises(gen.GenerationError) as raised:
+        generate(served_model, env, api_base=root, api="completions")
+    assert str(raised.value).startswith(f"{root} answered HTTP 404: Not Found -- the base URL has no /v1")
