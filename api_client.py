@@ -309,8 +309,7 @@ class APIClient:
 
     async def __aexit__(self, *exc):
         self._heartbeat.cancel()
-        with contextlib.suppress(BaseException):
-            await self._heartbeat
+        await asyncio.gather(self._heartbeat, return_exceptions=True)
         await self.client.close()
 
     # -- before the first request
@@ -319,14 +318,13 @@ class APIClient:
         """GET /models once, without retries: a refused connection, an unknown host or a wrong scheme (and a refused
         key, where /models needs one) is an APIError within seconds. Any other answer, even an error, means the
         server is reachable (some servers have no /models)."""
-        quick = self.client.with_options(max_retries=0, timeout=min(self.request_timeout, CONNECTION_CHECK_TIMEOUT))
+        timeout = min(self.request_timeout, CONNECTION_CHECK_TIMEOUT)
         try:
-            await quick.models.list()
+            await self.client.with_options(max_retries=0, timeout=timeout).models.list()
         except openai.APITimeoutError as e:
             if "ConnectTimeout" in repr(e.__cause__) or "ConnectTimeout" in repr(e.__context__):
                 raise APIError(f"cannot connect to {self.url}: {connection_failure_cause(e)}") from None
-            self.log(f"warning: {self.url} did not answer GET /models within {CONNECTION_CHECK_TIMEOUT:g} s; "
-                     "going on")
+            self.log(f"warning: {self.url} did not answer GET /models within {timeout:g} s; going on")
         except openai.APIConnectionError as e:
             raise APIError(f"cannot connect to {self.url}: {self.redact(connection_failure_cause(e))}") from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:

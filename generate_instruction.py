@@ -504,26 +504,28 @@ class RoundQueue:
             self.next_index += 1
 
     async def next_done(self):
-        """The oldest round if all its requests are done; else wait until some request is done and return None. A
-        fatal error (APIError) in any request is raised at once."""
+        """The oldest round if all its requests are done (it stays first in `pending` until the caller pops it); else
+        wait until some request is done and return None. A fatal error (APIError) in any request is raised at once."""
         if self.pending[0].done():
-            return self.pending.popleft()
+            return self.pending[0]
         unfinished = [r for round_ in self.pending for r in round_.requests if not r.done()]
         done, _ = await asyncio.wait(unfinished, return_when=asyncio.FIRST_COMPLETED)
         for request in done:
             request.result()  # raises a fatal error now, not when its round's turn comes
         return None
 
-    async def finish(self):
-        """Send nothing more; wait for the requests in flight (they are paid for: their usage counts)."""
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, error_type, *_):
+        """Send nothing more. After an error or Ctrl-C, abandon the requests in flight (regen.json is complete);
+        else wait for them: they are paid for, so their usage counts."""
         requests = [request for round_ in self.pending for request in round_.requests]
         self.api.stop_sending()
-        await asyncio.gather(*requests, return_exceptions=True)
-
-    def abandon(self):
-        for round_ in self.pending:
-            for request in round_.requests:
+        if error_type is not None:
+            for request in requests:
                 request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
 
 
 @dataclasses.dataclass
@@ -716,27 +718,25 @@ def generate_instruction_following_data(
 
 async def run_rounds(api, plan, settings, progress, regen, novelty_filter, budget, bar):
     """Send rounds ahead, and apply each in round order: parse, filter, write regen.json, print what it yielded."""
-    async with api:
+    async with api, RoundQueue(api, plan, settings, api.concurrency) as queue:
         await api.check_connection()
         bar.write(f"Generating with {settings.model_name} at {api.url} ({settings.api} API), up to "
                   f"{api.concurrency} requests in flight")
-        queue = RoundQueue(api, plan, settings, api.concurrency)
         budget_reached = False
-        try:
-            while len(regen) < progress.target:
-                if not budget_reached and budget.reached(api.usage):
-                    budget_reached = True
-                    bar.write(f"Budget reached ({budget.describe(api.usage)}); finishing the requests in flight")
-                queue.top_up(0 if budget_reached else progress.rounds_wanted(regen, plan))
-                if not queue.pending:
-                    break
-                round_ = await queue.next_done()
-                if round_ is not None:
-                    apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
-        except BaseException:
-            queue.abandon()  # an error or Ctrl-C: regen.json is complete, the requests in flight are not needed
-            raise
-        await queue.finish()
+        while len(regen) < progress.target:
+            if not budget_reached and budget.reached(api.usage):
+                budget_reached = True
+                bar.write(f"Budget reached ({budget.describe(api.usage)}); finishing the requests in flight")
+            wanted = 0 if budget_reached else progress.rounds_wanted(regen, plan)
+            queue.top_up(wanted)
+            if not queue.pending:
+                break
+            round_ = await queue.next_done()
+            if round_ is None:
+                continue
+            queue.top_up(wanted)  # requests go out, and come back, while this round is processed in a thread
+            await asyncio.to_thread(apply_round, round_, plan, progress, regen, novelty_filter, budget, api, bar)
+            queue.pending.popleft()
 
 
 def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar):

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,11 @@ import pytest
 
 import generate_instruction as gen
 from conftest import SAMPLE_RECORDS
-from test_generate import PROMPT_HEADER, write_seed_tasks
+from test_generate import PROMPT_HEADER, free_port, write_seed_tasks
 
 CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 STARTUP_TIMEOUT = 120
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def healthy(url):
