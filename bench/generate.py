@@ -16,7 +16,6 @@
     python bench/generate.py --pool_sizes=1000,10000  # quicker
 """
 
-import json
 import os
 import random
 import shutil

@@ -77,7 +77,7 @@ def test_generated_replies_give_the_original_decisions():
     by the stop sequences or at a random token for length, for 0 to 12 prompt tasks: identical tasks, in order."""
     rng = random.Random(0)
     compared = kept = 0
-    for case in range(600):
+    for case in range(300):
         n = rng.randint(0, 12)
         prompt = gen.encode_prompt(rng.sample(SAMPLE_RECORDS, n), prompt_path=__file__) if n else "1. Instruction:"
         text, _ = apply_stop(make_reply(prompt, rng, DEFAULT_TASK_MIX), gen.STOP_SEQUENCES)
@@ -89,7 +89,7 @@ def test_generated_replies_give_the_original_decisions():
         assert ours(text, finish_reason, n) == expected, (n, finish_reason, text)
         compared += 1
         kept += len(expected)
-    assert compared == 600 and kept > 4_000
+    assert compared == 300 and kept > 2_000
 
 
 def test_malformed_tasks_are_dropped_with_a_reason():
