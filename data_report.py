@@ -160,7 +160,7 @@ def verb_object(doc, lemmatize=default_lemma):
     if root.pos_ != "VERB":
         return None, None
     particles = [child for child in root.children if child.dep_ == "prt"]
-    verb = " ".join([lemmatize(root)] + [particle.lower_ for particle in particles])
+    verb = " ".join([lemmatize(root)] + [particle.text.lower() for particle in particles])
     for child in root.children:
         if child.dep_ in OBJECT_DEPS and child.pos_ in OBJECT_POS:
             return verb, lemmatize(child)
@@ -170,8 +170,8 @@ def verb_object(doc, lemmatize=default_lemma):
             if child.dep_ == "prep" and child.i == after_particle:
                 for pobj in child.children:
                     if pobj.dep_ == "pobj" and pobj.pos_ in OBJECT_POS:
-                        return f"{verb} {child.lower_}", lemmatize(pobj)
-                return f"{verb} {child.lower_}", None
+                        return f"{verb} {child.text.lower()}", lemmatize(pobj)
+                return f"{verb} {child.text.lower()}", None
     return verb, None
 
 
@@ -370,38 +370,52 @@ def _radial_label(ax, text, theta1, theta2, radius, size, color="black", weight=
             ha="center", va="center", fontsize=size, color=color, fontweight=weight)
 
 
-def plot_verb_noun(rings, title, counts_line):
-    """The two-ring chart: inner ring the top verbs (by verb-noun pairs), outer ring each verb's top objects. Each
-    wedge's angle is its share of all verb-noun pairs; the rest of a verb's pairs is the light unlabelled part of its
-    outer wedge, and the pairs of every other verb one grey wedge."""
+def plot_verb_noun(rings, title, counts_line, draw_other=False):
+    """The two-ring chart: inner ring the top verbs, outer ring each verb's top objects.
+
+    By default, as the Alpaca and self-instruct figures, the circle is the pairs shown (each verb's wedge is the sum
+    of its objects' wedges) and what is left out is said in the chart's subtitle. With draw_other, the angles are
+    shares of all verb-noun pairs: a verb's other objects are the light unlabelled part of its outer wedge, and the
+    other verbs one grey wedge.
+    """
     import matplotlib
 
     figure = _figure(7.2, 7.9)
-    ax = figure.add_axes([0.0, 0.0, 1.0, 0.9])
+    ax = figure.add_axes([0.0, 0.0, 1.0, 0.895])
     ax.set_aspect("equal")
     ax.axis("off")
-    figure.text(0.5, 0.965, title, ha="center", va="center", fontsize=13, fontweight="bold")
-    figure.text(0.5, 0.925, counts_line, ha="center", va="center", fontsize=9, color="0.25")
+    figure.text(0.5, 0.972, title, ha="center", va="center", fontsize=13, fontweight="bold")
+    shown = sum(obj["count"] for verb in rings["verbs"] for obj in verb["objects"])
+    if rings["pairs"]:
+        left_out = ("the other verbs and objects are drawn in grey" if draw_other else
+                    f"shown: {shown:,} pairs ({100 * shown / rings['pairs']:.0f}%), the top {len(rings['verbs'])} "
+                    f"verbs' top objects")
+        counts_line += f"\n{rings['pairs']:,} verb-noun pairs; {left_out}"
+    figure.text(0.5, 0.922, counts_line, ha="center", va="center", fontsize=9, color="0.25", linespacing=1.5)
     if rings["pairs"] == 0:
         ax.text(0, 0, "no verb-noun pairs found", ha="center", va="center", fontsize=12)
         return figure
-    palette = matplotlib.colormaps["tab20"].colors
-    palette = palette[0:14:2] + palette[16::2] + palette[1:14:2] + palette[17::2]  # strong, then light; no greys
+    # 23 distinct colours, no greys (grey is "other"): tab10, then Dark2 and Set2.
+    palette = [c for name in ("tab10", "Dark2", "Set2") for c in matplotlib.colormaps[name].colors
+               if max(c[:3]) - min(c[:3]) > 0.05]
+    verbs = rings["verbs"]
+    if not draw_other:  # wedges by size, as the original figure (plotly's sunburst sorts them)
+        verbs = sorted(verbs, key=lambda verb: -sum(obj["count"] for obj in verb["objects"]))
     inner, inner_colors, outer, outer_colors, outer_labels = [], [], [], [], []
-    for rank, verb in enumerate(rings["verbs"]):
+    for rank, verb in enumerate(verbs):
         color = palette[rank % len(palette)]
-        inner.append(verb["count"])
+        inner.append(verb["count"] if draw_other else sum(obj["count"] for obj in verb["objects"]))
         inner_colors.append(color)
         for obj in verb["objects"]:
             outer.append(obj["count"])
             outer_colors.append(_mix(color, 0.35))
             outer_labels.append(obj["object"])
-        if verb["other_objects"]:
+        if draw_other and verb["other_objects"]:
             outer.append(verb["other_objects"])
             outer_colors.append(_mix(color, 0.78))
             outer_labels.append(None)
     other = rings["other_verbs"]
-    if other["count"]:
+    if draw_other and other["count"]:
         inner.append(other["count"])
         inner_colors.append("0.82")
         outer.append(other["count"])
@@ -412,11 +426,11 @@ def plot_verb_noun(rings, title, counts_line):
                              wedgeprops=dict(width=0.36, edgecolor="white", linewidth=1.0), **common)
     outer_wedges, _ = ax.pie(outer, radius=1.0, colors=outer_colors,
                              wedgeprops=dict(width=0.36, edgecolor="white", linewidth=0.6), **common)
-    for wedge, verb in zip(inner_wedges, rings["verbs"]):
+    for wedge, verb in zip(inner_wedges, verbs):
         span = wedge.theta2 - wedge.theta1
         if span >= 3.2:
             _radial_label(ax, verb["verb"], wedge.theta1, wedge.theta2, 0.46, 9 if span >= 5 else 7, weight="bold")
-    if other["count"]:
+    if draw_other and other["count"]:
         wedge = inner_wedges[-1]
         if wedge.theta2 - wedge.theta1 >= 6:
             _radial_label(ax, f"{other['verbs']:,} other verbs", wedge.theta1, wedge.theta2, 0.46, 8, color="0.3")
@@ -424,7 +438,8 @@ def plot_verb_noun(rings, title, counts_line):
         span = wedge.theta2 - wedge.theta1
         if label is not None and span >= 1.9:
             _radial_label(ax, label, wedge.theta1, wedge.theta2, 0.82, 8 if span >= 2.8 else 6.5)
-    ax.text(0, 0, f"{rings['pairs']:,}\nverb-noun\npairs", ha="center", va="center", fontsize=9, color="0.25")
+    ax.text(0, 0, f"{rings['pairs'] if draw_other else shown:,}\nverb-noun\npairs", ha="center", va="center",
+            fontsize=9, color="0.25")
     ax.set_xlim(-1.02, 1.02)
     ax.set_ylim(-1.02, 1.02)
     return figure
@@ -458,7 +473,8 @@ def plot_lengths(lengths, unit):
         values = np.asarray(values)
         if values.size:
             top = max(1, int(np.ceil(np.percentile(values, 99))))
-            ax.hist(np.minimum(values, top), bins=min(40, top + 1), range=(0, top + 1), color=colors[field],
+            width = -(-(top + 1) // 40)  # whole numbers per bar, at most 40 bars
+            ax.hist(np.minimum(values, top), bins=np.arange(0, top + width + 1, width), color=colors[field],
                     edgecolor="white", linewidth=0.4)
             longer = int((values > top).sum())
             ax.set_title(f"{titles[field]}: median {np.median(values):g}", fontsize=10)
@@ -551,7 +567,7 @@ def figure_rows(numbers):
 
 
 def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_core_web_sm", top_verbs=20,
-                top_objects=4, tokenizer=None, n_process=None, quiet=False):
+                top_objects=4, draw_other=False, tokenizer=None, n_process=None, quiet=False):
     """Write a data report of an instruction dataset: the verb-noun chart, ROUGE-L to the seeds, lengths.
 
     Into output_dir: report.html (one self-contained page: a table of the figures and every picture embedded),
@@ -575,6 +591,9 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
             ruler run.
         top_verbs: verbs in the chart's inner ring (the most frequent, by verb-noun pairs; 20 as the Alpaca figure).
         top_objects: objects shown for each verb in the outer ring (4 as the Alpaca figure).
+        draw_other: draw the verb-noun pairs left out of the chart too, so that the angles are shares of all pairs:
+            a verb's other objects as the light part of its outer wedge, the other verbs as one grey wedge. By default,
+            as the Alpaca figure, the circle is the pairs shown, and the subtitle says what share of all pairs that is.
         tokenizer: count lengths in tokens of this Hugging Face tokenizer (a name or folder) instead of words.
         n_process: processes for the parse (default: every CPU this process may use for 5,000 instructions or more,
             else 1).
@@ -586,10 +605,14 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
             raise ReportError(f"--{name} must be a whole number of at least 1, got {value!r}")
     if n_process is not None and (isinstance(n_process, bool) or not isinstance(n_process, int) or n_process < 1):
         raise ReportError(f"--n_process must be a whole number of at least 1, got {n_process!r}")
+    if not isinstance(draw_other, bool):
+        raise ReportError(f"--draw_other takes no value (or True / False), got {draw_other!r}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ReportError(f"--output_dir {output_dir}: exists and is not a folder")
 
     records = load_tasks(data_path)
+    if not records:
+        raise ReportError(f"{data_path}: no records")
     seeds = load_tasks(seed_tasks_path) if seed_tasks_path is not None else None
     unit, count_lengths = length_counter(tokenizer)
     nlp = load_parser(spacy_model)
@@ -644,10 +667,12 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     vn = numbers["verb_noun"]
     counts_line = (f"{len(records):,} instructions: {vn['pairs']:,} with a verb-noun pair, "
                    f"{vn['verb_without_object']:,} a verb without a noun object, {vn['no_verb']:,} no verb")
+    scope = ("Angles are shares of all verb-noun pairs; grey: the other verbs; light: a verb's other objects."
+             if draw_other else "Angles are shares of the pairs shown (as in the Alpaca figure).")
     pictures = {"verb_noun": (f"Root verbs (inner ring, top {top_verbs}) and their direct noun objects (outer ring, "
-                              f"top {top_objects} each) of {name}. Angles are shares of all verb-noun pairs; grey: "
-                              "the other verbs; light: a verb's other objects.",
-                              png_bytes(plot_verb_noun(rings, f"Verbs and their objects: {name}", counts_line)))}
+                              f"top {top_objects} each) of {name}. {scope}",
+                              png_bytes(plot_verb_noun(rings, f"Verbs and their objects: {name}", counts_line,
+                                                       draw_other=draw_other)))}
     if seeds is not None:
         pictures["rouge_to_seeds"] = (
             f"ROUGE-L F of each instruction to its most similar seed instruction "
@@ -658,12 +683,13 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     timings["pictures"] = time.perf_counter() - tick
     numbers["seconds"] = {key: round(value, 2) for key, value in timings.items()}
 
+    page = html_page(numbers, pictures)
     os.makedirs(output_dir, exist_ok=True)
     for key, (_, png) in pictures.items():
         write_bytes(os.path.join(output_dir, REPORT_FILES[key]), png)
     utils.jdump(numbers, os.path.join(output_dir, REPORT_FILES["json"]), indent=2)
     with utils.atomic_open(os.path.join(output_dir, REPORT_FILES["html"])) as f:
-        f.write(html_page(numbers, pictures))
+        f.write(page)
     if not quiet:
         print(f"{data_path}: {len(records):,} records; {vn['pairs']:,} verb-noun pairs, "
               f"{vn['verb_without_object']:,} verbs without a noun object, {vn['no_verb']:,} without a verb"
