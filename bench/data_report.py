@@ -18,6 +18,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as data_report.py sets it for itself (before NumPy is imported)
 
+import resource  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -33,6 +34,12 @@ import data_report  # noqa: E402
 import utils  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("ALPACA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def cpu_seconds():
+    """CPU time of this process and of its finished children (the parse workers), user + system."""
+    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for field in ("ru_utime", "ru_stime"))
 
 
 def load_average():
@@ -60,10 +67,10 @@ def main(spacy_model="en_core_web_sm", num_records=None, sample=1000, rouge_samp
             subset = Path(scratch) / "alpaca_subset.json"
             utils.jdump(records, subset)
             data_path = subset
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         numbers = data_report.data_report(data_path, output_dir or Path(scratch) / "report", seed_tasks_path=seeds_path,
                                           spacy_model=spacy_model, n_process=n_process, quiet=True)
-        total = time.perf_counter() - started
+        total, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     seconds = numbers["seconds"]
     vn = numbers["verb_noun"]
     print(f"\n== ours: the whole report on {len(records):,} instructions, {numbers['rouge_to_seeds']['seeds']} seeds "
@@ -71,6 +78,8 @@ def main(spacy_model="en_core_web_sm", num_records=None, sample=1000, rouge_samp
     print(f"total {total:.1f} s = parse {seconds['parse']:.1f} s + ROUGE-L {seconds['rouge']:.1f} s + lengths "
           f"{seconds['lengths']:.1f} s + pictures {seconds['pictures']:.1f} s + loading and writing "
           f"{total - sum(seconds.values()):.1f} s; {load_average()}")
+    print(f"CPU time {cpu:.1f} s (this process and its parse workers; on an idle machine with all its CPUs, the wall "
+          f"time is about the serial part plus the parse's CPU time divided by the workers)")
     print(f"pairs {vn['pairs']:,}, verb without noun object {vn['verb_without_object']:,}, no verb {vn['no_verb']:,}; "
           f"ROUGE-L to the seeds: median {numbers['rouge_to_seeds']['median']:.3f}")
 
