@@ -509,6 +509,19 @@ def html_page(numbers, pictures):
         data = base64.b64encode(png).decode("ascii")
         sections.append(f'<figure id="{key}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    verbs = numbers["verb_noun"]["rings"]["verbs"]
+    sections.append("<h2>The most frequent verbs and their objects</h2>\n<table>\n<tr><th>verb</th><th>pairs</th>"
+                    "<th>its most frequent objects (pairs)</th></tr>\n" + "\n".join(
+                        f"<tr><td>{html.escape(verb['verb'])}</td><td>{verb['count']:,}</td><td>"
+                        + html.escape(", ".join(f"{obj['object']} ({obj['count']:,})" for obj in verb["objects"]))
+                        + "</td></tr>" for verb in verbs) + "\n</table>")
+    rouge = numbers.get("rouge_to_seeds")
+    if rouge:
+        sections.append("<h2>The instructions closest to a seed instruction</h2>\n<table>\n<tr><th>ROUGE-L F</th>"
+                        "<th>instruction</th><th>seed instruction</th></tr>\n" + "\n".join(
+                            f"<tr><td>{pair['score']:.3f}</td><td>{html.escape(pair['instruction'])}</td>"
+                            f"<td>{html.escape(pair['seed'])}</td></tr>" for pair in rouge["most_similar"])
+                        + "\n</table>")
     title = f"Data report: {os.path.basename(numbers['data_path'])}"
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -519,7 +532,7 @@ def html_page(numbers, pictures):
 body {{ font-family: system-ui, sans-serif; max-width: 1040px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0 2em; }}
 th, td {{ text-align: left; padding: 0.25em 1em 0.25em 0; border-bottom: 1px solid #ddd; vertical-align: top; }}
-th {{ font-weight: 600; }}
+th {{ font-weight: 600; }} h2 {{ font-size: 1.15em; margin-top: 2em; }}
 figure {{ margin: 0 0 2.5em; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.9em; }}
 </style>
 </head>

@@ -267,6 +267,9 @@ def test_report_writes_the_page_pngs_and_numbers(hand_model_dir, alpaca_sample_p
         image.verify()
         assert image.format == "PNG" and image.size[0] >= 600
     assert ["records", "16"] in page.rows and ["empty output", "1 (6.2%)"] in page.rows
+    assert ["give", "2", "antonym (1), three (1)"] in page.rows  # the table of the top verbs
+    closest = numbers["rouge_to_seeds"]["most_similar"][0]
+    assert [f"{closest['score']:.3f}", closest["instruction"], closest["seed"]] in page.rows
 
     records = alpaca_sample_records
     assert numbers["records"] == 16 and numbers["empty_outputs"] == 1 and numbers["duplicate_instructions"] == 0
