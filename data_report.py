@@ -185,8 +185,9 @@ def instruction_for_parse(instruction):
 
 
 def extract_verb_objects(instructions, nlp, n_process=1, progress=True):
-    """[(verb or None, object or None)] for each instruction, by verb_object() on a spaCy parse (see parse_verb_objects),
-    in `n_process` processes (each gets a copy of `nlp`; only the pairs come back, not the parsed Docs)."""
+    """[(verb or None, object or None)] for each instruction, by verb_object() on a spaCy parse (see
+    parse_verb_objects), in `n_process` processes (each gets a copy of `nlp`; only the pairs come back, not the
+    Docs)."""
     texts = [instruction_for_parse(text) for text in instructions]
     chunks = [texts[start:start + PARSE_CHUNK] for start in range(0, len(texts), PARSE_CHUNK)]
     pairs = []
@@ -195,8 +196,9 @@ def extract_verb_objects(instructions, nlp, n_process=1, progress=True):
         # much as the parse for texts this short. The workers get `nlp` by fork where there is one (no copy, no
         # start-up cost); they start at the first submit, before the progress bar starts its thread.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        workers = concurrent.futures.ProcessPoolExecutor(min(n_process, len(chunks)), initializer=_start_worker,
-                                                         initargs=(nlp,), mp_context=multiprocessing.get_context(method))
+        workers = concurrent.futures.ProcessPoolExecutor(
+            min(n_process, len(chunks)), mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+            initargs=(nlp,))
         try:
             results = workers.map(_parse_in_worker, chunks)
             with tqdm.tqdm(total=len(texts), desc="parse", unit="instr", disable=not progress) as bar:
@@ -709,7 +711,8 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
               + (f"; ROUGE-L to the seeds: median {numbers['rouge_to_seeds']['median']:.2f}" if seeds else ""))
         print(f"wrote {os.path.join(output_dir, REPORT_FILES['html'])} (+ PNGs, report.json) in "
               f"{time.perf_counter() - started:.1f} s: parse {timings['parse']:.1f} s ({n_process} process"
-              f"{'es' if n_process > 1 else ''}), ROUGE-L {timings['rouge']:.1f} s, lengths {timings['lengths']:.1f} s, "
+              f"{'es' if n_process > 1 else ''}), ROUGE-L {timings['rouge']:.1f} s, "
+              f"lengths {timings['lengths']:.1f} s, "
               f"pictures {timings['pictures']:.1f} s")
     return numbers
 

@@ -98,7 +98,8 @@ def main(spacy_model="en_core_web_sm", num_records=None, sample=1000, rouge_samp
     print(f"\n== baseline parse: the whole pipeline ({', '.join(full.pipe_names)}), nlp(text) one at a time, "
           f"{len(texts):,} instructions spread over the data")
     print(f"{1000 * baseline_rate:.2f} ms an instruction -> {baseline_rate * len(instructions):.1f} s for all "
-          f"{len(instructions):,}; ours {seconds['parse']:.1f} s ({baseline_rate * len(instructions) / seconds['parse']:.1f}x)")
+          f"{len(instructions):,}; ours {seconds['parse']:.1f} s "
+          f"({baseline_rate * len(instructions) / seconds['parse']:.1f}x)")
     print(f"same (verb, object) as ours: {same:,} of {len(texts):,}" +
           "".join(f"\n  differs: {t!r}: ours {a}, baseline {b}" for t, a, b in zip(texts, ours, baseline_pairs)
                   if a != b))

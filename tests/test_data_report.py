@@ -37,8 +37,9 @@ def parse(tokens, lemmas=True):
                lemmas=list(lemma) if lemmas else None)
 
 
-WRITE_A_POEM = [("Write", 0, "ROOT", "VERB", "write"), ("a", 2, "det", "DET", "a"), ("poem", 0, "dobj", "NOUN", "poem"),
-                ("about", 2, "prep", "ADP", "about"), ("cats", 3, "pobj", "NOUN", "cat"), (".", 0, "punct", "PUNCT", ".")]
+WRITE_A_POEM = [("Write", 0, "ROOT", "VERB", "write"), ("a", 2, "det", "DET", "a"),
+                ("poem", 0, "dobj", "NOUN", "poem"), ("about", 2, "prep", "ADP", "about"),
+                ("cats", 3, "pobj", "NOUN", "cat"), (".", 0, "punct", "PUNCT", ".")]
 
 
 @pytest.mark.parametrize("tokens, expected", [
@@ -55,14 +56,15 @@ WRITE_A_POEM = [("Write", 0, "ROOT", "VERB", "write"), ("a", 2, "det", "DET", "a
                   ("capital", 1, "nsubj", "NOUN", "capital"), ("of", 3, "prep", "ADP", "of"),
                   ("France", 4, "pobj", "PROPN", "France"), ("?", 1, "punct", "PUNCT", "?")],
                  (None, None), id="copula-question"),
-    pytest.param([("A", 1, "det", "DET", "a"), ("poem", 1, "ROOT", "NOUN", "poem"), ("about", 1, "prep", "ADP", "about"),
-                  ("the", 4, "det", "DET", "the"), ("sea", 2, "pobj", "NOUN", "sea")], (None, None), id="no-verb"),
+    pytest.param([("A", 1, "det", "DET", "a"), ("poem", 1, "ROOT", "NOUN", "poem"),
+                  ("about", 1, "prep", "ADP", "about"), ("the", 4, "det", "DET", "the"),
+                  ("sea", 2, "pobj", "NOUN", "sea")], (None, None), id="no-verb"),
     pytest.param([("Fill", 0, "ROOT", "VERB", "fill"), ("in", 0, "prt", "ADP", "in"), ("the", 3, "det", "DET", "the"),
                   ("blanks", 0, "dobj", "NOUN", "blank"), (".", 0, "punct", "PUNCT", ".")],
                  ("fill in", "blank"), id="phrasal-verb"),
-    pytest.param([("Come", 0, "ROOT", "VERB", "come"), ("up", 0, "prt", "ADP", "up"), ("with", 0, "prep", "ADP", "with"),
-                  ("a", 4, "det", "DET", "a"), ("name", 2, "pobj", "NOUN", "name"), ("for", 4, "prep", "ADP", "for"),
-                  ("a", 7, "det", "DET", "a"), ("bakery", 5, "pobj", "NOUN", "bakery")],
+    pytest.param([("Come", 0, "ROOT", "VERB", "come"), ("up", 0, "prt", "ADP", "up"),
+                  ("with", 0, "prep", "ADP", "with"), ("a", 4, "det", "DET", "a"), ("name", 2, "pobj", "NOUN", "name"),
+                  ("for", 4, "prep", "ADP", "for"), ("a", 7, "det", "DET", "a"), ("bakery", 5, "pobj", "NOUN", "bakery")],
                  ("come up with", "name"), id="phrasal-verb-with-preposition"),
     pytest.param([("Rewrite", 0, "ROOT", "VERB", "rewrite"), ("it", 0, "dobj", "PRON", "it"),
                   ("in", 0, "prep", "ADP", "in"), ("French", 2, "pobj", "PROPN", "French")],
@@ -72,9 +74,10 @@ WRITE_A_POEM = [("Write", 0, "ROOT", "VERB", "write"), ("a", 2, "det", "DET", "a
                  ("explain", None), id="clause-object"),
     pytest.param([("Translate", 0, "ROOT", "VERB", "translate"), ("the", 2, "det", "DET", "the"),
                   ("phrase", 0, "obj", "NOUN", "phrase")], ("translate", "phrase"), id="universal-dependencies-obj"),
-    pytest.param([("Read", 0, "ROOT", "VERB", "read"), ("the", 2, "det", "DET", "the"), ("text", 0, "dobj", "NOUN", "text"),
-                  (".", 0, "punct", "PUNCT", "."), ("Summarize", 4, "ROOT", "VERB", "summarize"),
-                  ("the", 6, "det", "DET", "the"), ("plot", 4, "dobj", "NOUN", "plot")],
+    pytest.param([("Read", 0, "ROOT", "VERB", "read"), ("the", 2, "det", "DET", "the"),
+                  ("text", 0, "dobj", "NOUN", "text"), (".", 0, "punct", "PUNCT", "."),
+                  ("Summarize", 4, "ROOT", "VERB", "summarize"), ("the", 6, "det", "DET", "the"),
+                  ("plot", 4, "dobj", "NOUN", "plot")],
                  ("read", "text"), id="first-sentence-only"),
 ])
 def test_verb_object_rule(tokens, expected):
@@ -170,7 +173,8 @@ def test_rings_top_verbs_top_objects_and_other():
 
 def reference_nearest_seed_scores(instructions, seeds):
     """The original novelty filter's scoring with rouge_score itself: for each instruction, the highest
-    rouge_scorer._score_lcs(instruction tokens, seed tokens).fmeasure over the seeds (the instruction is the new text)."""
+    rouge_scorer._score_lcs(instruction tokens, seed tokens).fmeasure over the seeds (the instruction is the new
+    text)."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     seed_tokens = [scorer._tokenizer.tokenize(seed) for seed in seeds]
     return [max(rouge_scorer._score_lcs(scorer._tokenizer.tokenize(instruction), tokens).fmeasure
@@ -319,13 +323,6 @@ def test_no_pairs_still_makes_a_chart_and_a_failed_page_write_leaves_the_old_pag
     assert sorted(os.listdir(out)) == ["lengths.png", "report.html", "report.json", "verb_noun.png"]  # no temp file
 
 
-def test_missing_spacy_model_names_the_install_command():
-    with pytest.raises(data_report.ReportError) as raised:
-        data_report.load_parser("en_core_web_xx_not_installed")
-    assert str(raised.value) == ("the spaCy model 'en_core_web_xx_not_installed' is not installed; install it with: "
-                                 "python -m spacy download en_core_web_xx_not_installed (or pass --spacy_model)")
-
-
 def run_cli(args, capsys):
     """data_report's command line in this process: (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
@@ -346,6 +343,15 @@ def test_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path,
     args = ["--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "out"), *flags]
     assert run_cli(args, capsys) == (2, message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_spacy_model_is_one_line_naming_the_install_command(alpaca_sample_path, tmp_path, capsys):
+    args = ["--data_path", str(alpaca_sample_path), "--output_dir", str(tmp_path / "out"),
+            "--spacy_model", "en_core_web_xx_not_installed"]
+    assert run_cli(args, capsys) == (2, "error: the spaCy model 'en_core_web_xx_not_installed' is not installed; "
+                                        "install it with: python -m spacy download en_core_web_xx_not_installed "
+                                        "(or pass --spacy_model)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_or_empty_data_file_is_one_line_error(tmp_path, capsys):
