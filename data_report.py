@@ -43,7 +43,7 @@ EMBEDDED_TEXT = re.compile(r":\s|\n")
 PARSE_COMPONENTS = ("tok2vec", "transformer", "tagger", "morphologizer", "parser", "attribute_ruler")
 PARSE_BATCH_SIZE = 256
 PARSE_CHUNK = 1024  # instructions a worker parses at a time (progress is shown per chunk)
-# Below this many instructions one process parses faster than two (starting the second one costs about a second).
+# Below this many instructions the parse takes seconds: one process, no workers.
 MIN_INSTRUCTIONS_PER_PROCESS = 5000
 
 ROUGE_BIN_EDGES = np.linspace(0.0, 1.0, 21)  # 0.05 wide, as the self-instruct paper's Figure 3
@@ -92,8 +92,8 @@ def load_tasks(path):
 def load_parser(spacy_model):
     """The spaCy pipeline `spacy_model` (a package name or a folder) with only the components the parse needs on.
 
-    The matrix products run in NumPy's BLAS instead of thinc's default (blis), which is about twice as fast for these
-    small matrices on the machines we measured; the results are the same (bench/data_report.py compares them).
+    The matrix products run in NumPy's BLAS instead of thinc's default (blis): about twice as fast for these small
+    matrices on the 2-core AMD EPYC we measured, with the same results (bench/data_report.py compares them).
     Raises ReportError, with the install command, when spaCy or the model is missing, or the model has no parser.
     """
     try:
@@ -107,6 +107,8 @@ def load_parser(spacy_model):
     except OSError as e:
         if "E050" not in str(e) and "E053" not in str(e):  # E050: no such package or folder; E053: no config
             raise
+        if os.path.isdir(spacy_model):
+            raise ReportError(f"--spacy_model {spacy_model}: not a spaCy pipeline folder (no config.cfg)") from None
         raise ReportError(f"the spaCy model {spacy_model!r} is not installed; install it with: "
                           f"python -m spacy download {spacy_model} (or pass --spacy_model)") from None
     if "parser" not in nlp.pipe_names:
@@ -139,7 +141,7 @@ def verb_object(doc, lemmatize=default_lemma):
     """(verb, object) of an instruction's parse: (verb, None) when the verb has no direct noun object, (None, None)
     when there is no verb.
 
-    The rule (the self-instruct paper's, made explicit):
+    The rule (the self-instruct notebook's root verb and its noun dobj, with each case made explicit):
       * the verb is the root of the first sentence when its part of speech is VERB. An imperative ("Write a poem") has
         the verb as root; auxiliaries and modals are its children ("Can you write a poem?", "How do I bake bread?"),
         so they are skipped. A root that is not a VERB means no verb: a copula question ("What is the capital of
@@ -592,7 +594,9 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     the root of the first sentence when it is a VERB (auxiliaries and modals are its children, so "Can you write a
     poem?" is write/poem; a copula question like "What is X?" or a noun phrase has no verb), particles kept ("fill
     in"), its first direct object that is a noun, by lemma ("come up with" + its noun when a phrasal verb has no direct
-    object). Text after the first ": " or line break is not parsed (it is the material the instruction works on).
+    object). Text after the first ": " or line break is not parsed (it is the material the instruction works on),
+    and an instruction without a verb is parsed again with its first letter in lower case (small English models
+    take a capitalised "List ..." or "Name ..." for a noun).
 
     Args:
         data_path: the dataset: Alpaca-format JSON list or JSON lines (instruction, input, output), e.g. regen.json
