@@ -391,9 +391,11 @@ def plot_verb_noun(rings, title, counts_line, draw_other=False):
     figure.text(0.5, 0.972, title, ha="center", va="center", fontsize=13, fontweight="bold")
     shown = sum(obj["count"] for verb in rings["verbs"] for obj in verb["objects"])
     if rings["pairs"]:
-        left_out = ("angles are shares of them all; grey: the other verbs; light: a verb's other objects"
-                    if draw_other else f"shown: {shown:,} pairs ({100 * shown / rings['pairs']:.0f}%), the top {len(rings['verbs'])} "
-                    f"verbs' top objects")
+        if draw_other:
+            left_out = "angles are shares of them all; grey: the other verbs; light: a verb's other objects"
+        else:
+            left_out = (f"shown: {shown:,} pairs ({100 * shown / rings['pairs']:.0f}%), the top "
+                        f"{len(rings['verbs'])} verbs' top objects")
         counts_line += f"\n{rings['pairs']:,} verb-noun pairs; {left_out}"
     figure.text(0.5, 0.922, counts_line, ha="center", va="center", fontsize=9, color="0.25", linespacing=1.5)
     if rings["pairs"] == 0:
