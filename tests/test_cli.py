@@ -10,6 +10,7 @@ import time
 import pytest
 
 import cli
+import data_report
 import generate_instruction
 import utils
 import weight_diff
@@ -24,6 +25,7 @@ FIRE_COMMANDS = [
     (["weight_diff.py", "recover"], weight_diff.recover),
     (["utils.py", "download"], utils.download),
     (["utils.py", "validate"], utils.validate),
+    (["data_report.py"], data_report.data_report),
 ]
 
 

@@ -1,0 +1,729 @@
+"""A data report for an instruction dataset, as pictures: the verb-noun chart of the Alpaca release, ROUGE-L to the
+seed instructions, and the lengths of instructions, inputs and outputs.
+
+    python -m spacy download en_core_web_sm      # once: the English parser it uses by default
+    python data_report.py --data_path regen.json --output_dir report/ [--seed_tasks_path seed_tasks.jsonl]
+
+Reads Alpaca-format JSON / JSON lines, or self-instruct seed tasks (JSON lines with `instances`; the first instance
+is used), and writes into output_dir: report.html (one self-contained page, the pictures embedded), verb_noun.png,
+rouge_to_seeds.png (with --seed_tasks_path), lengths.png and report.json (every number on the page).
+"""
+
+import os
+
+if __name__ == "__main__":
+    # One BLAS thread per process: the parse's matrices are small, and the worker processes are the parallelism.
+    # (Must be set before NumPy is first imported.)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import base64
+import collections
+import concurrent.futures
+import datetime
+import html
+import io
+import multiprocessing
+import re
+import time
+
+import numpy as np
+import tqdm
+
+import utils
+
+# The instruction's verb and object: the root verb of its first sentence and that verb's direct noun object (the
+# self-instruct paper's Figure 2, which the Alpaca release redrew). See verb_object() for the whole rule.
+OBJECT_DEPS = ("dobj", "obj")  # ClearNLP labels (the English spaCy models), Universal Dependencies (most others)
+OBJECT_POS = ("NOUN",)
+# Text after the first ": " or line break is usually the material the instruction works on ('Rewrite the sentence:
+# "I was late."'), not the instruction itself; a parser given both often makes the quoted clause the root.
+EMBEDDED_TEXT = re.compile(r":\s|\n")
+# Components a spaCy pipeline needs for the parse and the coarse part of speech; the rest (NER, lemmatizer, ...) are
+# switched off: the lemmatizer runs on the two chosen tokens only.
+PARSE_COMPONENTS = ("tok2vec", "transformer", "tagger", "morphologizer", "parser", "attribute_ruler")
+PARSE_BATCH_SIZE = 256
+PARSE_CHUNK = 1024  # instructions a worker parses at a time (progress is shown per chunk)
+# Below this many instructions the parse takes seconds: one process, no workers.
+MIN_INSTRUCTIONS_PER_PROCESS = 5000
+
+ROUGE_BIN_EDGES = np.linspace(0.0, 1.0, 21)  # 0.05 wide, as the self-instruct paper's Figure 3
+NOVELTY_THRESHOLD = 0.7  # the novelty filter's threshold, drawn on the ROUGE-L histogram
+
+REPORT_FILES = {"html": "report.html", "json": "report.json", "verb_noun": "verb_noun.png",
+                "rouge_to_seeds": "rouge_to_seeds.png", "lengths": "lengths.png"}
+
+
+class ReportError(ValueError):
+    """A bad flag value, a missing spaCy model or tokenizer, an output folder that cannot be written."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading the data
+
+
+def load_tasks(path):
+    """Records of an Alpaca-format file (JSON list or JSON lines of {instruction, input, output}), or of self-instruct
+    seed tasks (JSON lines of {instruction, instances: [{input, output}, ...]}: the first instance is used), as
+    [{"instruction", "input", "output"}] in file order. Raises utils.AlpacaDataError naming the file, record and field.
+    """
+    records = utils.load_alpaca_data(path, required_fields=("instruction",))
+    tasks = []
+    for index, record in enumerate(records):
+        source, where = record, f"{path}: record {index}: field"
+        if "instances" in record:
+            instances = record["instances"]
+            if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+                raise utils.AlpacaDataError(f"{where} 'instances' must be a non-empty list of objects")
+            source, where = instances[0], f"{where} 'instances[0]."
+        else:
+            where += " '"
+        for field in ("input", "output"):
+            if not isinstance(source.get(field), str):
+                problem = "missing" if field not in source else f"is {type(source[field]).__name__}, not a string"
+                raise utils.AlpacaDataError(f"{where}{field}' {problem}")
+        tasks.append({"instruction": record["instruction"], "input": source["input"], "output": source["output"]})
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Verb-noun structure
+
+
+def load_parser(spacy_model):
+    """The spaCy pipeline `spacy_model` (a package name or a folder) with only the components the parse needs on.
+
+    The matrix products run in NumPy's BLAS instead of thinc's default (blis): about twice as fast for these small
+    matrices on the 2-core AMD EPYC we measured, with the same results (bench/data_report.py compares them).
+    Raises ReportError, with the install command, when spaCy or the model is missing, or the model has no parser.
+    """
+    try:
+        import spacy
+        from thinc.api import use_ops
+    except ImportError:
+        raise ReportError("spaCy is not installed: pip install -r requirements.txt (or pip install spacy)") from None
+    try:
+        with use_ops("numpy", use_blis=False):
+            nlp = spacy.load(spacy_model)
+    except OSError as e:
+        if "E050" not in str(e) and "E053" not in str(e):  # E050: no such package or folder; E053: no config
+            raise
+        if os.path.isdir(spacy_model):
+            raise ReportError(f"--spacy_model {spacy_model}: not a spaCy pipeline folder (no config.cfg)") from None
+        raise ReportError(f"the spaCy model {spacy_model!r} is not installed; install it with: "
+                          f"python -m spacy download {spacy_model} (or pass --spacy_model)") from None
+    if "parser" not in nlp.pipe_names:
+        raise ReportError(f"the spaCy model {spacy_model!r} has no dependency parser (its pipeline: "
+                          f"{', '.join(nlp.pipe_names)}); choose one that has, e.g. en_core_web_sm")
+    nlp.select_pipes(enable=[name for name in nlp.pipe_names if name in PARSE_COMPONENTS])
+    return nlp
+
+
+def token_lemmatizer(nlp):
+    """token -> lower-case lemma, with the pipeline's own lemmatizer when it has one (it is switched off in the
+    pipeline: lemmatizing the two chosen tokens is much cheaper than every token)."""
+    lemmatizer = nlp.get_pipe("lemmatizer") if "lemmatizer" in nlp.component_names else None
+    lemmatize = getattr(lemmatizer, "lemmatize", None)
+    if lemmatize is None:
+        return default_lemma
+
+    def lemma(token):
+        return (lemmatize(token) or [token.text])[0].lower()
+
+    return lemma
+
+
+def default_lemma(token):
+    """The lemma the parse set, else the word, lower-cased."""
+    return (token.lemma_ or token.text).lower()
+
+
+def verb_object(doc, lemmatize=default_lemma):
+    """(verb, object) of an instruction's parse: (verb, None) when the verb has no direct noun object, (None, None)
+    when there is no verb.
+
+    The rule (the self-instruct notebook's root verb and its noun dobj, with each case made explicit):
+      * the verb is the root of the first sentence when its part of speech is VERB. An imperative ("Write a poem") has
+        the verb as root; auxiliaries and modals are its children ("Can you write a poem?", "How do I bake bread?"),
+        so they are skipped. A root that is not a VERB means no verb: a copula question ("What is the capital of
+        France?", root AUX), a noun phrase ("A poem about cats.");
+      * a phrasal verb keeps its particles ("fill in", "make up": children with dependency prt), lower-case, after the
+        verb's lemma;
+      * the object is the verb's first direct object (dependency dobj, or obj in Universal Dependencies) that is a
+        NOUN, by its lemma. A pronoun ("Rewrite it"), a number ("Name three") or a clause ("Explain why ...") is no
+        noun object;
+      * a phrasal verb without a direct object whose particle is followed by a preposition ("come up with a name")
+        takes the preposition into the verb ("come up with") and its noun object (pobj) as the object.
+    `doc`: a spaCy Doc or Span with a dependency parse. `lemmatize`: token -> lemma (default: the token's lemma_).
+    """
+    sentence = next(iter(doc.sents), None) if hasattr(doc, "sents") else doc
+    if sentence is None:
+        return None, None
+    root = sentence.root
+    if root.pos_ != "VERB":
+        return None, None
+    particles = [child for child in root.children if child.dep_ == "prt"]
+    verb = " ".join([lemmatize(root)] + [particle.text.lower() for particle in particles])
+    for child in root.children:
+        if child.dep_ in OBJECT_DEPS and child.pos_ in OBJECT_POS:
+            return verb, lemmatize(child)
+    if particles:
+        after_particle = particles[-1].i + 1
+        for child in root.children:
+            if child.dep_ == "prep" and child.i == after_particle:
+                for pobj in child.children:
+                    if pobj.dep_ == "pobj" and pobj.pos_ in OBJECT_POS:
+                        return f"{verb} {child.text.lower()}", lemmatize(pobj)
+                return f"{verb} {child.text.lower()}", None
+    return verb, None
+
+
+def instruction_for_parse(instruction):
+    """The part of an instruction that is parsed: the text before its first ": " or line break (when that is not
+    empty), stripped. See EMBEDDED_TEXT."""
+    match = EMBEDDED_TEXT.search(instruction)
+    if match and instruction[: match.start()].strip():
+        instruction = instruction[: match.start()]
+    return instruction.strip()
+
+
+def extract_verb_objects(instructions, nlp, n_process=1, progress=True):
+    """[(verb or None, object or None)] for each instruction, by verb_object() on a spaCy parse (see
+    parse_verb_objects), in `n_process` processes (each gets a copy of `nlp`; only the pairs come back, not the
+    Docs)."""
+    texts = [instruction_for_parse(text) for text in instructions]
+    chunks = [texts[start:start + PARSE_CHUNK] for start in range(0, len(texts), PARSE_CHUNK)]
+    pairs = []
+    if n_process > 1 and len(chunks) > 1:
+        # Not spaCy's nlp.pipe(n_process=...): it sends every parsed Doc back to this process, which costs about as
+        # much as the parse for texts this short. The workers get `nlp` by fork where there is one (no copy, no
+        # start-up cost); they start at the first submit, before the progress bar starts its thread.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        workers = concurrent.futures.ProcessPoolExecutor(
+            min(n_process, len(chunks)), mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+            initargs=(nlp,))
+        try:
+            results = workers.map(_parse_in_worker, chunks)
+            with tqdm.tqdm(total=len(texts), desc="parse", unit="instr", disable=not progress) as bar:
+                for chunk_pairs in results:
+                    pairs += chunk_pairs
+                    bar.update(len(chunk_pairs))
+        finally:
+            workers.shutdown(cancel_futures=True)  # on Ctrl-C or an error: only the chunks already started finish
+    else:
+        with tqdm.tqdm(total=len(texts), desc="parse", unit="instr", disable=not progress) as bar:
+            for chunk in chunks:
+                pairs += parse_verb_objects(nlp, chunk)
+                bar.update(len(chunk))
+    return pairs
+
+
+def parse_verb_objects(nlp, texts):
+    """verb_object() of each text's parse. English models often tag a capitalised imperative as a noun or a proper
+    noun ("List three ...", "Compute the ..."): a text whose parse finds no verb is parsed again with its first letter
+    in lower case, and that parse is kept if it finds a verb."""
+    lemmatize = token_lemmatizer(nlp)
+    pairs = [verb_object(doc, lemmatize) for doc in nlp.pipe(texts, batch_size=PARSE_BATCH_SIZE)]
+    again = [i for i, (verb, _) in enumerate(pairs) if verb is None and texts[i][:1].isupper()]
+    lowered = [texts[i][0].lower() + texts[i][1:] for i in again]
+    for i, doc in zip(again, nlp.pipe(lowered, batch_size=PARSE_BATCH_SIZE)):
+        pair = verb_object(doc, lemmatize)
+        if pair[0] is not None:
+            pairs[i] = pair
+    return pairs
+
+
+_worker_nlp = None  # the pipeline of a parse worker process
+
+
+def _start_worker(nlp):
+    global _worker_nlp
+    _worker_nlp = nlp
+
+
+def _parse_in_worker(texts):
+    return parse_verb_objects(_worker_nlp, texts)
+
+
+def sunburst_rings(pairs, top_verbs=20, top_objects=4):
+    """The two rings of the verb-noun chart from [(verb or None, object or None)]: only (verb, object) pairs count.
+
+    Returns {"verbs": [{"verb", "count", "objects": [{"object", "count"}] (its top_objects, most frequent first),
+    "other_objects": count of its remaining pairs}] (the top_verbs verbs by pairs, most first), "other_verbs":
+    {"verbs": how many other verbs, "count": their pairs}, "pairs": all pairs}. Ties are broken alphabetically, so the
+    rings do not depend on the data's order.
+    """
+    by_verb = collections.defaultdict(collections.Counter)
+    for verb, obj in pairs:
+        if verb is not None and obj is not None:
+            by_verb[verb][obj] += 1
+    totals = sorted(((sum(objects.values()), verb) for verb, objects in by_verb.items()), key=lambda t: (-t[0], t[1]))
+    verbs = []
+    for count, verb in totals[:top_verbs]:
+        ranked = sorted(by_verb[verb].items(), key=lambda item: (-item[1], item[0]))[:top_objects]
+        shown = sum(n for _, n in ranked)
+        verbs.append({"verb": verb, "count": count, "objects": [{"object": o, "count": n} for o, n in ranked],
+                      "other_objects": count - shown})
+    rest = totals[top_verbs:]
+    return {"verbs": verbs, "other_verbs": {"verbs": len(rest), "count": sum(count for count, _ in rest)},
+            "pairs": sum(count for count, _ in totals)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ROUGE-L to the seeds, lengths
+
+
+def nearest_seed_scores(instructions, seed_instructions):
+    """(scores, nearest): for each instruction its highest ROUGE-L F against the seed instructions, and that seed's
+    index (the first one on a tie), with the novelty filter's exact scoring (bit-identical to rouge_score).
+
+    The filter scores one new text against its whole pool, so the instructions are the pool and each seed is scored
+    against them: 175 calls instead of 52K. The F-measure is the same number either way round: with p and r swapped,
+    2*r*p/(r+p) is bit-identical to 2*p*r/(p+r), since doubling is exact.
+    """
+    from generate_instruction import NoveltyFilter
+
+    scores = np.zeros(len(instructions), dtype=np.float64)
+    nearest = np.full(len(instructions), -1, dtype=np.int64)
+    if not instructions or not seed_instructions:
+        return scores, nearest
+    pool = NoveltyFilter(instructions)
+    scores[:] = -1.0
+    for index, seed in enumerate(seed_instructions):
+        seed_scores = pool.scores(seed)
+        better = seed_scores > scores
+        scores[better] = seed_scores[better]
+        nearest[better] = index
+    return scores, nearest
+
+
+def histogram(values, bin_edges):
+    counts, edges = np.histogram(values, bins=bin_edges)
+    return {"bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def summary(values):
+    """{count, mean, median, p95, max} of a list of numbers (0s when empty)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"count": 0, "mean": 0.0, "median": 0.0, "p95": 0.0, "max": 0.0}
+    return {"count": int(values.size), "mean": round(float(values.mean()), 4),
+            "median": round(float(np.median(values)), 4), "p95": round(float(np.percentile(values, 95)), 4),
+            "max": round(float(values.max()), 4)}
+
+
+def length_counter(tokenizer=None):
+    """texts -> their lengths: whitespace-separated words, or tokens of `tokenizer` (a Hugging Face tokenizer name or
+    folder, no special tokens). Raises ReportError when the tokenizer cannot be loaded."""
+    if tokenizer is None:
+        return "words", lambda texts: [len(text.split()) for text in texts]
+    try:
+        hf_tokenizer = utils.load_tokenizer(tokenizer)
+    except (OSError, ValueError) as e:
+        raise ReportError(f"--tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0]})") from None
+
+    def count(texts):
+        counts = []
+        for start in range(0, len(texts), 4096):
+            ids = hf_tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
+            counts += [len(row) for row in ids]
+        return counts
+
+    return f"tokens ({tokenizer})", count
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _figure(width, height):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=(width, height), dpi=100)
+
+
+def png_bytes(figure):
+    """The figure as a small PNG: 100 dpi, colours reduced to a 256-entry palette (a few tens of KB)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    small = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(small, format="png", optimize=True)
+    return small.getvalue()
+
+
+def _mix(color, white_share):
+    color = np.asarray(color[:3])
+    return tuple(color + (1.0 - color) * white_share)
+
+
+def _radial_label(ax, text, theta1, theta2, radius, size, color="black", weight="normal"):
+    """Write `text` along the radius in the middle of the wedge theta1..theta2 (degrees), upright on both halves."""
+    middle = (theta1 + theta2) / 2
+    angle = np.deg2rad(middle)
+    rotation = middle % 360
+    if 90 < rotation < 270:
+        rotation -= 180
+    ax.text(radius * np.cos(angle), radius * np.sin(angle), text, rotation=rotation, rotation_mode="anchor",
+            ha="center", va="center", fontsize=size, color=color, fontweight=weight)
+
+
+def plot_verb_noun(rings, title, counts_line, draw_other=False):
+    """The two-ring chart: inner ring the top verbs, outer ring each verb's top objects.
+
+    By default, as the Alpaca and self-instruct figures, the circle is the pairs shown (each verb's wedge is the sum
+    of its objects' wedges) and what is left out is said in the chart's subtitle. With draw_other, the angles are
+    shares of all verb-noun pairs: a verb's other objects are the light unlabelled part of its outer wedge, and the
+    other verbs one grey wedge.
+    """
+    import matplotlib
+
+    figure = _figure(7.2, 7.9)
+    ax = figure.add_axes([0.0, 0.0, 1.0, 0.895])
+    ax.set_aspect("equal")
+    ax.axis("off")
+    figure.text(0.5, 0.972, title, ha="center", va="center", fontsize=13, fontweight="bold")
+    shown = sum(obj["count"] for verb in rings["verbs"] for obj in verb["objects"])
+    if rings["pairs"]:
+        if draw_other:
+            left_out = "angles are shares of them all; grey: the other verbs; light: a verb's other objects"
+        else:
+            left_out = (f"shown: {shown:,} pairs ({100 * shown / rings['pairs']:.0f}%), the top "
+                        f"{len(rings['verbs'])} verbs' top objects")
+        counts_line += f"\n{rings['pairs']:,} verb-noun pairs; {left_out}"
+    figure.text(0.5, 0.922, counts_line, ha="center", va="center", fontsize=9, color="0.25", linespacing=1.5)
+    if rings["pairs"] == 0:
+        ax.text(0, 0, "no verb-noun pairs found", ha="center", va="center", fontsize=12)
+        return figure
+    # 23 distinct colours, no greys (grey is "other"): tab10, then Dark2 and Set2.
+    palette = [c for name in ("tab10", "Dark2", "Set2") for c in matplotlib.colormaps[name].colors
+               if max(c[:3]) - min(c[:3]) > 0.05]
+    verbs = rings["verbs"]
+    if not draw_other:  # wedges by size, as the original figure (plotly's sunburst sorts them)
+        verbs = sorted(verbs, key=lambda verb: -sum(obj["count"] for obj in verb["objects"]))
+    inner, inner_colors, outer, outer_colors, outer_labels = [], [], [], [], []
+    for rank, verb in enumerate(verbs):
+        color = palette[rank % len(palette)]
+        inner.append(verb["count"] if draw_other else sum(obj["count"] for obj in verb["objects"]))
+        inner_colors.append(color)
+        for obj in verb["objects"]:
+            outer.append(obj["count"])
+            outer_colors.append(_mix(color, 0.35))
+            outer_labels.append(obj["object"])
+        if draw_other and verb["other_objects"]:
+            outer.append(verb["other_objects"])
+            outer_colors.append(_mix(color, 0.78))
+            outer_labels.append(None)
+    other = rings["other_verbs"]
+    if draw_other and other["count"]:
+        inner.append(other["count"])
+        inner_colors.append("0.82")
+        outer.append(other["count"])
+        outer_colors.append("0.91")
+        outer_labels.append(None)
+    common = dict(startangle=90, counterclock=False)
+    inner_wedges, _ = ax.pie(inner, radius=0.64, colors=inner_colors,
+                             wedgeprops=dict(width=0.36, edgecolor="white", linewidth=1.0), **common)
+    outer_wedges, _ = ax.pie(outer, radius=1.0, colors=outer_colors,
+                             wedgeprops=dict(width=0.36, edgecolor="white", linewidth=0.6), **common)
+    for wedge, verb in zip(inner_wedges, verbs):
+        span = wedge.theta2 - wedge.theta1
+        if span >= 3.2:
+            _radial_label(ax, verb["verb"], wedge.theta1, wedge.theta2, 0.46, 9 if span >= 5 else 7, weight="bold")
+    if draw_other and other["count"]:
+        wedge = inner_wedges[-1]
+        if wedge.theta2 - wedge.theta1 >= 6:
+            _radial_label(ax, f"{other['verbs']:,} other verbs", wedge.theta1, wedge.theta2, 0.46, 8, color="0.3")
+    for wedge, label in zip(outer_wedges, outer_labels):
+        span = wedge.theta2 - wedge.theta1
+        if label is not None and span >= 1.9:
+            _radial_label(ax, label, wedge.theta1, wedge.theta2, 0.82, 8 if span >= 2.8 else 6.5)
+    ax.text(0, 0, f"{rings['pairs'] if draw_other else shown:,}\nverb-noun\npairs", ha="center", va="center",
+            fontsize=9, color="0.25")
+    ax.set_xlim(-1.02, 1.02)
+    ax.set_ylim(-1.02, 1.02)
+    return figure
+
+
+def plot_rouge(scores, seeds_name, threshold=NOVELTY_THRESHOLD):
+    """Histogram of each instruction's ROUGE-L F to its most similar seed instruction, the threshold marked."""
+    figure = _figure(7.0, 3.6)
+    ax = figure.add_subplot(1, 1, 1)
+    ax.hist(scores, bins=ROUGE_BIN_EDGES, color="#4878a8", edgecolor="white")
+    ax.axvline(threshold, color="#c03030", linestyle="--", linewidth=1)
+    ax.text(threshold + 0.01, 0.95, f"novelty filter: > {threshold} rejected", transform=ax.get_xaxis_transform(),
+            color="#c03030", fontsize=8, va="top")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"ROUGE-L F to the most similar seed instruction ({seeds_name})")
+    ax.set_ylabel("instructions")
+    ax.set_title(f"Overlap with the seed instructions (median {np.median(scores):.2f})" if len(scores) else
+                 "Overlap with the seed instructions", fontsize=11)
+    ax.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    return figure
+
+
+def plot_lengths(lengths, unit):
+    """Three histograms side by side: instruction, non-empty input, output lengths, cut at the 99th percentile."""
+    figure = _figure(10.0, 3.2)
+    titles = {"instruction": "instructions", "input": "inputs (non-empty)", "output": "outputs"}
+    colors = {"instruction": "#4878a8", "input": "#59a14f", "output": "#e49444"}
+    for column, (field, values) in enumerate(lengths.items(), start=1):
+        ax = figure.add_subplot(1, 3, column)
+        values = np.asarray(values)
+        if values.size:
+            top = max(1, int(np.ceil(np.percentile(values, 99))))
+            width = -(-(top + 1) // 40)  # whole numbers per bar, at most 40 bars
+            ax.hist(np.minimum(values, top), bins=np.arange(0, top + width + 1, width), color=colors[field],
+                    edgecolor="white", linewidth=0.4)
+            longer = int((values > top).sum())
+            ax.set_title(f"{titles[field]}: median {np.median(values):g}", fontsize=10)
+            if longer:
+                ax.text(0.98, 0.95, f"{longer:,} longer than {top:,}\nin the last bar (max {values.max():,})",
+                        transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
+        else:
+            ax.set_title(f"{titles[field]}: none", fontsize=10)
+        ax.set_xlabel(unit.split(" ")[0])
+        if column == 1:
+            ax.set_ylabel("records")
+        ax.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The page
+
+
+def write_bytes(path, data):
+    with utils.atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def html_page(numbers, pictures):
+    """One self-contained HTML page: the table of figures, then each picture as an embedded PNG (data: URI)."""
+    rows = "\n".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>"
+                     for name, value in figure_rows(numbers))
+    sections = []
+    for key, (caption, png) in pictures.items():
+        data = base64.b64encode(png).decode("ascii")
+        sections.append(f'<figure id="{key}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    verbs = numbers["verb_noun"]["rings"]["verbs"]
+    sections.append("<h2>The most frequent verbs and their objects</h2>\n<table>\n<tr><th>verb</th><th>pairs</th>"
+                    "<th>its most frequent objects (pairs)</th></tr>\n" + "\n".join(
+                        f"<tr><td>{html.escape(verb['verb'])}</td><td>{verb['count']:,}</td><td>"
+                        + html.escape(", ".join(f"{obj['object']} ({obj['count']:,})" for obj in verb["objects"]))
+                        + "</td></tr>" for verb in verbs) + "\n</table>")
+    rouge = numbers.get("rouge_to_seeds")
+    if rouge:
+        sections.append("<h2>The instructions closest to a seed instruction</h2>\n<table>\n<tr><th>ROUGE-L F</th>"
+                        "<th>instruction</th><th>seed instruction</th></tr>\n" + "\n".join(
+                            f"<tr><td>{pair['score']:.3f}</td><td>{html.escape(pair['instruction'])}</td>"
+                            f"<td>{html.escape(pair['seed'])}</td></tr>" for pair in rouge["most_similar"])
+                        + "\n</table>")
+    title = f"Data report: {os.path.basename(numbers['data_path'])}"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1040px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0 2em; }}
+th, td {{ text-align: left; padding: 0.25em 1em 0.25em 0; border-bottom: 1px solid #ddd; vertical-align: top; }}
+th {{ font-weight: 600; }} h2 {{ font-size: 1.15em; margin-top: 2em; }}
+figure {{ margin: 0 0 2.5em; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.9em; }}
+</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<table>
+{rows}
+</table>
+{chr(10).join(sections)}
+</body>
+</html>
+"""
+
+
+def figure_rows(numbers):
+    """(name, value) rows of the page's table."""
+    n = numbers["records"]
+    share = lambda k: f"{k:,} ({100 * k / n:.1f}%)" if n else "0"  # noqa: E731
+    vn = numbers["verb_noun"]
+    rows = [("data", numbers["data_path"]), ("records", f"{n:,}"),
+            ("non-empty input", share(numbers["non_empty_inputs"])), ("empty output", share(numbers["empty_outputs"])),
+            ("duplicate instructions (exact, after the first)", share(numbers["duplicate_instructions"])),
+            ("verb-noun pairs", share(vn["pairs"])),
+            ("a verb without a noun object", share(vn["verb_without_object"])),
+            ("no verb (questions, noun phrases)", share(vn["no_verb"])),
+            ("distinct verbs / verb-noun pairs", f"{vn['distinct_verbs']:,} / {vn['distinct_pairs']:,}"),
+            (f"pairs of the top {len(vn['rings']['verbs'])} verbs",
+             f"{vn['rings']['pairs'] - vn['rings']['other_verbs']['count']:,} of {vn['rings']['pairs']:,}"),
+            ("spaCy model", vn["spacy_model"])]
+    rouge = numbers.get("rouge_to_seeds")
+    if rouge:
+        rows += [("seed tasks", f"{rouge['seed_tasks_path']} ({rouge['seeds']:,} instructions)"),
+                 ("ROUGE-L F to the most similar seed: mean / median", f"{rouge['mean']:.3f} / {rouge['median']:.3f}"),
+                 (f"ROUGE-L F above {NOVELTY_THRESHOLD} (would be rejected by the novelty filter)",
+                  share(rouge["above_threshold"]))]
+    for field in ("instruction", "input", "output"):
+        stats = numbers["lengths"][field]
+        rows.append((f"{field} length in {numbers['lengths']['unit']}: mean / median / 95th pct / max",
+                     f"{stats['mean']:.1f} / {stats['median']:g} / {stats['p95']:g} / {stats['max']:g}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_core_web_sm", top_verbs=20,
+                top_objects=4, draw_other=False, tokenizer=None, n_process=None, quiet=False):
+    """Write a data report of an instruction dataset: the verb-noun chart, ROUGE-L to the seeds, lengths.
+
+    Into output_dir: report.html (one self-contained page: a table of the figures and every picture embedded),
+    verb_noun.png, rouge_to_seeds.png (with --seed_tasks_path), lengths.png, and report.json (every number). Each
+    file is written atomically. The verb-noun chart is the one of the Alpaca release (the self-instruct paper's
+    Figure 2): the root verb of each instruction and its direct noun object, from a spaCy dependency parse. The rule:
+    the root of the first sentence when it is a VERB (auxiliaries and modals are its children, so "Can you write a
+    poem?" is write/poem; a copula question like "What is X?" or a noun phrase has no verb), particles kept ("fill
+    in"), its first direct object that is a noun, by lemma ("come up with" + its noun when a phrasal verb has no direct
+    object). Text after the first ": " or line break is not parsed (it is the material the instruction works on),
+    and an instruction without a verb is parsed again with its first letter in lower case (small English models
+    take a capitalised "List ..." or "Name ..." for a noun).
+
+    Args:
+        data_path: the dataset: Alpaca-format JSON list or JSON lines (instruction, input, output), e.g. regen.json
+            or alpaca_data.json; or self-instruct seed tasks (JSON lines with `instances`; the first one is used).
+        output_dir: folder for the report files (created if needed; files of an earlier report are replaced).
+        seed_tasks_path: seed tasks (self-instruct JSONL or Alpaca JSON/JSONL) for the histogram of each
+            instruction's ROUGE-L F to its most similar seed instruction, scored exactly as the novelty filter does.
+            Without it there is no ROUGE-L section.
+        spacy_model: the spaCy pipeline that parses the instructions, a package name or a folder (install the
+            default once with `python -m spacy download en_core_web_sm`). Only its tagger, parser and attribute
+            ruler run.
+        top_verbs: verbs in the chart's inner ring (the most frequent, by verb-noun pairs; 20 as the Alpaca figure).
+        top_objects: objects shown for each verb in the outer ring (4 as the Alpaca figure).
+        draw_other: draw the verb-noun pairs left out of the chart too, so that the angles are shares of all pairs:
+            a verb's other objects as the light part of its outer wedge, the other verbs as one grey wedge. By default,
+            as the Alpaca figure, the circle is the pairs shown, and the subtitle says what share of all pairs that is.
+        tokenizer: count lengths in tokens of this Hugging Face tokenizer (a name or folder) instead of words.
+        n_process: processes for the parse (default: every CPU this process may use for 5,000 instructions or more,
+            else 1).
+        quiet: no progress bar and no summary.
+    """
+    started = time.perf_counter()
+    for name, value in (("top_verbs", top_verbs), ("top_objects", top_objects)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ReportError(f"--{name} must be a whole number of at least 1, got {value!r}")
+    if n_process is not None and (isinstance(n_process, bool) or not isinstance(n_process, int) or n_process < 1):
+        raise ReportError(f"--n_process must be a whole number of at least 1, got {n_process!r}")
+    if not isinstance(draw_other, bool):
+        raise ReportError(f"--draw_other takes no value (or True / False), got {draw_other!r}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ReportError(f"--output_dir {output_dir}: exists and is not a folder")
+
+    records = load_tasks(data_path)
+    if not records:
+        raise ReportError(f"{data_path}: no records")
+    seeds = load_tasks(seed_tasks_path) if seed_tasks_path is not None else None
+    unit, count_lengths = length_counter(tokenizer)
+    nlp = load_parser(spacy_model)
+    instructions = [record["instruction"] for record in records]
+    if n_process is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n_process = cpus if len(instructions) >= MIN_INSTRUCTIONS_PER_PROCESS else 1
+    timings = {}
+
+    tick = time.perf_counter()
+    pairs = extract_verb_objects(instructions, nlp, n_process=n_process, progress=not quiet)
+    timings["parse"] = time.perf_counter() - tick
+    rings = sunburst_rings(pairs, top_verbs=top_verbs, top_objects=top_objects)
+    with_pair = [(v, o) for v, o in pairs if v is not None and o is not None]
+    numbers = {
+        "data_path": os.fspath(data_path), "records": len(records),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "non_empty_inputs": sum(record["input"] != "" for record in records),
+        "empty_outputs": sum(record["output"] == "" for record in records),
+        "duplicate_instructions": len(instructions) - len(set(instructions)),
+        "verb_noun": {
+            "spacy_model": f"{nlp.meta.get('lang', '')}_{nlp.meta.get('name', spacy_model)} "
+                           f"{nlp.meta.get('version', '')}".strip(),
+            "pairs": len(with_pair),
+            "verb_without_object": sum(v is not None and o is None for v, o in pairs),
+            "no_verb": sum(v is None for v, _ in pairs),
+            "distinct_verbs": len({v for v, _ in with_pair}), "distinct_pairs": len(set(with_pair)),
+            "rings": rings,
+        },
+    }
+
+    tick = time.perf_counter()
+    if seeds is not None:
+        scores, nearest = nearest_seed_scores(instructions, [seed["instruction"] for seed in seeds])
+        numbers["rouge_to_seeds"] = {
+            "seed_tasks_path": os.fspath(seed_tasks_path), "seeds": len(seeds), **summary(scores),
+            "above_threshold": int((scores > NOVELTY_THRESHOLD).sum()), "histogram": histogram(scores, ROUGE_BIN_EDGES),
+            "most_similar": [{"instruction": instructions[i], "seed": seeds[nearest[i]]["instruction"],
+                              "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")[:10]],
+        }
+    timings["rouge"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    lengths = {"instruction": count_lengths(instructions),
+               "input": count_lengths([r["input"] for r in records if r["input"] != ""]),
+               "output": count_lengths([r["output"] for r in records])}
+    numbers["lengths"] = {"unit": unit, **{field: summary(values) for field, values in lengths.items()}}
+    timings["lengths"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    name = os.path.basename(os.fspath(data_path))
+    vn = numbers["verb_noun"]
+    counts_line = (f"{len(records):,} instructions: {vn['pairs']:,} with a verb-noun pair, "
+                   f"{vn['verb_without_object']:,} a verb without a noun object, {vn['no_verb']:,} no verb")
+    scope = ("Angles are shares of all verb-noun pairs; grey: the other verbs; light: a verb's other objects."
+             if draw_other else "Angles are shares of the pairs shown (as in the Alpaca figure).")
+    pictures = {"verb_noun": (f"Root verbs (inner ring, top {top_verbs}) and their direct noun objects (outer ring, "
+                              f"top {top_objects} each) of {name}. {scope}",
+                              png_bytes(plot_verb_noun(rings, f"Verbs and their objects: {name}", counts_line,
+                                                       draw_other=draw_other)))}
+    if seeds is not None:
+        pictures["rouge_to_seeds"] = (
+            f"ROUGE-L F of each instruction to its most similar seed instruction "
+            f"({os.path.basename(os.fspath(seed_tasks_path))}, {len(seeds)} seeds).",
+            png_bytes(plot_rouge(scores, os.path.basename(os.fspath(seed_tasks_path)))))
+    pictures["lengths"] = (f"Lengths in {unit} of the instructions, non-empty inputs and outputs.",
+                           png_bytes(plot_lengths(lengths, unit)))
+    timings["pictures"] = time.perf_counter() - tick
+    numbers["seconds"] = {key: round(value, 2) for key, value in timings.items()}
+
+    page = html_page(numbers, pictures)
+    os.makedirs(output_dir, exist_ok=True)
+    for key, (_, png) in pictures.items():
+        write_bytes(os.path.join(output_dir, REPORT_FILES[key]), png)
+    utils.jdump(numbers, os.path.join(output_dir, REPORT_FILES["json"]), indent=2)
+    with utils.atomic_open(os.path.join(output_dir, REPORT_FILES["html"])) as f:
+        f.write(page)
+    if not quiet:
+        print(f"{data_path}: {len(records):,} records; {vn['pairs']:,} verb-noun pairs, "
+              f"{vn['verb_without_object']:,} verbs without a noun object, {vn['no_verb']:,} without a verb"
+              + (f"; ROUGE-L to the seeds: median {numbers['rouge_to_seeds']['median']:.2f}" if seeds else ""))
+        print(f"wrote {os.path.join(output_dir, REPORT_FILES['html'])} (+ PNGs, report.json) in "
+              f"{time.perf_counter() - started:.1f} s: parse {timings['parse']:.1f} s ({n_process} process"
+              f"{'es' if n_process > 1 else ''}), ROUGE-L {timings['rouge']:.1f} s, "
+              f"lengths {timings['lengths']:.1f} s, "
+              f"pictures {timings['pictures']:.1f} s")
+    return numbers
+
+
+if __name__ == "__main__":
+    import cli
+
+    cli.main(data_report, user_errors=(ReportError, utils.AlpacaDataError))
