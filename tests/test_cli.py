@@ -11,6 +11,8 @@ import pytest
 
 import cli
 import generate_instruction
+import inference
+import judge
 import utils
 import weight_diff
 from conftest import REPO_ROOT, restore_sigint
@@ -24,6 +26,8 @@ FIRE_COMMANDS = [
     (["weight_diff.py", "recover"], weight_diff.recover),
     (["utils.py", "download"], utils.download),
     (["utils.py", "validate"], utils.validate),
+    (["inference.py"], inference.inference),
+    (["judge.py"], judge.judge),
 ]
 
 
