@@ -266,20 +266,24 @@ def interactive(model, tokenizer, generation_config):
         print(file=sys.stderr)
 
 
+def length_sorted_batches(tokenizer, prompts, batch_size):
+    """Positions in `prompts` grouped in batches of prompts of similar token length, longest first (little padding,
+    and a batch too big for memory fails at once rather than at the end)."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def answer_file_locally(model, tokenizer, output, generation_config, batch_size):
-    """Generate the missing outputs in batches of prompts of similar length (longest first), writing the file after
-    each batch."""
+    """Generate the missing outputs in length-sorted batches, writing the file after each batch."""
     pending = [i for i in range(len(output.instructions)) if not output.done(i)]
-    prompts = {i: build_prompt(output.instructions[i]["instruction"], output.instructions[i]["input"])
-               for i in pending}
-    lengths = {i: len(ids) for i, ids in zip(pending, tokenizer([prompts[i] for i in pending])["input_ids"])}
-    pending.sort(key=lambda i: -lengths[i])
+    prompts = [build_prompt(output.instructions[i]["instruction"], output.instructions[i]["input"]) for i in pending]
     bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
     started, generated = time.monotonic(), 0
     try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
-            answers, tokens = generate(model, tokenizer, [prompts[i] for i in batch], generation_config)
+        for positions in length_sorted_batches(tokenizer, prompts, batch_size):
+            batch = [pending[p] for p in positions]
+            answers, tokens = generate(model, tokenizer, [prompts[p] for p in positions], generation_config)
             for index, answer in zip(batch, answers):
                 output.add(index, answer)
             output.write()

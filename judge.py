@@ -320,7 +320,7 @@ def markdown_report(results, judge_model, seed, bootstrap_samples):
         "Orders: " + (", ".join(f"{kind}: {count}" for kind, count in sorted(results["consistency"].items()))
                       or "none judged") + f". Malformed judge replies (retried): {results['malformed_replies']}; "
         f"judgments still without a verdict (their pairs left out): {results['judgments_without_verdict']}. "
-        f"Pairs not judged yet: {results['pairs'] - results['judged']}.",
+        f"Pairs not in the results (not judged yet, or without a verdict): {results['pairs'] - results['judged']}.",
     ]
     if results["by_motivation_app"]:
         lines += ["", "## By motivation_app", "", "| motivation_app | pairs | wins | ties | losses | win rate |",
@@ -498,8 +498,7 @@ def judge(
         check_number(flag, value, low, kind)
     budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
     budget.check()
-    api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
-                               request_timeout=request_timeout)
+    api_client.check_base_url(api_base)
 
     # -- pair the outputs; load the cache
     model_records, reference_records = read_outputs(model_outputs), read_outputs(reference_outputs)
@@ -519,7 +518,9 @@ def judge(
           f"{len(missing)} to ask", file=sys.stderr)
 
     failed = not_sent = 0
-    if missing:
+    if missing:  # (the key is needed only now: a report from a complete cache asks nothing)
+        api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
+                                   request_timeout=request_timeout)
         settings = {"judge_model": judge_model, "max_tokens": max_tokens,
                     "max_malformed_retries": max_malformed_retries}
         try:

@@ -389,6 +389,34 @@ def test_api_base_failed_prompts_are_filled_in_by_a_rerun(api_env, alpaca_sample
         f"Answer to: {r['instruction']}" for r in SAMPLE_RECORDS]
 
 
+def test_api_base_run_killed_and_rerun_asks_only_what_is_missing(api_env, alpaca_sample_path, tmp_path):
+    output_path = tmp_path / "out.json"
+    with OpenAIServer(respond=echo_answer, latency=0.1) as server:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "inference.py"), "--api_base", server.base_url, "--model_name", "m",
+             "--input_path", str(alpaca_sample_path), "--output_path", str(output_path), "--concurrency", "1",
+             "--batch_size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV)
+        deadline = time.monotonic() + 60
+        while not (output_path.exists() and len(json.loads(output_path.read_text())) >= 4):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+        process.stderr.close()
+        done = {r["instruction"] for r in json.loads(output_path.read_text())}
+        assert 4 <= len(done) < len(SAMPLE_RECORDS)
+        time.sleep(0.3)  # the request in flight at the kill is received and recorded
+        asked_before = len(server.requests)
+        server.latency = 0
+        inference.inference(api_base=server.base_url, model_name="m", input_path=str(alpaca_sample_path),
+                            output_path=str(output_path))
+        asked_again = [r["body"]["prompt"] for r in server.requests[asked_before:]]
+    assert sorted(asked_again) == sorted(utils.format_prompt(r) for r in SAMPLE_RECORDS
+                                         if r["instruction"] not in done)
+    assert [r["output"] for r in json.loads(output_path.read_text())] == [
+        f"Answer to: {r['instruction']}" for r in SAMPLE_RECORDS]
+
+
 def test_the_252_user_oriented_instructions(api_env, shared_data_dir, tmp_path):
     from eval_data import read_instructions
 

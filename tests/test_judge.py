@@ -168,8 +168,8 @@ def test_counts_both_orders_and_reports_are_exact(server, tmp_path, capsys):
     assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 32
 
-    # A rerun asks nothing and reports the same.
-    again = run_judge(server, model_path, reference_path, tmp_path / "out")
+    # A rerun asks nothing and reports the same (it needs no server, nor key).
+    again = run_judge(server, model_path, reference_path, tmp_path / "out", api_base=None)
     assert len(server.completed_requests()) == 32 and again == results
 
 
