@@ -22,6 +22,7 @@ import time
 import tqdm
 
 import api_client
+import cli
 import utils
 from api_client import APIError
 from eval_data import EvalDataError, OutputFile, read_instructions
@@ -313,32 +314,28 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
         await api.check_connection()
         bar.write(f"Answering with {model_name} at {api.url}, up to {api.concurrency} requests in flight",
                   file=sys.stderr)
-        requests = [asyncio.create_task(ask(index)) for index in pending]
         try:
-            for request in asyncio.as_completed(requests):
-                try:
-                    index, reply = await request
-                except api_client.RequestFailed as e:
-                    failed += 1
-                    failures_in_a_row += 1
-                    bar.write(f"warning: a request failed after all retries ({e}); its prompt is skipped",
-                              file=sys.stderr)
-                    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                        raise InferenceError(f"{failures_in_a_row} requests in a row failed after all retries (last: "
-                                             f"{e}). {output.where()}") from None
-                    continue
-                failures_in_a_row = 0
-                output.add(index, clean_output(reply.text if reply is not None else ""))
-                unwritten += 1
-                bar.update(1)
-                if unwritten >= batch_size:
-                    output.write()
-                    unwritten = 0
+            async with api.requests_in_flight(ask(index) for index in pending) as requests:
+                for request in asyncio.as_completed(requests):
+                    try:
+                        index, reply = await request
+                    except api_client.RequestFailed as e:
+                        failed += 1
+                        failures_in_a_row += 1
+                        bar.write(f"warning: a request failed after all retries ({e}); its prompt is skipped",
+                                  file=sys.stderr)
+                        if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                            raise InferenceError(f"{failures_in_a_row} requests in a row failed after all retries "
+                                                 f"(last: {e}). {output.where()}") from None
+                        continue
+                    failures_in_a_row = 0
+                    output.add(index, clean_output(reply.text if reply is not None else ""))
+                    unwritten += 1
+                    bar.update(1)
+                    if unwritten >= batch_size:
+                        output.write()
+                        unwritten = 0
         finally:
-            api.stop_sending()
-            for request in requests:
-                request.cancel()
-            await asyncio.gather(*requests, return_exceptions=True)
             bar.close()
             output.write()
     return failed
@@ -346,14 +343,6 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The command
-
-
-def check_number(flag, value, low, kind, high=None):
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or (kind is int and not isinstance(value, int)) or value != value or value < low or (
-            high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InferenceError(f"--{flag} must be {'an integer' if kind is int else 'a number'} {span}; got {value!r}")
 
 
 def inference(
@@ -440,15 +429,15 @@ def inference(
     for flag, value in (("instruction", instruction), ("input", input)):
         if value is not None and not isinstance(value, str):
             raise InferenceError(f"--{flag} must be text; got {value!r} (quote it)")
-    check_number("max_new_tokens", max_new_tokens, 1, int)
-    check_number("temperature", temperature, 0, float)
-    check_number("top_p", top_p, 0, float, high=1)
-    check_number("batch_size", batch_size, 1, int)
-    check_number("concurrency", concurrency, 1, int)
-    check_number("request_timeout", request_timeout, 0.001, float)
-    check_number("max_retries", max_retries, 0, int)
+    cli.check_number("max_new_tokens", max_new_tokens, 1, int)
+    cli.check_number("temperature", temperature, 0)
+    cli.check_number("top_p", top_p, 0, high=1)
+    cli.check_number("batch_size", batch_size, 1, int)
+    cli.check_number("concurrency", concurrency, 1, int)
+    cli.check_number("request_timeout", request_timeout, 0.001)
+    cli.check_number("max_retries", max_retries, 0, int)
     if seed is not None:
-        check_number("seed", seed, 0, int)
+        cli.check_number("seed", seed, 0, int)
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if model_name_or_path is not None and not os.path.isdir(model_name_or_path) and (
@@ -512,6 +501,4 @@ def inference(
 
 
 if __name__ == "__main__":
-    import cli
-
     cli.main(inference, user_errors=(InferenceError, EvalDataError, APIError, utils.AlpacaDataError))

@@ -21,6 +21,7 @@ import sys
 import tqdm
 
 import api_client
+import cli
 import utils
 from api_client import APIError, RequestFailed, Usage
 from eval_data import EvalDataError, read_outputs, record_key
@@ -396,40 +397,31 @@ async def ask_missing(api, missing, pairs, cache, settings, budget):
         await api.check_connection()
         bar.write(f"Judging with {settings['judge_model']} at {api.url}, up to {api.concurrency} requests in flight",
                   file=sys.stderr)
-        requests = [asyncio.create_task(ask_judge(api, judgment, pairs, cache, settings)) for judgment in missing]
         try:
-            for request in asyncio.as_completed(requests):
-                try:
-                    await request
-                except RequestFailed as e:
-                    if budget.reached(api.usage):
-                        not_sent += 1
+            async with api.requests_in_flight(ask_judge(api, judgment, pairs, cache, settings)
+                                              for judgment in missing) as requests:
+                for request in asyncio.as_completed(requests):
+                    try:
+                        await request
+                    except RequestFailed as e:
+                        if budget.reached(api.usage):
+                            not_sent += 1
+                            continue
+                        failed += 1
+                        bar.write(f"warning: a judgment failed after all retries ({e}); a rerun asks it again",
+                                  file=sys.stderr)
                         continue
-                    failed += 1
-                    bar.write(f"warning: a judgment failed after all retries ({e}); a rerun asks it again",
-                              file=sys.stderr)
-                    continue
-                bar.update(1)
-                bar.set_postfix_str(budget.describe(api.usage), refresh=False)
-                if budget.reached(api.usage):
-                    api.stop_sending()  # those waiting fail at once as "not sent"; those in flight are kept
+                    bar.update(1)
+                    bar.set_postfix_str(budget.describe(api.usage), refresh=False)
+                    if budget.reached(api.usage):
+                        api.stop_sending()  # those waiting fail at once as "not sent"; those in flight are kept
         finally:
-            api.stop_sending()
-            for request in requests:
-                request.cancel()
-            await asyncio.gather(*requests, return_exceptions=True)
             bar.close()
     return failed, not_sent
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The command
-
-
-def check_number(flag, value, low, kind):
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or (kind is int and not isinstance(value, int)) or value != value or value < low:
-        raise JudgeError(f"--{flag} must be {'an integer' if kind is int else 'a number'} >= {low}; got {value!r}")
 
 
 def judge(
@@ -495,7 +487,7 @@ def judge(
                                    ("bootstrap_samples", bootstrap_samples, 1, int), ("seed", seed, 0, int),
                                    ("request_timeout", request_timeout, 0.001, float),
                                    ("max_retries", max_retries, 0, int)):
-        check_number(flag, value, low, kind)
+        cli.check_number(flag, value, low, kind)
     budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
     budget.check()
     api_client.check_base_url(api_base)
@@ -552,6 +544,4 @@ def judge(
 
 
 if __name__ == "__main__":
-    import cli
-
     cli.main(judge, user_errors=(JudgeError, EvalDataError, APIError, utils.AlpacaDataError))
