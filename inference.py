@@ -455,12 +455,12 @@ def inference(
             generator = model_name if api_base else os.path.basename(os.path.normpath(model_name_or_path))
         output = OutputFile(output_path, instructions, str(generator))
         done = output.resume()
-        if done:
-            print(f"{output_path}: {done} of {len(instructions)} outputs already there; answering the other "
-                  f"{len(instructions) - done}", file=sys.stderr)
         if done == len(instructions):
             print(f"{output_path} is complete ({done} outputs); nothing to do", file=sys.stderr)
             return None
+        if done:
+            print(f"{output_path}: {done} of {len(instructions)} outputs already there; answering the other "
+                  f"{len(instructions) - done}", file=sys.stderr)
 
     if api_base is not None:
         api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,

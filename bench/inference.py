@@ -75,8 +75,8 @@ def main(num_prompts=64, max_new_tokens=64, batch_size=16, threads=1, tiny=False
     generation_config = inference.Decoding(max_new_tokens, 0.0, 1.0, None).generation_config(model, tokenizer)
     prompt_tokens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     print(f"model: random Llama, {parameters / 1e6:.1f}M parameters ({shape['hidden_size']} hidden, "
-          f"{shape['num_hidden_layers']} layers, vocab {len(tokenizer):,}), float32, {model.config._attn_implementation}"
-          f", {threads} thread(s); {len(prompts)} prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens "
+          f"{shape['num_hidden_layers']} layers, vocab {len(tokenizer):,}), float32, "
+          f"{model.config._attn_implementation}, {threads} thread(s); {len(prompts)} prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens "
           f"(mean {sum(prompt_tokens) / len(prompts):.0f}), {max_new_tokens} new tokens each; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     inference.generate(model, tokenizer, prompts[:2], generation_config)  # warm-up

@@ -1,6 +1,6 @@
-"""inference.py on the tiny fixture Llama (full and LoRA): batched greedy output equals one prompt at a time, answers end
-at EOS and before a restarted "### Instruction:", a killed batch run resumes, the interactive mode is driven through
-a pipe, and --api_base sends the same prompts to our OpenAI-protocol server."""
+"""inference.py on the tiny fixture Llama (full and LoRA): batched greedy output equals one prompt at a time, answers
+end at EOS and before a restarted "### Instruction:", an interrupted or killed batch run resumes, the interactive mode
+is driven through a pipe, and --api_base sends the same prompts to our OpenAI-protocol server."""
 
 import io
 import json

@@ -5,7 +5,6 @@ text-davinci-003's answers when ../shared/data is there."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -163,7 +162,7 @@ def test_counts_both_orders_and_reports_are_exact(server, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 16 | 7 | 5 | 4 | 59.4% |" in out
     report = (tmp_path / "out" / "results.md").read_text()
-    assert report == out.rstrip("\n") + "\n" or report in out
+    assert report in out
     assert "| Grammarly | 6 |" in report
     assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 32
