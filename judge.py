@@ -347,13 +347,14 @@ def draw_chart(results, path):
         axes.barh(range(len(rows)), shares, left=left, color=colour, label=outcome)
         left = [a + b for a, b in zip(left, shares)]
     axes.set_yticks(range(len(rows)), labels, fontsize=8)
-    axes.invert_yaxis()
+    axes.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no margins
     axes.set_xlim(0, 1)
     axes.set_xlabel("share of pairs")
     low, high = results["overall"]["ci95"]
     axes.set_title(f"{results['model']} vs {results['reference']}: win rate "
-                   f"{percent(results['overall']['win_rate'])} ({percent(low)} – {percent(high)})", fontsize=10)
-    axes.legend(loc="lower right", fontsize=8)
+                   f"{percent(results['overall']['win_rate'])} ({percent(low)} – {percent(high)})", fontsize=10,
+                   pad=20)
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     figure.tight_layout()
     with utils.atomic_open(path, "wb") as f:
         figure.savefig(f, format="png", dpi=100)
