@@ -378,6 +378,24 @@ class APIClient:
             raise next(result for result in results if isinstance(result, RequestFailed))
         return replies, usage
 
+    @contextlib.asynccontextmanager
+    async def requests_in_flight(self, coroutines):
+        """Start every coroutine (each sending its requests through this client) as a task, and give the list.
+
+            async with api.requests_in_flight(ask(i) for i in todo) as requests:
+                for request in asyncio.as_completed(requests): ...
+
+        The semaphore keeps `concurrency` requests in flight. On leaving the block, for whatever reason (all done, an
+        error, Ctrl-C), nothing more is sent, what is left is cancelled, and waited for."""
+        tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+        try:
+            yield tasks
+        finally:
+            self.stop_sending()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def stop_sending(self):
         """Send no more requests: those waiting for a slot fail at once (RequestFailed), and those in flight finish
         their current attempt but are not retried."""

@@ -129,6 +129,16 @@ def check_flags(function, args):
         raise UsageError(f"missing {', '.join('--' + name for name in missing)} (see --help)")
 
 
+def check_number(flag, value, low, kind=float, high=None):
+    """Raise UsageError unless `value` (of --flag) is an integer (kind int) or a number (kind float), >= low and, when
+    given, <= high: "--batch_size must be an integer >= 1; got 0"."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or (kind is int and not isinstance(value, int)) or value != value or value < low or (
+            high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UsageError(f"--{flag} must be {'an integer' if kind is int else 'a number'} {span}; got {value!r}")
+
+
 def _is_flag(token):
     # fire's rule: "--x", or "-x..." that is not a negative number.
     return token.startswith("--") or re.match(r"^-[a-zA-Z]", token) is not None

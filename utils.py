@@ -13,6 +13,8 @@ What lives here, and why here:
 Command line (python-fire):
     python utils.py download alpaca_data            # -> ./alpaca_data.json, sha256-verified
     python utils.py download seed_tasks_original    # -> ./seed_tasks_original.jsonl (the 175 self-instruct seeds)
+    python utils.py download user_oriented_instructions     # the 252 evaluation instructions (and, for the judge,
+    python utils.py download text_davinci_003_predictions   # text-davinci-003's answers to them)
     python utils.py validate alpaca_data.json       # check a data file and print its counts
 """
 
@@ -230,6 +232,20 @@ DOWNLOADS = {
         "filename": "seed_tasks_original.jsonl",
         "description": "the 175 original self-instruct seed tasks (Apache-2.0)",
     },
+    "user_oriented_instructions": {
+        "url": "https://raw.githubusercontent.com/yizhongw/self-instruct/"
+        "0b26ccaa415992100fa32df62d41b994cf928e23/human_eval/user_oriented_instructions.jsonl",
+        "sha256": "81d60a117db495cecedecd9193504fd07c5b5a42f6699ef6b0f9da10fc22f42e",
+        "filename": "user_oriented_instructions.jsonl",
+        "description": "the 252 self-instruct user-oriented evaluation instructions (Apache-2.0)",
+    },
+    "text_davinci_003_predictions": {
+        "url": "https://raw.githubusercontent.com/yizhongw/self-instruct/"
+        "0b26ccaa415992100fa32df62d41b994cf928e23/human_eval/predictions/text-davinci-003_predictions.jsonl",
+        "sha256": "9fbf9229c917f2c832399e4d474f0ed1a4f367fae61e5eee814f3db687e0d584",
+        "filename": "text-davinci-003_predictions.jsonl",
+        "description": "text-davinci-003's answers to the 252 user-oriented instructions (Apache-2.0)",
+    },
 }
 
 
@@ -241,7 +257,9 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
     """Download an original data file from its pinned URL, verify its sha256, then move it into place atomically.
 
     Args:
-        name: which file: "alpaca_data" (-> alpaca_data.json) or "seed_tasks_original" (-> seed_tasks_original.jsonl).
+        name: which file: "alpaca_data" (-> alpaca_data.json), "seed_tasks_original" (-> seed_tasks_original.jsonl),
+            "user_oriented_instructions" (-> user_oriented_instructions.jsonl, the 252 evaluation instructions) or
+            "text_davinci_003_predictions" (-> text-davinci-003_predictions.jsonl, text-davinci-003's answers).
         output_path: where to put it (default: the file name above, in the current folder).
         url: fetch from this URL instead of the pinned one (a mirror); the pinned sha256 is still enforced.
         timeout: seconds to wait for the server before giving up.

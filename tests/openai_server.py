@@ -36,6 +36,11 @@ Faults, for the tests:
   * `script`: a list of fault names consumed in order by the next requests, for exact tests ("429", "500", "hang",
     "garbage", "length", "ok").
   * `latency`: seconds every request waits before answering (the benchmark uses 0.2 s).
+
+Scripted replies (inference and judge tests): `respond(prompt, body)` -> text replaces the self-instruct reply; the
+prompt is the completion prompt, or the chat messages' contents joined by newlines; `body` is the request. The
+request's `stop` and `max_tokens` still cut the text, as a real server does. It runs on the server's threads: keep it
+a pure function of its arguments (or lock what it shares).
 """
 
 import hashlib
@@ -182,7 +187,7 @@ class OpenAIServer:
 
     def __init__(self, *, latency=0.0, faults=None, content_faults=None, task_mix=None, chat_restate_header=0.5,
                  chat_dressing=None, retry_after="1", hang_seconds=5.0, context_window=None, fault_seed=0, models=None,
-                 api_key=None, reject_logit_bias=False, reject_max_tokens=False, prompt_lists=True):
+                 api_key=None, reject_logit_bias=False, reject_max_tokens=False, prompt_lists=True, respond=None):
         self.latency = latency
         self.faults = dict(faults or {})
         self.content_faults = dict(content_faults or {})
@@ -190,6 +195,7 @@ class OpenAIServer:
         self.chat_restate_header = chat_restate_header
         self.chat_dressing = dict(chat_dressing or {})
         self.prompt_lists = prompt_lists
+        self.respond = respond  # None: self-instruct replies; else respond(prompt, body) -> the reply's text
         self.retry_after = retry_after
         self.hang_seconds = hang_seconds
         self.context_window = context_window
@@ -402,6 +408,10 @@ class OpenAIServer:
         return None
 
     def _reply(self, body, index, prompt, chat, max_tokens):
+        if self.respond is not None:
+            text, _ = apply_stop(self.respond(prompt, body), body.get("stop"))
+            text, cut = cut_to_tokens(text, max_tokens)
+            return text, ("length" if cut else "stop"), None
         if body.get("seed") is not None:
             digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
             rng = random.Random(f"{body['seed']}/{index}/{digest}")

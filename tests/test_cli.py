@@ -12,6 +12,8 @@ import pytest
 import cli
 import data_report
 import generate_instruction
+import inference
+import judge
 import utils
 import weight_diff
 from conftest import REPO_ROOT, restore_sigint
@@ -26,6 +28,8 @@ FIRE_COMMANDS = [
     (["utils.py", "download"], utils.download),
     (["utils.py", "validate"], utils.validate),
     (["data_report.py"], data_report.data_report),
+    (["inference.py"], inference.inference),
+    (["judge.py"], judge.judge),
 ]
 
 

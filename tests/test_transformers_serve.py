@@ -120,3 +120,24 @@ def test_the_servers_own_message_is_shown(served_model, env):
     with pytest.raises(gen.GenerationError) as raised:
         generate(served_model, env, api_base=root, api="completions")
     assert str(raised.value).startswith(f"{root} answered HTTP 404: Not Found -- the base URL has no /v1")
+
+
+def test_inference_api_base_matches_the_local_model(served_model, tmp_path, monkeypatch):
+    """inference.py --api_base against transformers serve (greedy at temperature 0, the stop sent as stop_strings)
+    gives the answers the same folder gives when loaded locally."""
+    import inference
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    base_url, model_name, _ = served_model
+    input_path = tmp_path / "instructions.json"
+    input_path.write_text(json.dumps(SAMPLE_RECORDS[:4]))
+    inference.inference(api_base=base_url, model_name=model_name, input_path=str(input_path),
+                        output_path=str(tmp_path / "served.json"), max_new_tokens=16, concurrency=2,
+                        request_timeout=60.0, max_retries=1)
+    inference.inference(model_name_or_path=model_name, input_path=str(input_path), device="cpu",
+                        output_path=str(tmp_path / "local.json"), max_new_tokens=16)
+    served = json.loads((tmp_path / "served.json").read_text())
+    local = json.loads((tmp_path / "local.json").read_text())
+    assert [r["output"] for r in served] == [r["output"] for r in local]
+    assert len({r["output"] for r in served}) == 4

@@ -1,0 +1,504 @@
+"""Use a trained Alpaca model: talk to it, ask it one thing, or answer a whole instruction file (batched, resumable).
+
+The prompt is the Alpaca template of utils.py; the answer ends at EOS or where the model starts a new
+"### Instruction:" (cut off). Any causal LM folder works (a train.py output, a recovered Alpaca, a hub model), and a
+LoRA adapter folder (with adapter_config.json) on its base model. --api_base sends the same prompts to an
+OpenAI-compatible server instead (vLLM serving the trained model, for large evaluations).
+
+    python inference.py --model_name_or_path out/                                       # interactive
+    python inference.py --model_name_or_path out/ --instruction "Name three primes." [--input "..."]
+    python inference.py --model_name_or_path out/ --input_path user_oriented_instructions.jsonl \
+        --output_path outputs/alpaca.json                                                # batch (AlpacaEval format)
+    python inference.py --api_base http://localhost:8000/v1 --model_name out --input_path ... --output_path ...
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import tqdm
+
+import api_client
+import cli
+import utils
+from api_client import APIError
+from eval_data import EvalDataError, OutputFile, read_instructions
+
+# Where the model starts a new example after its answer: generation stops there and the text is cut before it.
+STOP_SEQUENCES = ["### Instruction:"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --api_base: requests in a row that fail after all their retries before the run stops.
+MAX_FAILURES_IN_A_ROW = 8
+
+
+class InferenceError(RuntimeError):
+    """A command line, model folder or server that cannot work; the message says what to fix."""
+
+
+def clean_output(text):
+    """The answer in a generated text: up to the first stop sequence, stripped."""
+    for stop in STOP_SEQUENCES:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def build_prompt(instruction, task_input=""):
+    return utils.format_prompt({"instruction": instruction, "input": task_input})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def adapter_config_path(name_or_path):
+    """The adapter_config.json of a PEFT adapter folder (or hub id), or None for any other model."""
+    from transformers.utils import cached_file
+
+    return cached_file(name_or_path, "adapter_config.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+def has_tokenizer(name_or_path):
+    from transformers.utils import cached_file
+
+    return any(cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) is not None
+               for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def resolve_device(device):
+    """"auto" -> cuda, else mps, else cpu; any other name is checked (InferenceError for an absent accelerator)."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InferenceError(f"--device {device!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InferenceError(f"--device {device}: no MPS device is available here (use --device cpu)")
+    return resolved
+
+
+def grow_embeddings(model, num_rows):
+    """Give the input and output embeddings `num_rows` rows, the new ones the mean of the old (train.py's rule)."""
+    import torch
+
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if num_rows <= old_rows:
+        return 0
+    model.resize_token_embeddings(num_rows, mean_resizing=False)
+    weights = []
+    for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if embeddings is not None and all(embeddings.weight is not w for w in weights):  # tied: set once
+            weights.append(embeddings.weight)
+    with torch.no_grad():
+        for weight in weights:
+            weight[old_rows:] = utils.extend_rows_with_mean(weight[:old_rows], num_rows - old_rows)[old_rows:]
+    return num_rows - old_rows
+
+
+def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto", trust_remote_code=False):
+    """(model in eval mode on `device`, tokenizer padding on the left) for a model folder or a LoRA adapter folder.
+
+    An adapter folder (adapter_config.json) is applied to its base (`base_model`, else the adapter's
+    base_model_name_or_path) and merged into it; its own tokenizer is used when it has one, and when that tokenizer
+    has more tokens than the base has embedding rows (train.py added [PAD]), the base grows rows set to the mean of
+    the old ones, as training did, before the adapter is loaded (an adapter that saved those rows overwrites them).
+    """
+    import torch
+    import transformers
+
+    device = resolve_device(device)
+    adapter = adapter_config_path(model_name_or_path)
+    if adapter:
+        with open(adapter, encoding="utf-8") as f:
+            adapter_config = json.load(f)
+        base = base_model or adapter_config.get("base_model_name_or_path")
+        if not base:
+            raise InferenceError(f"{model_name_or_path}: adapter_config.json names no base model; pass --base_model")
+        tokenizer_source = model_name_or_path if has_tokenizer(model_name_or_path) else base
+    else:
+        if base_model:
+            raise InferenceError(f"--base_model is for a LoRA adapter folder, and {model_name_or_path} has no "
+                                 "adapter_config.json")
+        base = tokenizer_source = model_name_or_path
+    try:
+        tokenizer = utils.load_tokenizer(tokenizer_source, padding_side="left", trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    except OSError as e:  # a missing folder, a hub id that does not exist, no network
+        raise InferenceError(f"cannot load {base}: {str(e).splitlines()[0]}") from None
+    if adapter:
+        import peft
+
+        added = grow_embeddings(model, len(tokenizer))
+        if added:
+            print(f"{base}: {added} embedding row(s) added for the adapter's tokenizer (mean of the old rows)",
+                  file=sys.stderr)
+        model = peft.PeftModel.from_pretrained(model, model_name_or_path).merge_and_unload()
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise InferenceError(f"{tokenizer_source}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                             f"{model.get_input_embeddings().weight.shape[0]} embedding rows")
+    if tokenizer.pad_token is None:  # only pads the prompts of a batch, which the attention mask hides
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.to(device).eval(), tokenizer
+
+
+@dataclasses.dataclass
+class Decoding:
+    """How answers are decoded: greedy at temperature 0, else sampled with temperature and top_p (no top-k)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+    def generation_config(self, model, tokenizer):
+        config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+        eos_ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        eos_ids = [i for i in dict.fromkeys(eos_ids + [tokenizer.eos_token_id]) if i is not None]
+        sampling = self.temperature > 0
+        config.update(max_new_tokens=self.max_new_tokens, do_sample=sampling,
+                      temperature=self.temperature if sampling else None, top_p=self.top_p if sampling else None,
+                      top_k=0 if sampling else None, num_beams=1, eos_token_id=eos_ids,
+                      pad_token_id=tokenizer.pad_token_id, stop_strings=STOP_SEQUENCES, max_length=None)
+        return config
+
+    def api_params(self, model_name):
+        params = dict(model=model_name, max_tokens=self.max_new_tokens, temperature=self.temperature,
+                      top_p=self.top_p, stop=STOP_SEQUENCES)
+        if self.seed is not None:
+            params["seed"] = self.seed
+        return params
+
+
+def generate(model, tokenizer, prompts, generation_config, streamer=None):
+    """The cleaned answers to `prompts`, generated as one left-padded batch; and the number of tokens generated
+    (up to each row's end: EOS, stop sequence or max_new_tokens)."""
+    import torch
+
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    with torch.inference_mode():
+        sequences = model.generate(**inputs, generation_config=generation_config, tokenizer=tokenizer,
+                                   streamer=streamer)
+    answers, generated_tokens = [], 0
+    eos_ids = set(generation_config.eos_token_id)
+    for row in sequences[:, inputs["input_ids"].shape[1]:].tolist():
+        end = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
+        generated_tokens += min(end + 1, len(row))
+        answers.append(clean_output(tokenizer.decode(row[:end], skip_special_tokens=True)))
+    return answers, generated_tokens
+
+
+class AnswerPrinter:
+    """A streamer for model.generate (batch of one): prints the answer as it grows, exactly as clean_output will
+    return it: nothing of a stop sequence (text that may be its beginning is held back), no leading or trailing
+    whitespace, no half of a multi-byte character."""
+
+    def __init__(self, tokenizer, file=None):
+        self.tokenizer, self.file = tokenizer, file or sys.stdout
+        self.ids, self.printed, self.prompt_seen = [], "", False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate first passes the prompt
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        shown = clean_output(text)
+        if shown == text.strip():  # no stop sequence yet: hold back what could be the start of one
+            for stop in STOP_SEQUENCES:
+                shown = next((shown[:-n] for n in range(min(len(stop), len(shown)), 0, -1)
+                              if shown.endswith(stop[:n])), shown)
+            shown = shown.rstrip("\ufffd").rstrip()
+        self._show(shown)
+
+    def end(self):
+        self._show(clean_output(self.tokenizer.decode(self.ids, skip_special_tokens=True)))
+        print(file=self.file, flush=True)
+
+    def _show(self, text):
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            print(text[len(self.printed):], end="", file=self.file, flush=True)
+            self.printed = text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modes
+
+
+def read_line(prompt):
+    """A line typed at the terminal (with line editing), or read from a pipe (no prompt shown); None at end of input."""
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def interactive(model, tokenizer, generation_config):
+    """Ask for an instruction and an optional input, stream the answer; until end of input (Ctrl-D)."""
+    if sys.stdin.isatty():
+        print("Type an instruction, then an input (Enter for none). Ctrl-D or Ctrl-C quits.", file=sys.stderr)
+    while True:
+        instruction = read_line("Instruction: ")
+        if instruction is None:
+            break
+        if not instruction.strip():
+            continue
+        task_input = read_line("Input: ")
+        if task_input is None:
+            break
+        generate(model, tokenizer, [build_prompt(instruction, task_input)], generation_config,
+                 streamer=AnswerPrinter(tokenizer))
+        print(flush=True)  # a blank line between answers
+    if sys.stdin.isatty():
+        print(file=sys.stderr)
+
+
+def length_sorted_batches(tokenizer, prompts, batch_size):
+    """Positions in `prompts` grouped in batches of prompts of similar token length, longest first (little padding,
+    and a batch too big for memory fails at once rather than at the end)."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def answer_file_locally(model, tokenizer, output, generation_config, batch_size):
+    """Generate the missing outputs in length-sorted batches, writing the file after each batch."""
+    pending = [i for i in range(len(output.instructions)) if not output.done(i)]
+    prompts = [build_prompt(output.instructions[i]["instruction"], output.instructions[i]["input"]) for i in pending]
+    bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
+    started, generated = time.monotonic(), 0
+    try:
+        for positions in length_sorted_batches(tokenizer, prompts, batch_size):
+            batch = [pending[p] for p in positions]
+            answers, tokens = generate(model, tokenizer, [prompts[p] for p in positions], generation_config)
+            for index, answer in zip(batch, answers):
+                output.add(index, answer)
+            output.write()
+            generated += tokens
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{generated / (time.monotonic() - started):.1f} tokens/s", refresh=True)
+    finally:
+        bar.close()
+
+
+async def answer_file_with_api(api, output, decoding, model_name, batch_size):
+    """Send every missing prompt (one request each, `api.concurrency` in flight); write the file after every
+    `batch_size` answers and when stopped. Returns the number of prompts whose request failed after its retries."""
+    pending = [i for i in range(len(output.instructions)) if not output.done(i)]
+    params = decoding.api_params(model_name)
+    bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
+    api.log = lambda text: bar.write(text, file=sys.stderr)
+
+    async def ask(index):
+        record = output.instructions[index]
+        replies, _ = await api.complete([build_prompt(record["instruction"], record["input"])],
+                                        label=f"record {index}", **params)
+        return index, replies[0]
+
+    failed = failures_in_a_row = unwritten = 0
+    async with api:
+        await api.check_connection()
+        bar.write(f"Answering with {model_name} at {api.url}, up to {api.concurrency} requests in flight",
+                  file=sys.stderr)
+        try:
+            async with api.requests_in_flight(ask(index) for index in pending) as requests:
+                for request in asyncio.as_completed(requests):
+                    try:
+                        index, reply = await request
+                    except api_client.RequestFailed as e:
+                        failed += 1
+                        failures_in_a_row += 1
+                        bar.write(f"warning: a request failed after all retries ({e}); its prompt is skipped",
+                                  file=sys.stderr)
+                        if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                            raise InferenceError(f"{failures_in_a_row} requests in a row failed after all retries "
+                                                 f"(last: {e}). {output.where()}") from None
+                        continue
+                    failures_in_a_row = 0
+                    output.add(index, clean_output(reply.text if reply is not None else ""))
+                    unwritten += 1
+                    bar.update(1)
+                    if unwritten >= batch_size:
+                        output.write()
+                        unwritten = 0
+        finally:
+            bar.close()
+            output.write()
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def inference(
+    model_name_or_path=None,
+    instruction=None,
+    input="",
+    input_path=None,
+    output_path=None,
+    base_model=None,
+    generator=None,
+    max_new_tokens=512,
+    temperature=0.0,
+    top_p=1.0,
+    seed=None,
+    batch_size=16,
+    dtype="auto",
+    device="auto",
+    trust_remote_code=False,
+    api_base=None,
+    model_name=None,
+    concurrency=8,
+    request_timeout=300.0,
+    max_retries=8,
+):
+    """Answer instructions with an Alpaca model: interactively, one at a time, or a whole file.
+
+    Modes: with neither --instruction nor --input_path, interactive (type an instruction, then an input or Enter;
+    the answer streams; Ctrl-D or Ctrl-C quits; from a pipe, lines are read in the same pairs). --instruction
+    answers one and prints it. --input_path answers every record of a file into --output_path, in the AlpacaEval
+    format: a JSON list of {"instruction", "input", "output", "generator"} (plus `id` and `motivation_app` when the
+    input has them), in the input's order, rewritten atomically after each batch. Rerunning the same command
+    resumes: outputs already in the file are kept and not generated again. The prompt is the Alpaca template; an
+    answer ends at EOS or before a restarted "### Instruction:".
+
+    Args:
+        model_name_or_path: the model: a folder written by train.py or weight_diff.py recover, a hub id, or a LoRA
+            adapter folder (with adapter_config.json; its base is --base_model or the one the adapter names).
+        instruction: answer this one instruction and exit.
+        input: the optional input (context) that goes with --instruction.
+        input_path: a file of instructions: Alpaca JSON or JSONL (`instruction`, optional `input`), or the
+            self-instruct user-oriented JSONL (`instances[0].input`), or an output file (its instructions).
+        output_path: where the answers to --input_path go (AlpacaEval format; resumed when it exists).
+        base_model: the base model of a LoRA adapter folder, when not the one in its adapter_config.json.
+        generator: the name written in each record's `generator` field (default: the model folder's name, or
+            --model_name). A resumed file must have been written under the same name.
+        max_new_tokens: the longest answer, in tokens.
+        temperature: 0 decodes greedily (the default, for evaluation: reproducible); above 0 samples.
+        top_p: nucleus sampling mass, when sampling.
+        seed: random seed for sampling (sent as the request's `seed` with --api_base). Note that sampled answers
+            also depend on which prompts share a batch.
+        batch_size: prompts generated together (left-padded, sorted by length, longest first); with --api_base, the
+            file is rewritten after every this many answers.
+        dtype: weights' dtype: auto (the checkpoint's own: float32 for a train.py output), float32, bfloat16 or
+            float16.
+        device: auto (cuda if available, else mps, else cpu), or a torch device name such as cpu, cuda, cuda:1.
+        trust_remote_code: allow model code from the model's repository to run (off by default).
+        api_base: send the prompts to this OpenAI-compatible server's /v1/completions instead of loading a model
+            (e.g. http://localhost:8000/v1 for vLLM serving the trained folder). The key, if one is needed, is read
+            from OPENAI_API_KEY.
+        model_name: the model name to request from --api_base (for vLLM, the name or path it serves).
+        concurrency: requests in flight at once with --api_base.
+        request_timeout: seconds to wait for a reply before the attempt is abandoned and retried (--api_base).
+        max_retries: retries per request for rate limits, 5xx errors, timeouts and broken connections (--api_base);
+            a prompt whose request still fails is skipped, and a rerun fills it in.
+    """
+    # -- check the command line before anything is loaded or sent
+    if instruction is not None and input_path is not None:
+        raise InferenceError("--instruction and --input_path are two modes; give one")
+    if input and instruction is None:
+        raise InferenceError("--input goes with --instruction (an input file's records carry their own inputs)")
+    if (input_path is None) != (output_path is None):
+        raise InferenceError("--input_path and --output_path go together")
+    if api_base is not None and model_name_or_path is not None:
+        raise InferenceError("--model_name_or_path loads a model here and --api_base asks a server; give one")
+    if api_base is None and model_name_or_path is None:
+        raise InferenceError("give --model_name_or_path (a model folder or hub id), or --api_base and --model_name")
+    if api_base is not None and not model_name:
+        raise InferenceError("--api_base needs --model_name (the model the server serves)")
+    if api_base is None and model_name is not None:
+        raise InferenceError("--model_name names a model on a server: it goes with --api_base (a local model is "
+                             "--model_name_or_path)")
+    if api_base is not None and input_path is None:
+        raise InferenceError("--api_base answers a file: give --input_path and --output_path")
+    for flag, value in (("instruction", instruction), ("input", input)):
+        if value is not None and not isinstance(value, str):
+            raise InferenceError(f"--{flag} must be text; got {value!r} (quote it)")
+    cli.check_number("max_new_tokens", max_new_tokens, 1, int)
+    cli.check_number("temperature", temperature, 0)
+    cli.check_number("top_p", top_p, 0, high=1)
+    cli.check_number("batch_size", batch_size, 1, int)
+    cli.check_number("concurrency", concurrency, 1, int)
+    cli.check_number("request_timeout", request_timeout, 0.001)
+    cli.check_number("max_retries", max_retries, 0, int)
+    if seed is not None:
+        cli.check_number("seed", seed, 0, int)
+    if dtype not in DTYPES:
+        raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if model_name_or_path is not None and not os.path.isdir(model_name_or_path) and (
+            os.path.isabs(model_name_or_path) or model_name_or_path.startswith((".", "~"))):
+        raise InferenceError(f"{model_name_or_path}: no such folder")
+    decoding = Decoding(max_new_tokens, temperature, top_p, seed)
+
+    # -- batch mode: read the instructions and what an earlier run wrote, before loading anything
+    output = None
+    if input_path is not None:
+        instructions = read_instructions(input_path)
+        if not instructions:
+            raise InferenceError(f"{input_path}: holds no instruction")
+        if generator is None:
+            generator = model_name if api_base else os.path.basename(os.path.normpath(model_name_or_path))
+        output = OutputFile(output_path, instructions, str(generator))
+        done = output.resume()
+        if done == len(instructions):
+            print(f"{output_path} is complete ({done} outputs); nothing to do", file=sys.stderr)
+            return None
+        if done:
+            print(f"{output_path}: {done} of {len(instructions)} outputs already there; answering the other "
+                  f"{len(instructions) - done}", file=sys.stderr)
+
+    if api_base is not None:
+        api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
+                                   request_timeout=request_timeout)
+        try:
+            failed = asyncio.run(answer_file_with_api(api, output, decoding, model_name, batch_size))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(output.where()) from None
+        except APIError as e:
+            raise InferenceError(f"{e}. {output.where()}") from None
+        print(f"{output.path}: {len(output)} of {len(output.instructions)} outputs. Usage: {api.usage.describe()}",
+              file=sys.stderr)
+        if failed:
+            raise InferenceError(f"{failed} prompt(s) failed after all retries; {output.where()}")
+        return None
+
+    # -- a local model
+    import transformers
+
+    model, tokenizer = load_model(model_name_or_path, base_model, dtype, device, trust_remote_code)
+    generation_config = decoding.generation_config(model, tokenizer)
+    if seed is not None:
+        transformers.set_seed(seed)
+    if instruction is not None:
+        generate(model, tokenizer, [build_prompt(instruction, input)], generation_config,
+                 streamer=AnswerPrinter(tokenizer))
+    elif output is not None:
+        print(f"Answering {len(output.instructions) - len(output)} instructions with {model_name_or_path} on "
+              f"{model.device}, batches of {batch_size}", file=sys.stderr)
+        try:
+            answer_file_locally(model, tokenizer, output, generation_config, batch_size)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(output.where()) from None
+        print(f"{output.path}: {len(output)} outputs", file=sys.stderr)
+    else:
+        interactive(model, tokenizer, generation_config)
+    return None
+
+
+if __name__ == "__main__":
+    cli.main(inference, user_errors=(InferenceError, EvalDataError, APIError, utils.AlpacaDataError))

@@ -1,0 +1,293 @@
+"""judge.py against our OpenAI-protocol server with a scripted judge: exact counts, both orders, malformed replies,
+kill + resume, budgets, the bootstrap interval, the reports; and the real 252 user-oriented instructions paired with
+text-davinci-003's answers when ../shared/data is there."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import judge
+import utils
+from conftest import REPO_ROOT
+from openai_server import OpenAIServer
+
+RESPONSE = {side: re.compile(rf"\[Response {side}\]\n(.*?)\n\[End of Response {side}\]", re.DOTALL)
+            for side in "AB"}
+
+
+def shown_responses(prompt):
+    """(Response A, Response B) as the judge prompt shows them."""
+    return tuple(RESPONSE[side].search(prompt).group(1) for side in "AB")
+
+
+def scripted_judge(prompt, body):
+    """Prefers the response holding GOOD; with none or both, answers A (a judge biased to the first position), or tie
+    when both say TIE. A pair whose instruction says MALFORMED_ONCE gets a reply without a verdict first, and one that
+    says MALFORMED_ALWAYS never gets a verdict."""
+    if "MALFORMED_ALWAYS" in prompt or ("MALFORMED_ONCE" in prompt and judge.CORRECTION not in prompt):
+        return "Both responses have merits; the first one is more detailed."
+    a, b = shown_responses(prompt)
+    if ("GOOD" in a) != ("GOOD" in b):
+        verdict = "A" if "GOOD" in a else "B"
+    elif "TIE" in a and "TIE" in b:
+        verdict = "tie"
+    else:
+        verdict = "A"
+    return f"Response {verdict} follows the instruction more closely.\n**Verdict:** {verdict}"
+
+
+def write_outputs(path, records, generator):
+    utils.jdump([{**record, "generator": generator} for record in records], path)
+    return str(path)
+
+
+def make_files(tmp_path, kinds):
+    """Model and reference output files with one pair per entry of `kinds` ("win": the model's output is GOOD,
+    "loss": the reference's, "bias": neither, "tie": both TIE), categories cycling over three apps."""
+    model, reference = [], []
+    for index, kind in enumerate(kinds):
+        instruction = f"Task {index}: {kind}."
+        task_input = f"input {index}" if index % 2 else ""
+        app = ("Grammarly", "Gmail", "Wikipedia")[index % 3]
+        model.append({"instruction": instruction, "input": task_input, "motivation_app": app,
+                      "output": {"win": "GOOD answer", "loss": "weak answer", "bias": "an answer",
+                                 "tie": "TIE"}.get(kind.split("_")[0], "an answer")})
+        reference.append({"instruction": instruction + "\n", "input": task_input,  # davinci-style trailing newline
+                          "output": {"win": "weak answer", "loss": "GOOD answer", "bias": "another answer",
+                                     "tie": "TIE too"}.get(kind.split("_")[0], "another answer")})
+    return (write_outputs(tmp_path / "model.json", model, "ours"),
+            write_outputs(tmp_path / "reference.json", reference, "davinci"))
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with OpenAIServer(respond=scripted_judge) as server:
+        yield server
+
+
+def run_judge(server, model_path, reference_path, output_dir, **kwargs):
+    args = dict(judge_model="judge-1", api_base=server.base_url, output_dir=str(output_dir), max_retries=0,
+                bootstrap_samples=2000)
+    args.update(kwargs)
+    judge.judge(model_path, reference_path, **args)
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def chat_prompts(server):
+    return ["\n".join(m["content"] for m in r["body"]["messages"]) for r in server.completed_requests()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ("Reasons.\nVerdict: A", "A"), ("Verdict: B", "B"), ("x\nverdict: TIE", "tie"), ("**Verdict:** Tie.", "tie"),
+    ("Verdict: **B**", "B"), ("Verdict: A\n\nOn reflection:\nVerdict: B", "B"), ("A is better.", None),
+    ("The verdict: A is better", None), ("Verdict: A or B", None), ("", None), (None, None),
+    ("Verdict: Alpha", None),
+])
+def test_parse_verdict(reply, verdict):
+    assert judge.parse_verdict(reply) == verdict
+
+
+def test_combine_rule_counts_a_win_only_when_both_orders_agree():
+    sides = ("model", "reference", "tie")
+    table = {(a, b): judge.combine(a, b) for a in sides for b in sides}
+    assert table == {("model", "model"): "win", ("reference", "reference"): "loss",
+                     ("model", "reference"): "tie", ("reference", "model"): "tie", ("tie", "tie"): "tie",
+                     ("model", "tie"): "tie", ("tie", "model"): "tie", ("reference", "tie"): "tie",
+                     ("tie", "reference"): "tie"}
+    # Response A is the model in the first order and the reference in the second.
+    assert [judge.preferred_side(order, v) for order in judge.ORDERS for v in ("A", "B", "tie", None)] == [
+        "model", "reference", "tie", None, "reference", "model", "tie", None]
+
+
+def test_bootstrap_interval_is_reproducible_with_a_seed():
+    scores = [1.0] * 30 + [0.5] * 10 + [0.0] * 20
+    first = judge.bootstrap_interval(scores, samples=4000, seed=3)
+    assert first == judge.bootstrap_interval(scores, samples=4000, seed=3)
+    assert first != judge.bootstrap_interval(scores, samples=4000, seed=4)
+    low, high = first
+    assert low < sum(scores) / len(scores) < high and 0.2 < high - low < 0.3  # about +-1.96 standard errors
+    assert judge.bootstrap_interval([1.0] * 8, samples=100, seed=0) == (1.0, 1.0)
+
+
+def test_the_cache_drops_a_torn_last_line_and_appends_after_it(tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    path.write_bytes(b'{"key": "a", "verdict": "A"}\n{"key": "b", "verd')
+    cache = judge.JudgmentCache(path)
+    assert cache.load() == 1
+    cache.append({"key": "c", "verdict": "tie"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "c"]
+    path.write_text('{"key": "a"}\nnot json\n{"key": "c"}\n')
+    with pytest.raises(judge.JudgeError, match="judgments.jsonl: line 2 is not a judgment"):
+        judge.JudgmentCache(path).load()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs against the scripted judge
+
+
+def test_counts_both_orders_and_reports_are_exact(server, tmp_path, capsys):
+    kinds = ["win"] * 7 + ["loss"] * 4 + ["bias"] * 3 + ["tie"] * 2
+    model_path, reference_path = make_files(tmp_path, kinds)
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    overall = results["overall"]
+    assert (overall["win"], overall["tie"], overall["loss"], overall["n"]) == (7, 5, 4, 16)
+    assert overall["win_rate"] == pytest.approx((7 + 5 / 2) / 16)
+    assert results["consistency"] == {"both orders agree": 13, "orders disagree (position bias)": 3}
+    assert results["model"] == "ours" and results["reference"] == "davinci"
+    low, high = overall["ci95"]
+    assert low < overall["win_rate"] < high
+    assert results["mean_length"]["model"]["words"] == pytest.approx((7 * 2 + 4 * 2 + 3 * 2 + 2 * 1) / 16)
+    assert results["by_motivation_app"]["Grammarly"]["n"] == 6
+
+    # Every pair was asked twice, once in each order, at temperature 0.
+    requests = server.completed_requests()
+    assert len(requests) == 32 and all(r["body"]["temperature"] == 0 for r in requests)
+    shown = [shown_responses(prompt) for prompt in chat_prompts(server)]
+    model_outputs = [r["output"] for r in json.loads(open(model_path).read())]
+    reference_outputs = [r["output"] for r in json.loads(open(reference_path).read())]
+    for model_output, reference_output in zip(model_outputs, reference_outputs):
+        assert (model_output, reference_output) in shown and (reference_output, model_output) in shown
+
+    out = capsys.readouterr().out
+    assert "| 16 | 7 | 5 | 4 | 59.4% |" in out
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert report in out
+    assert "| Grammarly | 6 |" in report
+    assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 32
+
+    # A rerun asks nothing and reports the same (it needs no server, nor key).
+    again = run_judge(server, model_path, reference_path, tmp_path / "out", api_base=None)
+    assert len(server.completed_requests()) == 32 and again == results
+
+
+def test_malformed_replies_are_retried_counted_and_reported(server, tmp_path, capsys):
+    kinds = ["win"] * 4 + ["win_MALFORMED_ONCE"] * 2 + ["loss_MALFORMED_ALWAYS"]
+    model_path, reference_path = make_files(tmp_path, kinds)
+    results = run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=2)
+    # MALFORMED_ONCE: one bad reply per order (4), then a verdict after the follow-up; MALFORMED_ALWAYS: 3 per
+    # order (6), and the pair is left out.
+    assert results["malformed_replies"] == 4 + 6
+    assert results["judgments_without_verdict"] == 2
+    assert (results["overall"]["win"], results["overall"]["n"], results["judged"], results["pairs"]) == (6, 6, 6, 7)
+    follow_ups = [r for r in server.completed_requests() if len(r["body"]["messages"]) > 1]
+    assert len(follow_ups) == 4 + 2 * 2
+    assert all(m["content"] == judge.CORRECTION for r in follow_ups for m in r["body"]["messages"][2::2])
+    assert len(server.completed_requests()) == 14 + 4 + 2 * 2
+    assert "Malformed judge replies (retried): 10; judgments still without a verdict (their pairs left out): 2" in \
+        capsys.readouterr().out
+
+
+def test_budget_stops_sending_and_a_rerun_asks_only_the_rest(server, tmp_path, capsys):
+    model_path, reference_path = make_files(tmp_path, ["win"] * 10)
+    # Each request costs about 190 tokens: the budget is reached after a few requests.
+    run_judge(server, model_path, reference_path, tmp_path / "out", concurrency=1, budget_tokens=400)
+    asked = len(server.completed_requests())
+    assert 2 <= asked <= 4
+    assert "budget reached" in capsys.readouterr().err
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    assert len(server.completed_requests()) == 20 and results["overall"]["win"] == 10
+
+
+def test_kill_and_resume_asks_nothing_twice(server, tmp_path):
+    kinds = ["win", "loss", "bias", "tie"] * 4
+    model_path, reference_path = make_files(tmp_path, kinds)
+    server.latency = 0.1
+    cache_path = tmp_path / "out" / "judgments.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "judge.py"), "--model_outputs", model_path, "--reference_outputs",
+         reference_path, "--judge_model", "judge-1", "--api_base", server.base_url, "--output_dir",
+         str(tmp_path / "out"), "--concurrency", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    deadline = time.monotonic() + 60
+    while not (cache_path.exists() and len(cache_path.read_bytes().splitlines()) >= 6):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    process.stderr.close()
+    cached = {json.loads(line)["key"] for line in cache_path.read_text().splitlines()}
+    assert 6 <= len(cached) < 32
+    with open(cache_path, "ab") as f:  # as if the kill had cut a line in half
+        f.write(b'{"key": "cut off')
+    time.sleep(0.5)  # requests the killed run had sent are received and recorded
+    asked_before = len(server.requests)
+
+    server.latency = 0
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    rerun = [r for r in server.requests[asked_before:] if r["body"]]
+    rerun_keys = {judge.judgment_key("judge-1", r["body"]["messages"]) for r in rerun}
+    assert len(rerun_keys) == len(rerun)  # none asked twice in the rerun
+    assert rerun_keys.isdisjoint(cached) and len(rerun_keys | cached) == 32
+    assert (results["overall"]["win"], results["overall"]["tie"], results["overall"]["loss"]) == (4, 8, 4)
+    assert len(cache_path.read_text().splitlines()) == 32
+
+
+def test_files_that_do_not_pair_are_errors(server, tmp_path):
+    model_path, _ = make_files(tmp_path, ["win"])
+    other = write_outputs(tmp_path / "other.json", [{"instruction": "Else.", "input": "", "output": "x"}], "b")
+    with pytest.raises(judge.JudgeError, match="share no \\(instruction, input\\)"):
+        run_judge(server, model_path, other, tmp_path / "out")
+    twice = write_outputs(tmp_path / "twice.json", [{"instruction": "A.", "input": "", "output": "x"},
+                                                    {"instruction": "A.\n", "input": "", "output": "y"}], "b")
+    with pytest.raises(judge.EvalDataError, match="twice.json: records 0 and 1 have the same instruction and input"):
+        run_judge(server, model_path, twice, tmp_path / "out")
+    assert server.requests == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real evaluation set
+
+
+def test_pinned_downloads_match_the_evaluation_files(shared_data_dir):
+    import hashlib
+
+    for name in ("user_oriented_instructions", "text_davinci_003_predictions"):
+        spec = utils.DOWNLOADS[name]
+        assert "0b26ccaa415992100fa32df62d41b994cf928e23" in spec["url"]
+        assert hashlib.sha256((shared_data_dir / spec["filename"]).read_bytes()).hexdigest() == spec["sha256"]
+
+
+def test_the_252_user_oriented_instructions_against_text_davinci_003(server, shared_data_dir, tmp_path):
+    """The human-written targets of the user-oriented set, judged against text-davinci-003 by a judge that prefers
+    the longer response: every instruction pairs up, and the counts are what that rule gives."""
+    from eval_data import read_instructions, read_outputs, record_key
+
+    instructions = read_instructions(shared_data_dir / "user_oriented_instructions.jsonl")
+    assert len(instructions) == 252 and all(record["motivation_app"] for record in instructions)
+    targets = [json.loads(line)["instances"][0]["output"]
+               for line in open(shared_data_dir / "user_oriented_instructions.jsonl", encoding="utf-8")]
+    model_path = write_outputs(tmp_path / "human.json", [
+        {**record, "output": target} for record, target in zip(instructions, targets)], "human")
+    davinci = read_outputs(str(shared_data_dir / "text-davinci-003_predictions.jsonl"))
+    assert [record_key(r) for r in davinci] == [record_key(r) for r in instructions]
+
+    def prefer_longer(prompt, body):
+        a, b = shown_responses(prompt)
+        return "Verdict: " + ("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie")
+
+    server.respond = prefer_longer
+    results = run_judge(server, model_path, str(shared_data_dir / "text-davinci-003_predictions.jsonl"),
+                        tmp_path / "out", concurrency=16)
+    by_key = {record_key(r): r["output"] for r in davinci}
+    expected = {"win": 0, "tie": 0, "loss": 0}
+    for record, target in zip(instructions, targets):
+        theirs = by_key[record_key(record)]
+        expected["win" if len(target.strip()) > len(theirs) else "loss" if len(target.strip()) < len(theirs)
+                 else "tie"] += 1
+    assert {k: results["overall"][k] for k in expected} == expected and results["overall"]["n"] == 252
+    apps = {record["motivation_app"] for record in instructions}
+    assert set(results["by_motivation_app"]) == apps
+    assert sum(t["n"] for t in results["by_motivation_app"].values()) == 252
+    assert results["reference"] == "text-davinci-003_predictions"
