@@ -149,8 +149,10 @@ def test_load_alpaca_data_json_and_jsonl(tmp_path, alpaca_sample_path, alpaca_sa
     [
         ('{"instruction": "a"}', r"bad\.json: top level is a JSON dict; expected a list of records"),
         ("[1, 2]", r"bad\.json: record 0: is int; expected an object"),
-        ('[{"instruction": "a", "input": "", "output": "x"}, {"instruction": "a", "output": "x"}]',
-         r"bad\.json: record 1: missing field 'input'"),
+        ('[{"instruction": "a", "input": "", "output": "x"}, {"input": "", "output": "x"}]',
+         r"bad\.json: record 1: missing field 'instruction'"),
+        ('[{"instruction": "a", "output": "x"}, {"instruction": "b", "input": ""}]',
+         r"bad\.json: record 1: missing field 'output'"),
         ('[{"instruction": "a", "input": "", "output": 5}]', r"bad\.json: record 0: field 'output' is int; expected a string"),
         ('[{"instruction": null, "input": "", "output": ""}]', r"record 0: field 'instruction' is NoneType"),
         ("", r"bad\.json: the file is empty"),

@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import compat
 import utils
 import weight_diff
+from checkpoint_io import CheckpointError
 from conftest import REPO_ROOT, TINY_VOCAB_SIZE, make_tiny_llama_config
 
 PAD_ID = TINY_VOCAB_SIZE  # [PAD] is appended after the 600 sentencepiece pieces
@@ -185,7 +187,7 @@ def test_naive_sum_is_the_originals(models, tmp_path, capsys):
     order_4_28 = (["model.embed_tokens.weight"] + [f"model.layers.{i}.{k}" for i in range(2) for k in layer]
                   + ["model.norm.weight", "lm_head.weight"])
     recovered.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq() for i in range(2)})
-    assert weight_diff.original_state_dict_order(list(recovered), 2) == order_4_28
+    assert compat.original_state_dict_order(list(recovered), 2) == order_4_28
     expected = sum(recovered[key].sum() for key in order_4_28)
     out = tmp_path / "recovered"
     recover_quietly(models["raw"], diff, out, expected_sum=expected.item())
@@ -206,9 +208,9 @@ def test_inv_freq_of_llama_7b_is_what_the_original_sum_counted():
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, vocab_size=32001)
-    per_layer = weight_diff.rotary_inv_freq(config)
+    per_layer = compat.rotary_inv_freq(config)
     assert per_layer.shape == (64,) and torch.equal(per_layer, inv_freq(128))
-    assert len(weight_diff.inv_freq_names(config)) == 32
+    assert len(compat.inv_freq_names(config)) == 32
     assert per_layer.sum().item() * 32 == pytest.approx(238.7, abs=0.05)
 
 
@@ -233,7 +235,7 @@ def test_truncated_shards_are_clear_errors_and_leave_no_output(models, tmp_path)
     shutil.copytree(models["diff_pad"], diff)
     with open(diff / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(diff / "model.safetensors") - 1000)
-    with pytest.raises(weight_diff.WeightDiffError, match=r"model\.safetensors: truncated: tensor '.*' ends at byte"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor '.*' ends at byte"):
         recover_quietly(models["raw"], diff, tmp_path / "out")
 
     diff_bin = tmp_path / "diff_bin"
@@ -242,7 +244,7 @@ def test_truncated_shards_are_clear_errors_and_leave_no_output(models, tmp_path)
     shard = diff_bin / "pytorch_model-00002-of-00002.bin"
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    with pytest.raises(weight_diff.WeightDiffError, match=r"pytorch_model-00002-of-00002\.bin: cannot read"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: cannot read"):
         recover_quietly(models["raw"], diff_bin, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["diff_bin", "diff_truncated"]
 
@@ -264,7 +266,7 @@ def test_missing_extra_and_mis_shaped_tensors_are_named(models, tmp_path):
         recover_quietly(models["raw"], mis_shaped, tmp_path / "out")
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(weight_diff.WeightDiffError, match="diff model: no weights in .*empty"):
+    with pytest.raises(CheckpointError, match="diff model: no weights in .*empty"):
         recover_quietly(models["raw"], tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -273,7 +275,7 @@ def test_existing_output_needs_overwrite(models, tmp_path):
     out = tmp_path / "recovered"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(weight_diff.WeightDiffError, match="already exists"):
+    with pytest.raises(CheckpointError, match="already exists"):
         recover_quietly(models["raw"], models["diff_same"], out)
     assert os.listdir(out) == ["keep.txt"]
     recover_quietly(models["raw"], models["diff_same"], out, overwrite=True)
