@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import compat
+import train
 import utils
 import weight_diff
 from checkpoint_io import CheckpointError
-from conftest import REPO_ROOT, TINY_VOCAB_SIZE, make_tiny_llama_config
+from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TINY_VOCAB_SIZE, TOKENIZER_MATRIX,
+                      make_tiny_llama_config)
 
 PAD_ID = TINY_VOCAB_SIZE  # [PAD] is appended after the 600 sentencepiece pieces
 
@@ -212,6 +214,95 @@ def test_inv_freq_of_llama_7b_is_what_the_original_sum_counted():
     assert per_layer.shape == (64,) and torch.equal(per_layer, inv_freq(128))
     assert len(compat.inv_freq_names(config)) == 32
     assert per_layer.sum().item() * 32 == pytest.approx(238.7, abs=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every row layout: what train.py gives each tokenizer family, and the original's cut of a padded vocabulary
+
+
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+def test_train_make_diff_recover_is_bit_identical_for_every_tokenizer(name, tokenizer_matrix, alpaca_sample_path,
+                                                                      tmp_path):
+    raw = tokenizer_matrix[name]
+    tuned, diff, out = tmp_path / "tuned", tmp_path / "diff", tmp_path / "recovered"
+    train.train(["--model_name_or_path", str(raw), "--data_path", str(alpaca_sample_path), "--output_dir", str(tuned),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--seed", "0",
+                 "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+    rows = load_weights(tuned)["model.embed_tokens.weight"].shape[0]
+    assert rows == {"qwen": QWEN_EMBEDDING_ROWS, "llama3": 567}.get(name, TINY_VOCAB_SIZE + 1 if "llama1" in name else
+                                                                   load_weights(raw)["model.embed_tokens.weight"].shape[0])
+    weight_diff.make_diff(raw, tuned, diff)
+    recover_quietly(raw, diff, out)
+    assert_bit_identical(load_weights(out), load_weights(tuned))
+    text = utils.format_prompt(SAMPLE_RECORDS[1]) + SAMPLE_RECORDS[1]["output"]
+    from transformers import AutoTokenizer
+
+    recovered_tokenizer, tuned_tokenizer = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tuned)
+    assert recovered_tokenizer(text).input_ids == tuned_tokenizer(text).input_ids
+    assert len(recovered_tokenizer) == len(tuned_tokenizer) <= rows
+
+
+@pytest.fixture(scope="module")
+def padded_raw(tmp_path_factory, tiny_llama_dir, llama_tokenizer_dir):
+    """The issue's case: a tiny Llama with 640 embedding rows for the 600-token LLaMA tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("padded_raw")
+    torch.manual_seed(3)
+    LlamaForCausalLM(make_tiny_llama_config(vocab_size=640)).save_pretrained(folder)
+    for path in llama_tokenizer_dir.iterdir():
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_vocabulary_cut_to_the_tokenizer_by_the_original_train_py_recovers_exactly(padded_raw, tmp_path):
+    """The original train.py resized a padded vocabulary to len(tokenizer) ([640, 64] -> [601, 64]); the original
+    weight_diff.py cut raw the same way (rows of raw's 600 tokens + the [PAD] mean row). Ours does too, bit-exact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(padded_raw)
+    model = AutoModelForCausalLM.from_pretrained(padded_raw, dtype=torch.float32)
+    num_new_tokens = tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # the original's smart resize
+    model.resize_token_embeddings(len(tokenizer))
+    for embeddings in (model.get_input_embeddings().weight.data, model.get_output_embeddings().weight.data):
+        embeddings[-num_new_tokens:] = embeddings[:-num_new_tokens].mean(dim=0, keepdim=True)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():  # "training": float32 steps
+            parameter.sub_(1e-3 * torch.randn(parameter.shape, generator=generator))
+    tuned = tmp_path / "tuned"
+    model.save_pretrained(tuned)
+    tokenizer.save_pretrained(tuned)
+    assert load_weights(tuned)["model.embed_tokens.weight"].shape == (601, 64)
+
+    weight_diff.make_diff(padded_raw, tuned, tmp_path / "diff")
+    manifest = utils.jload(tmp_path / "diff" / weight_diff.MANIFEST_NAME)
+    assert manifest["tensors"]["lm_head.weight"]["raw_rows_kept"] == 600
+    # The original's make_diff: raw resized to the tokenizer + [PAD] (a cut), the mean row, then tuned - raw.
+    raw_model = AutoModelForCausalLM.from_pretrained(padded_raw, dtype=torch.float32)
+    raw_tokenizer = AutoTokenizer.from_pretrained(padded_raw)
+    raw_tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    raw_model.resize_token_embeddings(len(raw_tokenizer))
+    for embeddings in (raw_model.get_input_embeddings().weight.data, raw_model.get_output_embeddings().weight.data):
+        embeddings[-1:] = embeddings[:-1].mean(dim=0, keepdim=True)
+    expected = {k: v - raw_model.state_dict()[k] for k, v in model.state_dict().items()}
+    assert_bit_identical(load_weights(tmp_path / "diff"), expected)
+
+    # recover needs no raw tokenizer: the manifest says how many raw rows to keep.
+    raw_weights_only = tmp_path / "raw_weights_only"
+    shutil.copytree(padded_raw, raw_weights_only, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    recover_quietly(raw_weights_only, tmp_path / "diff", tmp_path / "recovered")
+    assert_bit_identical(load_weights(tmp_path / "recovered"), load_weights(tuned))
+    # Without the manifest (a diff from the original script) the raw tokenizer says it, and is then needed.
+    os.remove(tmp_path / "diff" / weight_diff.MANIFEST_NAME)
+    with pytest.raises(weight_diff.WeightDiffError, match=r"fewer embedding rows than the raw model .*raw model's "
+                                                          r"tokenizer, which cannot be loaded"):
+        recover_quietly(raw_weights_only, tmp_path / "diff", tmp_path / "recovered_2", check_integrity_naively=False)
+    recover_quietly(padded_raw, tmp_path / "diff", tmp_path / "recovered_3", check_integrity_naively=False)
+    recovered = load_weights(tmp_path / "recovered_3")
+    for name, tensor in load_weights(tuned).items():  # no corrections without the manifest: at most one ulp off
+        assert torch.allclose(recovered[name], tensor, rtol=1e-6, atol=0), name
+    assert not (tmp_path / "recovered_2").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
