@@ -152,13 +152,11 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         max_shard_size: largest diff shard file, e.g. "5GB" or "500MB" (does not change memory use).
         overwrite: replace path_diff if it already exists (the old folder is kept until the new one is complete).
     """
-    from transformers import AutoConfig
-
     raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
     tuned = Checkpoint(path_tuned, "tuned model", skip=compat.is_inv_freq)
     plan = plan_tensor_pairs(raw, tuned, "tuned model", raw_token_counter(path_raw, "tuned model"))
-    config = AutoConfig.from_pretrained(path_tuned)
-    tokenizer = load_tokenizer(path_tuned)
+    check_model_files(path_tuned, "tuned model")
+    shard_bytes = parse_size(max_shard_size)
     specs = [(pair.name, torch.float32, pair.shape) for pair in plan]
     sizes = [pair.numel for pair in plan]
     workspace = Workspace(max(sizes), regions=2)  # raw (then raw + diff, then its XOR with tuned), tuned (then diff)
@@ -182,7 +180,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
 
     tensors, sums = {}, {}
     with atomic_output_folder(path_diff, overwrite) as out:
-        writer = ShardedSafetensorsWriter(out, specs, _shard_bytes(max_shard_size))
+        writer = ShardedSafetensorsWriter(out, specs, shard_bytes)
         corrections = CorrectionsWriter(os.path.join(out, CORRECTIONS_NAME))
         try:
             with _progress(tuned.total_bytes(pair.name for pair in plan), "make_diff") as bar:
@@ -200,6 +198,10 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
             writer.abort()
             corrections.abort()
             raise
+        del compute, workspace  # give the buffers back before transformers is imported
+        # transformers is imported only now: its ~100 MB of modules stay out of the streaming pass's peak memory.
+        config = load_config(path_tuned)
+        tokenizer = load_tokenizer(path_tuned)
         for name in compat.inv_freq_names(config):  # counted as the original's 4.28 state dict had them
             sums[name] = compat.rotary_inv_freq(config).sum()
         total = float(naive_sum(sums, config.num_hidden_layers))
@@ -213,13 +215,34 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
           f"{num_elements:,} elements ({corrections.total / max(num_elements, 1):.3%}) carry an ulp correction")
 
 
-def _shard_bytes(max_shard_size):
-    from transformers.utils.hub import convert_file_size_to_int
+def parse_size(size):
+    """Bytes in a size such as 5GB, 500MB, 2GiB or 1000000 (transformers' max_shard_size spellings)."""
+    import re
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+        raise WeightDiffError(f"--max_shard_size {size!r}: expected a size such as 5GB or 500MB")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def check_model_files(folder, role):
+    """Fail early, before any tensor is streamed, when `folder` lacks the config or tokenizer files saved beside the
+    weights (they are loaded only after streaming, to keep transformers out of the peak memory)."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise WeightDiffError(f"{role}: {folder} has no config.json")
+    if not any(os.path.exists(os.path.join(folder, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        raise WeightDiffError(f"{role}: {folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def load_config(folder):
+    from transformers import AutoConfig
 
     try:
-        return convert_file_size_to_int(max_shard_size)
-    except ValueError:
-        raise WeightDiffError(f"--max_shard_size {max_shard_size!r}: expected a size such as 5GB or 500MB") from None
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise WeightDiffError(f"{folder}/config.json: cannot load it: {str(e).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,8 +284,6 @@ def recover(
         max_shard_size: largest output shard file, e.g. "5GB" or "500MB" (does not change memory use).
         overwrite: replace path_tuned if it already exists (the old folder is kept until the new one is complete).
     """
-    from transformers import AutoConfig
-
     if test_inference and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise WeightDiffError(f"--device {device}: no CUDA device is available (use --device cpu)")
     raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
@@ -272,9 +293,8 @@ def recover(
                  if "raw_rows_kept" in entry}
     plan = plan_tensor_pairs(raw, diff, "diff", raw_token_counter(path_raw, "diff"), kept_rows)
     corrections = _check_manifest(manifest, path_diff, plan, diff)
-    config = AutoConfig.from_pretrained(path_diff)
-    tokenizer = load_tokenizer(path_diff)
-    buffer_sums = inv_freq_sums(raw, diff, config) if check_integrity_naively else {}
+    check_model_files(path_diff, "diff")
+    shard_bytes = parse_size(max_shard_size)
     specs = [(pair.name, torch.float32, pair.shape) for pair in plan]
     sizes = [pair.numel for pair in plan]
     workspace = Workspace(max(sizes), regions=1)  # raw, then raw + diff in place
@@ -291,7 +311,7 @@ def recover(
 
     sums, kept = {}, {}
     with (atomic_output_folder(path_tuned, overwrite) if path_tuned else contextlib.nullcontext()) as out:
-        writer = ShardedSafetensorsWriter(out, specs, _shard_bytes(max_shard_size)) if out else None
+        writer = ShardedSafetensorsWriter(out, specs, shard_bytes) if out else None
         try:
             with _progress(diff.total_bytes(pair.name for pair in plan), "recover") as bar:
                 for pair, (recovered, sha256, total) in prefetched(compute, plan, sizes, workspace.limit):
@@ -314,11 +334,16 @@ def recover(
             if writer:
                 writer.abort()
             raise
+        del compute, workspace  # give the buffers back before transformers is imported
         if manifest:
             print(f"sha256 of all {len(plan)} tensors matches {os.path.join(path_diff, MANIFEST_NAME)}")
+        # transformers is imported only now: its ~100 MB of modules stay out of the streaming pass's peak memory.
+        config = load_config(path_diff)
+        tokenizer = load_tokenizer(path_diff)
         if check_integrity_naively:
             if expected_sum is None:
                 expected_sum = manifest["naive_sum"] if manifest else ALPACA_7B_NAIVE_SUM
+            buffer_sums = inv_freq_sums(raw, diff, config)
             check_naive_sum({**sums, **buffer_sums}, config.num_hidden_layers, expected_sum, manifest is not None)
         if out:
             save_config(path_diff, out)
@@ -473,9 +498,7 @@ def save_tokenizer(tokenizer, source_folder, out_folder, num_embeddings):
 
 def save_config(source_folder, out_folder):
     """config.json (float32, like the weights written) and generation_config.json of `source_folder`."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source_folder)
+    config = load_config(source_folder)
     config.dtype = torch.float32
     config.save_pretrained(out_folder)
     if os.path.exists(os.path.join(source_folder, "generation_config.json")):
