@@ -8,14 +8,18 @@ train.py and weight_diff.py tell their stage; the shims they need live here, eac
   * check_padding_free: models that do not keep packed examples apart with sdpa/eager attention (OPT);
   * gathered_parameters: editing embedding rows under DeepSpeed ZeRO-3;
   * load_tokenizer: the 2023 LLaMA tokenizer folders transformers 5 mis-reads;
+  * end_distributed: leaving torchrun without the interpreter's shutdown racing gloo's threads;
   * original_state_dict_order / rotary_inv_freq / inv_freq_names: the naive integrity sum of weight_diff.py as
     transformers 4.28 computed it (its key order and its rotary inv_freq buffers).
 """
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 
 import torch
 
@@ -447,6 +451,25 @@ def inv_freq_names(config):
 
 
 def end_distributed(trainer):
-    """Leave the process group together at the end of train.py (placeholder; see the README)."""
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    """End a torchrun process without the interpreter's finalization racing torch's C++ threads.
+
+    destroy_process_group() does not stop gloo's worker and transport threads in torch 2.13 (the DDP model still holds
+    the process group), and a gloo worker drops its reference to a finished collective, and the Python-created tensors
+    it holds, only after the waiting rank has been released. If that rank is already finalizing its interpreter, the
+    release must take the GIL, CPython ends the thread inside a C++ destructor, and std::terminate aborts the process
+    ("terminate called without an active exception", SIGABRT; pytorch issues #38228, #190489). So every rank waits for
+    the others, leaves the process group, runs the exit handlers (trackers, loggers, thread pools) and then exits with
+    os._exit: there is no finalization left for a thread to race. Single-process runs exit normally.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    trainer.accelerator.wait_for_everyone()  # every rank is done with collectives and with saving
+    trainer.accelerator.end_training()  # trackers finished, process group destroyed
+    for thread in threading.enumerate():  # what interpreter shutdown would wait for
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

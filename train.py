@@ -39,6 +39,7 @@ DEFAULT_UNK_TOKEN = "<unk>"
 # Tokenize this many examples per batched call: big enough for the Rust tokenizer to use every core, small enough for
 # a progress bar that moves.
 TOKENIZE_CHUNK_SIZE = 4096
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 @dataclass
@@ -360,6 +361,12 @@ def load_tokenizer(model_args, training_args):
     transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
     per-example calls). compat.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
     """
+    path = model_args.model_name_or_path
+    if path.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise UsageError(f"--model_name_or_path {path}: no such folder")
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}"
+                         "); save the base model's tokenizer beside the weights")
     try:
         return compat.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
                                      model_max_length=training_args.model_max_length, padding_side="right",

@@ -148,8 +148,13 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AlpacaDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:  # a folder, no permission
+        raise AlpacaDataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise AlpacaDataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON") from None
     if not text.strip():
         raise AlpacaDataError(f"{path}: the file is empty; expected a JSON list of records or JSON lines")
 
@@ -275,6 +280,8 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
                 raise DownloadError(f"{url}: server answered HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
                 raise DownloadError(f"{url}: could not connect ({getattr(e, 'reason', e)})") from None
+            except ValueError as e:  # not a URL urllib can fetch, e.g. a bare file name
+                raise DownloadError(f"--url {url}: {e}") from None
             with response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(output_path), disable=quiet) as bar:

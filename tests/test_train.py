@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -433,6 +432,44 @@ def test_parse_args_errors(tmp_path, alpaca_sample_path):
         train.parse_args(["--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path)])
 
 
+def test_command_line_errors_are_one_line_and_come_before_the_model_loads(tmp_path, capsys, alpaca_sample_path,
+                                                                         tiny_llama_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 5}]')
+    no_model, out = str(tmp_path / "no_model"), str(tmp_path / "out")
+    good = ["--data_path", str(alpaca_sample_path), "--output_dir", out]
+    cases = [  # the model path does not exist in the first case: the data is checked before any model is loaded
+        (["--model_name_or_path", no_model, "--data_path", str(bad), "--output_dir", out],
+         f"train.py: error: {bad}: record 1: field 'output' is int; expected a string"),
+        (["--model_name_or_path", no_model, *good], f"train.py: error: --model_name_or_path {no_model}: no such folder"),
+        (["--model_name_or_path", str(tiny_llama_dir), *good],  # weights but no tokenizer files
+         f"train.py: error: --model_name_or_path {tiny_llama_dir}: no tokenizer in the folder"),
+        ([*good, "--learning_rat", "1e-5"], "train.py: error: unknown flag --learning_rat (did you mean "
+                                            "--learning_rate?); see python train.py --help"),
+        ([*good, "--warmup_ratio", "2"], "train.py: error: --warmup_ratio must be in [0, 1), got 2"),
+        ([*good, "--lr_scheduler_type", "cosinus"], "train.py: error: argument --lr_scheduler_type"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            train.main(argv)
+        assert exited.value.code == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith(message), (lines, message)
+        assert "Traceback" not in "\n".join(lines)
+    assert not os.path.exists(out)
+
+
+def test_command_line_bad_record_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--model_name_or_path", "does/not-exist",
+                             "--data_path", str(bad), "--output_dir", str(tmp_path / "out")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"train.py: error: {bad}: record 1: missing field 'output'"
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
 def test_help_lists_our_flags():
     parser = transformers.HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
     text = parser.format_help()
@@ -586,16 +623,11 @@ def test_original_readme_command_runs_scaled_down(tmp_path, capsys, llama_model_
 # torchrun on CPU: real DDP, or a clear stop
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script_args, cwd, timeout=240):
+    # --standalone: the rendezvous store binds a free port itself (a port picked here first could be taken by another
+    # process before torchrun binds it).
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *script_args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script_args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -606,6 +638,7 @@ def test_torchrun_two_processes_on_cpu_runs_ddp_and_saves(tmp_path, llama_model_
         "--save_strategy", "no")], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed: DistributedDataParallel over 2 processes (backend gloo" in result.stderr
+    assert "terminate called" not in result.stderr and "Saved the model and tokenizer" in result.stderr
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     model = transformers.AutoModelForCausalLM.from_pretrained(str(output_dir))
