@@ -114,7 +114,7 @@ def parse_args(argv=None):
     if unknown:
         flag = next((token.partition("=")[0] for token in unknown if token.startswith("-")), None)
         if flag is None:
-            raise UsageError(f"unexpected value {unknown[0]!r} (every argument is a --flag; see python train.py --help)")
+            raise UsageError(f"unexpected value {unknown[0]!r} (every argument is a --flag; see --help)")
         match = difflib.get_close_matches(flag, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
         hint = f" (did you mean {match[0]}?)" if match else " (transformers 5 renamed some TrainingArguments)"
         raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
@@ -247,7 +247,8 @@ def preprocess(
     leading = leading_special_tokens(tokenizer)
     max_length = tokenizer.model_max_length - len(leading) if tokenizer.model_max_length < 2**31 else None
     examples = [s + t for s, t in zip(sources, targets)]
-    examples_tokenized, sources_tokenized = [_tokenize_fn(strings, tokenizer, max_length) for strings in (examples, sources)]
+    examples_tokenized = _tokenize_fn(examples, tokenizer, max_length)
+    sources_tokenized = _tokenize_fn(sources, tokenizer, max_length)
     input_ids, labels, dropped, merged = [], [], [], []
     for index, (ids, source_ids) in enumerate(zip(examples_tokenized["input_ids"], sources_tokenized["input_ids"])):
         source_len = len(source_ids)
@@ -263,7 +264,8 @@ def preprocess(
         labels.append(label)
     if dropped:
         logger.warning("Dropped %d of %d examples whose prompt fills model_max_length=%d (no response token left to "
-                       "learn); first indices: %s", len(dropped), len(examples), tokenizer.model_max_length, dropped[:10])
+                       "learn); first indices: %s", len(dropped), len(examples), tokenizer.model_max_length,
+                       dropped[:10])
     if merged:
         logger.warning("%d of %d examples: the prompt's last token merges with the response's first when tokenized "
                        "together (e.g. ':[' after '### Response:'); as in the original, the prompt's token count is "
@@ -365,8 +367,8 @@ def load_tokenizer(model_args, training_args):
     if path.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"--model_name_or_path {path}: no such folder")
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}"
-                         "); save the base model's tokenizer beside the weights")
+        raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of "
+                         f"{', '.join(TOKENIZER_FILES)}); save the base model's tokenizer beside the weights")
     try:
         return compat.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
                                      model_max_length=training_args.model_max_length, padding_side="right",

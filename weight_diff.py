@@ -198,7 +198,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
             writer.abort()
             corrections.abort()
             raise
-        del compute, workspace  # give the buffers back before transformers is imported
+        del compute, workspace, diff  # give the buffers back (the last diff is a view of them) before transformers
         # transformers is imported only now: its ~100 MB of modules stay out of the streaming pass's peak memory.
         config = load_config(path_tuned)
         tokenizer = load_tokenizer(path_tuned)
@@ -334,7 +334,7 @@ def recover(
             if writer:
                 writer.abort()
             raise
-        del compute, workspace  # give the buffers back before transformers is imported
+        del compute, workspace, recovered  # give the buffers back (the last tensor is a view) before transformers
         if manifest:
             print(f"sha256 of all {len(plan)} tensors matches {os.path.join(path_diff, MANIFEST_NAME)}")
         # transformers is imported only now: its ~100 MB of modules stay out of the streaming pass's peak memory.

@@ -15,7 +15,8 @@ For each size, all under --workdir (deleted at the end unless --keep):
   4. compares the outputs bit for bit, tensor by tensor: ours == tuned, and naive == ours with the ulp corrections
      undone (the naive way cannot be exact; that is what the corrections fix).
 Both sizes share the largest tensor (the 32001 x 2048 embeddings) and differ in depth (6 vs 18 layers), so a bounded
-recover has the same peak at both. Peak RSS is each process's own ru_maxrss (os.wait4), so the ways are measured apart.
+recover has the same peak at both. Peak RSS is each process's own ru_maxrss (os.wait4), so the ways are measured apart;
+this process only starts children (building, comparing), since a child's ru_maxrss starts from its parent's RSS.
 """
 
 import argparse
@@ -57,6 +58,7 @@ SIZES = {  # name: (layers, hidden, intermediate, heads); vocab 32000 for all
     "0.4B": (6, 2048, 5504, 16),
     "1B": (18, 2048, 5504, 16),
     "tiny": (2, 512, 1376, 8),
+    "tiny_deep": (30, 512, 1376, 8),
 }
 
 
@@ -192,7 +194,13 @@ def bench_size(size, args, python=sys.executable):
         [python, "weight_diff.py", "recover", "--path_raw", folders["raw"], "--path_diff", diff, "--path_tuned", ours,
          "--test_inference", "False"], "recover")
     if not args.skip_naive:
-        tensors, elements, corrected = compare_outputs(ours, naive, folders["tuned"], diff)
+        # In a child process too: this one must stay small, or the next size's children start from its peak RSS
+        # (ru_maxrss is kept across fork and exec).
+        compare = subprocess.run([python, os.path.abspath(__file__), "--compare_only", ours, naive, folders["tuned"],
+                                  diff], capture_output=True, text=True)
+        if compare.returncode:
+            sys.exit(f"comparing the {size} outputs failed:\n{compare.stderr[-3000:]}")
+        tensors, elements, corrected = (int(x) for x in compare.stdout.split()[-3:])
         print(f"[{size}] outputs: {tensors} tensors, {elements:,} elements; ours == tuned bit for bit; naive == ours "
               f"with the {corrected:,} ulp corrections ({corrected / elements:.2%}) undone, bit for bit", flush=True)
     print(f"[{size}] recover: naive {figures.get('naive_wall', float('nan')):.1f} s, "
@@ -211,7 +219,11 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
     parser.add_argument("--skip_naive", action="store_true", help="measure ours only (the naive way needs ~9.5 GB at 1B)")
     parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)  # the model-building child
+    parser.add_argument("--compare_only", nargs=4, help=argparse.SUPPRESS)  # the comparing child
     args = parser.parse_args()
+    if args.compare_only:
+        print(*compare_outputs(*args.compare_only))
+        return
     if args.build_only:
         _, num_parameters = build_models(args.workdir, args)
         print(num_parameters)
