@@ -14,6 +14,7 @@ the original's naive sum. What differs from the original, and why, is in the REA
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -107,8 +108,9 @@ def plan_tensor_pairs(raw, other, other_role, raw_token_count=None, kept_rows=No
 
 
 def raw_token_counter(path_raw, shrunk_to):
-    """A function giving the number of tokens of the raw model's tokenizer (loaded on first use)."""
+    """A function giving the number of tokens of the raw model's tokenizer (loaded on first use, once)."""
 
+    @functools.cache
     def count():
         try:
             return len(compat.load_tokenizer(os.fspath(path_raw)))
@@ -122,9 +124,9 @@ def raw_token_counter(path_raw, shrunk_to):
 
 
 def read_raw(raw, pair, out, workspace):
-    """Raw's tensor for `pair` as float32 in `out` (numel of pair.shape), with the mean rows where train.py added rows.
-
-    The mean is utils.mean_row over the kept rows, in float32 on CPU: what training computed."""
+    """Raw's tensor for `pair` as float32, with the mean rows where train.py added rows: the first numel(pair.shape)
+    elements of `out` (pair.numel elements: raw is read whole first). The mean is utils.mean_row over the kept rows,
+    in float32 on CPU, as training computed it."""
     raw.read_into(pair.name, out[: math.prod(pair.raw_shape)], workspace)
     if pair.kept_rows is not None:
         rows = out[: math.prod(pair.shape)].view(pair.shape)
