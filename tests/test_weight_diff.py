@@ -456,6 +456,22 @@ def test_release_style_tokenizer_is_converted(models, tmp_path, llama_tokenizer_
 # Command line
 
 
+def test_sharded_output_is_bit_identical(models, tmp_path):
+    out = tmp_path / "recovered"
+    recover_quietly(models["raw"], models["diff_pad"], out, max_shard_size="200KB")
+    index = utils.jload(out / "model.safetensors.index.json")
+    assert len(set(index["weight_map"].values())) > 1 and sorted(index["weight_map"]) == sorted(models["tuned_pad"])
+    assert_bit_identical(load_weights(out), models["tuned_pad"])
+
+
+def test_shard_sizes_are_parsed_like_transformers():
+    assert weight_diff.parse_size("5GB") == 5 * 10**9 and weight_diff.parse_size("500MB") == 500 * 10**6
+    assert weight_diff.parse_size("2GiB") == 2 * 2**30 and weight_diff.parse_size(1000) == 1000
+    for bad in ("5 gigabytes", "-1GB", "", "GB"):
+        with pytest.raises(weight_diff.WeightDiffError, match="--max_shard_size"):
+            weight_diff.parse_size(bad)
+
+
 def test_every_flag_is_documented():
     for function in (weight_diff.make_diff, weight_diff.recover):
         args_section = function.__doc__.split("Args:")[1]
