@@ -169,7 +169,7 @@ def build_matrix_tokenizer(name, llama_tokenizer_dir):
                     QWEN_EMBEDDING_ROWS rows, more than the tokenizer's tokens;
       gpt2_pad_eos  GPT-2 with the common `pad_token = eos_token`: <|endoftext|> is bos, eos, unk and pad, no BOS added.
     """
-    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     if name in ("llama1", "llama1_eos"):
         return LlamaTokenizer.from_pretrained(str(llama_tokenizer_dir), add_bos_token=True,
