@@ -77,6 +77,7 @@ def load_tasks(path):
             source, where = instances[0], f"{where} 'instances[0]."
         else:
             where += " '"
+        source = {"input": "", **source}  # a missing input is the empty string, as in every loader here
         for field in ("input", "output"):
             if not isinstance(source.get(field), str):
                 problem = "missing" if field not in source else f"is {type(source[field]).__name__}, not a string"

@@ -1,21 +1,14 @@
-"""The one prompt/format module every Alpaca stage imports.
+"""The one prompt/format module every Alpaca stage imports: templates, JSON files, the data loader, downloads.
 
-What lives here, and why here:
-  * PROMPT_DICT / format_prompt / IGNORE_INDEX: the Alpaca templates, character-for-character the original's, so that
-    data generation, training and inference all see the same text.
-  * jload / jdump (same signatures as the original) and jsonl helpers. Writes to a path are atomic: a temp file in the
-    same folder, fsync, then os.replace, so a crash leaves either the old file or the new one, never half of one.
-  * load_alpaca_data: reads Alpaca-format JSON or JSONL and validates every record, naming file, record and field.
-  * download: fetches the original data files from pinned URLs and verifies their sha256 before moving them into place.
-  * extend_rows_with_mean: the row-resizing rule of smart_tokenizer_and_embedding_resize, shared by train.py and
-    weight_diff.py so that a recovered model is bit-identical to a trained one.
+PROMPT_DICT / format_prompt / IGNORE_INDEX are the original's, character for character. jload / jdump keep the
+original's signatures; writes to a path are atomic (temp file, fsync, os.replace). load_alpaca_data reads Alpaca-format
+JSON or JSON lines and names the file, record and field of the first bad record.
 
-Command line (python-fire):
     python utils.py download alpaca_data            # -> ./alpaca_data.json, sha256-verified
     python utils.py download seed_tasks_original    # -> ./seed_tasks_original.jsonl (the 175 self-instruct seeds)
     python utils.py download user_oriented_instructions     # the 252 evaluation instructions (and, for the judge,
     python utils.py download text_davinci_003_predictions   # text-davinci-003's answers to them)
-    python utils.py validate alpaca_data.json       # check a data file and print its counts
+    python utils.py validate alpaca_data.json       # check a data file as train.py will, and print its counts
 """
 
 import contextlib
@@ -46,6 +39,9 @@ PROMPT_DICT = {
 }
 
 ALPACA_FIELDS = ("instruction", "input", "output")
+# A field a record may leave out, and the value it then has: a record without `input` has none (the original read
+# it as example.get("input", "")). Merged datasets often drop the empty field.
+OPTIONAL_FIELDS = {"input": ""}
 
 
 def format_prompt(example: dict) -> str:
@@ -146,15 +142,21 @@ class AlpacaDataError(ValueError):
 def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from a .json or .jsonl file.
 
-    Every record is validated: it must be an object with every required field, and each must be a string. The first
-    bad record raises AlpacaDataError naming the file, the record index (0-based) and the field. Extra fields are kept
+    Every record is validated: it must be an object with every required field, and each must be a string; a missing
+    `input` is the empty string (OPTIONAL_FIELDS; it is filled in). The first bad record raises AlpacaDataError naming
+    the file, the record index (0-based) and the field. Extra fields are kept
     (regen.json carries `most_similar_instructions`, for example). An empty `output` is allowed, but counted and logged.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AlpacaDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:  # a folder, no permission
+        raise AlpacaDataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise AlpacaDataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON") from None
     if not text.strip():
         raise AlpacaDataError(f"{path}: the file is empty; expected a JSON list of records or JSON lines")
 
@@ -175,6 +177,8 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
         if not isinstance(record, dict):
             raise AlpacaDataError(f"{path}: record {index}: is {type(record).__name__}; expected an object")
         for field in required_fields:
+            if field in OPTIONAL_FIELDS and field not in record:
+                record[field] = OPTIONAL_FIELDS[field]
             if field not in record:
                 raise AlpacaDataError(f"{path}: record {index}: missing field '{field}'")
             if not isinstance(record[field], str):
@@ -201,13 +205,25 @@ def _parse_jsonl_text(path, text):
     return records
 
 
-def validate(path):
-    """Check an Alpaca-format data file (.json or .jsonl) and print its counts.
+def load_training_data(path):
+    """The records of an Alpaca-format file that train.py can train on: load_alpaca_data, and at least one record.
 
-    Args:
-        path: the data file: a JSON list of records or JSON lines, each with string `instruction`, `input`, `output`.
+    train.py and `validate` both call this, so they accept exactly the same files. Raises AlpacaDataError.
     """
     records = load_alpaca_data(path)
+    if not records:
+        raise AlpacaDataError(f"{path}: holds no records; nothing to train on")
+    return records
+
+
+def validate(path):
+    """Check an Alpaca-format data file (.json or .jsonl) exactly as train.py will, and print its counts.
+
+    Args:
+        path: the data file: a JSON list of records or JSON lines, each with string `instruction` and `output`, and
+            `input` (a record without it has an empty input).
+    """
+    records = load_training_data(path)
     with_input = sum(1 for r in records if r["input"] != "")
     empty_output = sum(1 for r in records if r["output"] == "")
     print(f"{path}: {len(records)} records, {with_input} with a non-empty input, {empty_output} with an empty output")
@@ -282,6 +298,8 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
                 raise DownloadError(f"{url}: server answered HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
                 raise DownloadError(f"{url}: could not connect ({getattr(e, 'reason', e)})") from None
+            except ValueError as e:  # not a URL urllib can fetch, e.g. a bare file name
+                raise DownloadError(f"--url {url}: {e}") from None
             with response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(output_path), disable=quiet) as bar:
@@ -302,88 +320,31 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers, shared by train.py and weight_diff.py
-
-LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "LLaMATokenizer")  # the last: early-2023 name
+# Tokenizers and embedding rows, shared by train.py and weight_diff.py
 
 
 def load_tokenizer(name_or_path, **kwargs):
-    """`AutoTokenizer.from_pretrained(name_or_path, **kwargs)`, made to read the 2023 LLaMA tokenizers right.
+    """`AutoTokenizer.from_pretrained(name_or_path, **kwargs)` that also reads the 2023 LLaMA tokenizer folders
+    (compat.load_tokenizer says how)."""
+    import compat
 
-    transformers 5 has only fast tokenizers, and mis-reads the two kinds of LLaMA tokenizer folder the original
-    recipe met:
-      * early conversions (tokenizer_class "LLaMATokenizer", "" written for bos/eos/unk): "" as unk recurses forever;
-      * a tokenizer.model without tokenizer.json (the released alpaca-7b-wdiff): without tokenizer_config.json,
-        AutoTokenizer silently builds a generic tokenizer that adds no BOS.
-    Those are converted from tokenizer.model with LlamaTokenizer, with the 2023 defaults (BOS added, no EOS) unless the
-    folder says otherwise. A special token that is empty or not in the sentencepiece vocabulary becomes the model's own
-    (<unk>, <s>, </s> for LLaMA), with a warning. Tokens in added_tokens.json must keep their recorded ids.
-    """
-    from transformers import AutoTokenizer, LlamaTokenizer
-    from transformers.models.auto.tokenization_auto import get_tokenizer_config
-    from transformers.utils import cached_file
-
-    def find(filename):  # a local folder or a hub repo; None when the file is not there
-        return cached_file(name_or_path, filename, cache_dir=kwargs.get("cache_dir"),
-                           _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
-
-    def read(filename):
-        path = find(filename)
-        return jload(path) if path else {}
-
-    tokenizer_config = get_tokenizer_config(name_or_path, cache_dir=kwargs.get("cache_dir")) or {}
-    is_llama = tokenizer_config.get("tokenizer_class", "LlamaTokenizer") in LLAMA_TOKENIZER_CLASSES
-    early_conversion = tokenizer_config.get("tokenizer_class") == "LLaMATokenizer"
-    if not is_llama or (find("tokenizer.json") and not early_conversion):  # the common case: nothing to convert
-        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    sp_path = find("tokenizer.model")
-    if sp_path is None:
-        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=sp_path)
-    special_tokens_map = read("special_tokens_map.json")
-    llama_kwargs = {"add_bos_token": tokenizer_config.get("add_bos_token", True),
-                    "add_eos_token": tokenizer_config.get("add_eos_token", False)}
-    for role, sp_id in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
-        value = special_tokens_map.get(role, tokenizer_config.get(role))
-        if isinstance(value, dict):
-            value = value.get("content")
-        in_vocab = bool(value) and (sp.piece_to_id(value) != sp.unk_id() or value == sp.id_to_piece(sp.unk_id()))
-        if not in_vocab and sp_id >= 0:
-            if value is not None:
-                logger.warning("%s: %s %r is not a token of tokenizer.model; using %r", name_or_path, role, value,
-                               sp.id_to_piece(sp_id))
-            value = sp.id_to_piece(sp_id)
-        if value:
-            llama_kwargs[role] = value
-    kwargs.pop("trust_remote_code", None)  # LlamaTokenizer is transformers' own code
-    tokenizer = LlamaTokenizer.from_pretrained(name_or_path, **{**llama_kwargs, **kwargs})
-    for token, token_id in read("added_tokens.json").items():
-        if tokenizer.convert_tokens_to_ids(token) != token_id:
-            raise ValueError(f"{name_or_path}: added token {token!r} should have id {token_id} (added_tokens.json) "
-                             f"but the tokenizer gives it {tokenizer.convert_tokens_to_ids(token)}")
-    return tokenizer
+    return compat.load_tokenizer(name_or_path, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Embedding resizing, shared by train.py and weight_diff.py
+def mean_row(weight):
+    """The mean of the rows of a 2-D `weight`, shape [1, columns], in its dtype: the embedding (and lm_head) row of a
+    token train.py adds, as the original smart_tokenizer_and_embedding_resize computed it. weight_diff.py applies the
+    same function to the raw weights, so that a recovered model is bit-identical to the trained one."""
+    return weight.mean(dim=0, keepdim=True)
 
 
 def extend_rows_with_mean(weight, num_new_rows):
-    """Return `weight` with `num_new_rows` rows appended, each equal to the mean of the existing rows.
-
-    This is the rule of the original smart_tokenizer_and_embedding_resize (new embedding and lm_head rows = mean of the
-    old rows, computed in the weight's dtype, fp32 for Alpaca). weight_diff.py applies the same function to raw LLaMA
-    weights, so a recovered model is bit-identical to the trained one.
-    """
+    """Return `weight` with `num_new_rows` rows appended, each equal to mean_row(weight) (the original's resizing)."""
     import torch
 
     if num_new_rows <= 0:
         return weight
-    mean_row = weight.mean(dim=0, keepdim=True)
-    return torch.cat([weight, mean_row.expand(num_new_rows, -1)], dim=0)
+    return torch.cat([weight, mean_row(weight).expand(num_new_rows, -1)], dim=0)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ on the Alpaca text itself (no download; cached in --tokenizer_dir), loaded with 
 """
 
 import io
+import logging
 import os
 import random
 import sys
@@ -110,6 +111,10 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
             times.append(time.perf_counter() - start)
         return min(times), result
 
+    warnings = []  # what preprocess logs: dropped rows, prompt/response merges
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("train").addHandler(handler)
     ours_s, ours = best_time(lambda: train.preprocess(sources, targets, tokenizer))
     print(f"train.preprocess (batched):        {ours_s:7.2f} s  for {len(records):,} examples", flush=True)
     orig_s, orig = best_time(lambda: original_preprocess(sources, targets, tokenizer))
@@ -127,6 +132,8 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
     print(f"identical ids and labels on all {len(kept):,} kept examples ({len(records) - len(kept)} dropped: prompt "
           f">= {model_max_length} tokens; {truncated} truncated); {num_tokens:,} tokens, "
           f"mean {num_tokens / len(kept):.1f}")
+    merges = next((w.split(":")[0] for w in warnings if "merges with the response's first" in w), "0 of them")
+    print(f"prompt/response merges (the prompt's last token joins the response's first, e.g. ':[' ): {merges}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import fire
@@ -34,7 +35,24 @@ import train  # noqa: E402
 import utils  # noqa: E402
 from preprocess import build_llama_like_tokenizer  # noqa: E402
 
-COUNTS = {"positions": 0, "tokens": 0, "label_tokens": 0, "batches": 0}
+COUNTS = {"positions": 0, "tokens": 0, "label_tokens": 0, "batches": 0, "cpu_seconds": 0.0}
+
+
+def _timed(train_method):
+    """Trainer.train, also counting the CPU seconds this process spends in it (all threads): on a shared machine the
+    work done, unlike the wall time, does not depend on what else runs."""
+
+    def timed_train(self, *args, **kwargs):
+        start = time.process_time()
+        try:
+            return train_method(self, *args, **kwargs)
+        finally:
+            COUNTS["cpu_seconds"] = time.process_time() - start
+
+    return timed_train
+
+
+transformers.Trainer.train = _timed(transformers.Trainer.train)
 
 
 class CountingCollator(train.DataCollatorForSupervisedDataset):
@@ -80,7 +98,8 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
         tokenizer_dir: where bench/preprocess.py's 32K tokenizer is (trained there on first use).
         num_examples: how many examples each run trains on (one epoch; steps = num_examples / batch_size).
         batch_size: per-device micro-batch size, the same for every mode.
-        repeats: run every mode this many times, interleaved, and keep each mode's fastest run (a shared machine).
+        repeats: rounds; each round runs every mode back to back (alternating the order), and the ratios are taken
+            within a round (paired) as well as between each mode's fastest runs (a shared machine).
         modes: comma-separated subset of padded, group_by_length, padding_free.
         gpu: the ~1.1B model in bf16 with FSDP (run under torchrun); also prints MFU.
         peak_tflops: the accelerator's dense bf16 peak, for MFU.
@@ -115,17 +134,23 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
                   "padding_free": ["--padding_free", "True"]}
     chosen = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else list(modes)
 
-    results = {}
-    for _ in range(repeats):
-        for mode in chosen:
+    results, rounds = {}, []
+    for round_index in range(repeats):
+        # The modes run back to back in each round, in an order that alternates between rounds, so that each round's
+        # ratios compare runs made under the same machine load (the machine may be shared).
+        order = chosen if round_index % 2 == 0 else chosen[::-1]
+        this_round = {}
+        for mode in order:
             for key in COUNTS:
                 COUNTS[key] = 0
             trainer = train.train(common + mode_flags[mode])
             seconds = trainer.state.log_history[-1]["train_runtime"]
             run = dict(COUNTS, seconds=seconds)
+            this_round[mode] = run
             if mode not in results or seconds < results[mode]["seconds"]:
                 results[mode] = run
             del trainer
+        rounds.append(this_round)
 
     print(f"\n{'cpu' if not gpu else torch.cuda.get_device_name()}: {num_params / 1e6:.1f}M-parameter Llama, "
           f"{num_examples} Alpaca examples, batch {batch_size}, best of {repeats}")
@@ -135,14 +160,23 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
         r = results[mode]
         useful = r["tokens"] / r["seconds"]
         pad_fraction = 1 - r["tokens"] / r["positions"]
-        line = (f"{mode:>16}: {useful:9.0f} useful tokens/s, padding {pad_fraction:6.1%} of {r['positions']:,} "
-                f"positions, {r['seconds']:.2f} s")
+        line = (f"{mode:>16}: {useful:9.0f} useful tokens/s ({r['tokens'] / r['cpu_seconds']:.0f} per CPU second), "
+                f"padding {pad_fraction:6.1%} of {r['positions']:,} positions, {r['seconds']:.2f} s")
         if base:
             line += f", {useful / (base['tokens'] / base['seconds']):.2f}x padded"
         if gpu:
             mfu = useful * flops_per_token(config, mean_len) / (peak_tflops * 1e12)
             line += f", MFU {mfu:.1%}"
         print(line)
+    if base and repeats > 1:
+        for mode in chosen:
+            if mode == "padded":
+                continue
+            for clock in ("seconds", "cpu_seconds"):
+                ratios = sorted((r[mode]["tokens"] / r[mode][clock]) / (r["padded"]["tokens"] / r["padded"][clock])
+                                for r in rounds)
+                print(f"{mode:>16}: paired ratio to padded per round ({'wall' if clock == 'seconds' else 'CPU'} "
+                      f"time) {', '.join(f'{x:.2f}' for x in ratios)}; median {ratios[len(ratios) // 2]:.2f}x")
     print(json.dumps({m: {k: v for k, v in r.items()} for m, r in results.items()}))
 
 

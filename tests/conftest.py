@@ -58,11 +58,12 @@ SAMPLE_RECORDS = [
 
 
 def sample_text_lines():
-    """The text the tokenizers are trained on: the Alpaca templates, the sample records, and this repo's utils.py."""
+    """The text the tokenizers are trained on: the Alpaca templates, the sample records, and the Apache-2.0 LICENSE
+    (a text that never changes, so the fixture tokenizers, and every id the tests see, do not move with the code)."""
     lines = [PROMPT_DICT["prompt_input"], PROMPT_DICT["prompt_no_input"]]
     for record in SAMPLE_RECORDS:
         lines += [record["instruction"], record["input"], record["output"]]
-    lines += (REPO_ROOT / "utils.py").read_text(encoding="utf-8").splitlines()
+    lines += (REPO_ROOT / "LICENSE").read_text(encoding="utf-8").splitlines()
     return [line for line in lines if line.strip()]
 
 
@@ -124,6 +125,95 @@ def hf_tokenizer_dir(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("hf_tokenizer")
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tokenizer matrix: one offline tokenizer per family whose special tokens train.py must label right, each in a
+# folder with a tiny Llama sized to it (as a checkpoint folder would be).
+
+TOKENIZER_MATRIX = ("llama1", "llama1_eos", "opt", "llama3", "qwen", "gpt2_pad_eos")
+QWEN_EMBEDDING_ROWS = 640  # a padded vocabulary: more embedding rows than the tokenizer has tokens (Qwen2, Pythia)
+
+
+def _byte_level_bpe(first_specials=(), last_specials=(), vocab_size=560, extra_lines=()):
+    """A GPT-2-style byte-level BPE trained on sample_text_lines() (+ extra_lines): `first_specials` take ids 0..
+    (GPT-2/OPT layout), `last_specials` come after the learned tokens (the Llama-3 / Qwen layout)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(first_specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_text_lines() + list(extra_lines), trainer=trainer)
+    tok.add_special_tokens(list(last_specials))
+    return tok
+
+
+def _prepend(tok, token):
+    """Make `tok` put `token` before every sequence, as OPT (`</s>`) and Llama-3 (`<|begin_of_text|>`) do."""
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{token} $A", pair=f"{token} $A {token} $B", special_tokens=[(token, tok.token_to_id(token))])
+
+
+def build_matrix_tokenizer(name, llama_tokenizer_dir):
+    """The tokenizer `name` of TOKENIZER_MATRIX (a PreTrainedTokenizerBase), built offline in about a second:
+      llama1        LLaMA-1: sentencepiece BPE with byte fallback, BOS added, no pad (the fixture llama tokenizer);
+      llama1_eos    the same with add_eos_token=True (some LLaMA conversions and fine-tuning guides);
+      opt           GPT-2/OPT byte-level BPE: <s> 0, <pad> 1, </s> 2, <unk> 3, and `</s>` put before every sequence;
+      llama3        Llama-3: byte-level BPE, BOS <|begin_of_text|>, EOS the end-of-turn <|eot_id|> (distinct from
+                    <|end_of_text|>), no pad, no unk, special tokens after the learned ones;
+      qwen          Qwen2.5: byte-level BPE, no BOS, pad <|endoftext|>, EOS <|im_end|>, no unk; its model has
+                    QWEN_EMBEDDING_ROWS rows, more than the tokenizer's tokens;
+      gpt2_pad_eos  GPT-2 with the common `pad_token = eos_token`: <|endoftext|> is bos, eos, unk and pad, no BOS added.
+    """
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    if name in ("llama1", "llama1_eos"):
+        return LlamaTokenizer.from_pretrained(str(llama_tokenizer_dir), add_bos_token=True,
+                                              add_eos_token=name == "llama1_eos")
+    if name == "opt":
+        tok = _byte_level_bpe(first_specials=["<s>", "<pad>", "</s>", "<unk>"])
+        _prepend(tok, "</s>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                       unk_token="<unk>")
+    if name == "llama3":
+        tok = _byte_level_bpe(last_specials=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
+                                             "<|start_header_id|>", "<|end_header_id|>"])
+        _prepend(tok, "<|begin_of_text|>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    if name == "qwen":
+        tok = _byte_level_bpe(last_specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if name == "gpt2_pad_eos":
+        tok = _byte_level_bpe(last_specials=["<|endoftext|>"])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {TOKENIZER_MATRIX}")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_matrix(tmp_path_factory, llama_tokenizer_dir):
+    """{name: folder} for every name of TOKENIZER_MATRIX: the tokenizer saved with save_pretrained beside a random-init
+    fp32 tiny Llama (seed 0) with one embedding row per token (QWEN_EMBEDDING_ROWS for qwen)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folders = {}
+    for name in TOKENIZER_MATRIX:
+        tokenizer = build_matrix_tokenizer(name, llama_tokenizer_dir)
+        rows = QWEN_EMBEDDING_ROWS if name == "qwen" else len(tokenizer)
+        assert len(tokenizer) <= rows
+        folder = tmp_path_factory.mktemp(f"matrix_{name}")
+        torch.manual_seed(0)
+        config = make_tiny_llama_config(vocab_size=rows, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        LlamaForCausalLM(config).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        folders[name] = folder
+    return folders
 
 
 def restore_sigint():

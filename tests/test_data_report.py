@@ -213,8 +213,11 @@ def test_load_tasks_reads_alpaca_and_self_instruct_formats(tmp_path):
     assert seeds[0] == {"instruction": first["instruction"], "input": first["instances"][0]["input"],
                         "output": first["instances"][0]["output"]}
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
-    with pytest.raises(utils.AlpacaDataError, match=r"bad.jsonl: record 1: field 'input' missing"):
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"}\n'
+                   '{"instruction": "e", "instances": [{"output": "f"}]}\n')
+    assert [task["input"] for task in data_report.load_tasks(bad)] == ["", "", ""]  # missing input means empty
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""}\n')
+    with pytest.raises(utils.AlpacaDataError, match=r"bad.jsonl: record 1: field 'output' missing"):
         data_report.load_tasks(bad)
     bad.write_text('{"instruction": "a", "instances": []}\n')
     with pytest.raises(utils.AlpacaDataError, match=r"record 0: field 'instances' must be a non-empty list"):

@@ -193,6 +193,9 @@ def test_seed_task_errors_name_file_line_and_field(tmp_path):
         gen.load_seed_instruction_data(str(path))
     with pytest.raises(gen.GenerationError, match=r"no such file"):
         gen.load_seed_instruction_data(str(tmp_path / "missing.jsonl"))
+    path.write_text('{"instruction": "Do a thing well.", "instances": [{"output": "ok"}]}\n', encoding="utf-8")
+    assert gen.load_seed_instruction_data(str(path)) == [{"instruction": "Do a thing well.", "input": "",
+                                                          "output": "ok"}]  # a missing input means empty
 
 
 def test_usage_cost():

@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,9 +13,12 @@ import pytest
 import torch
 import transformers
 
+import compat
 import train
 import utils
-from conftest import REPO_ROOT, SAMPLE_RECORDS, make_tiny_llama_config
+from cli import UsageError
+from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TOKENIZER_MATRIX, _byte_level_bpe,
+                      make_tiny_llama_config)
 from utils import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,6 +189,80 @@ def test_bad_data_is_a_clear_error(tmp_path, llama_tokenizer, content, message):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The tokenizer matrix: labels are the response plus one EOS, whatever the tokenizer adds
+
+# What each family puts before a text (conftest.build_matrix_tokenizer builds them).
+LEADING = {"llama1": ["<s>"], "llama1_eos": ["<s>"], "opt": ["</s>"], "llama3": ["<|begin_of_text|>"], "qwen": [],
+           "gpt2_pad_eos": []}
+
+
+def records_without_merges():
+    # The empty output (label = EOS alone) and non-ASCII text included; the last record comes from the issue.
+    return SAMPLE_RECORDS + [{"instruction": "Give three tips for staying healthy.", "output": "Eat a balanced diet."}]
+
+
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+def test_labels_are_the_response_and_one_eos_for_every_tokenizer(name, tokenizer_matrix):
+    tokenizer = load_tokenizer(tokenizer_matrix[name])
+    leading = tokenizer.convert_tokens_to_ids(LEADING[name])
+    assert train.leading_special_tokens(tokenizer) == leading
+    records = records_without_merges()
+    sources, targets = sources_and_targets(records, tokenizer)
+    out = train.preprocess(sources, targets, tokenizer)
+    assert len(out["input_ids"]) == len(records)
+    eos = tokenizer.eos_token_id
+    for record, source, ids, labels in zip(records, sources, out["input_ids"], out["labels"]):
+        prompt = tokenizer(source, add_special_tokens=False).input_ids
+        text = tokenizer(source + record["output"], add_special_tokens=False).input_ids
+        assert text[:len(prompt)] == prompt  # no merge across the boundary in these records
+        response = text[len(prompt):]
+        assert ids.tolist() == leading + text + [eos]
+        assert labels.tolist() == [IGNORE_INDEX] * (len(leading) + len(prompt)) + response + [eos]
+        assert tokenizer.decode(response) == record["output"]  # the first response token is learned
+        assert (labels == eos).sum() == 1 or (name == "gpt2_pad_eos" and eos in response)
+
+
+def test_eos_appending_tokenizer_trains_on_the_response_and_one_eos(tokenizer_matrix):
+    """The issue's record: with add_eos_token=True the original masked the first response token and trained on
+    'at a balanced diet.</s></s>'; now the ids and labels are exactly those of the same tokenizer without it."""
+    with_eos, plain = (load_tokenizer(tokenizer_matrix[name]) for name in ("llama1_eos", "llama1"))
+    record = {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat a balanced diet."}
+    sources, targets = sources_and_targets([record], with_eos)
+    labels = train.preprocess(sources, targets, with_eos)["labels"][0]
+    assert with_eos.decode(labels[labels != IGNORE_INDEX]) == "Eat a balanced diet.</s>"
+    _, original_labels = reference_preprocess(sources, targets, with_eos)  # the original's rule
+    learned = [token for token in original_labels[0] if token != IGNORE_INDEX]
+    assert with_eos.decode(learned) != "Eat a balanced diet.</s>" and learned[-2:] == [2, 2]
+    for max_length in (512, 64):  # truncated rows too: no EOS added after a cut response
+        with_eos.model_max_length = plain.model_max_length = max_length
+        records = SAMPLE_RECORDS + long_records()
+        ours, reference = (train.preprocess(*sources_and_targets(records, t), t) for t in (with_eos, plain))
+        assert [x.tolist() for x in ours["input_ids"]] == [x.tolist() for x in reference["input_ids"]]
+        assert [x.tolist() for x in ours["labels"]] == [x.tolist() for x in reference["labels"]]
+
+
+def test_prompt_response_merges_keep_the_original_rule_and_are_counted(caplog, tmp_path):
+    """A BPE that learned ':"' joins the prompt's last token to a response starting with '"': the original's rule
+    (mask as many positions as the prompt has tokens alone) is kept, and the rows are counted in a warning."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = _byte_level_bpe(first_specials=["</s>", "<pad>"], extra_lines=['### Response:"quoted"'] * 50)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
+    tokenizer.model_max_length = 512
+    records = [{"instruction": "Quote a proverb.", "input": "", "output": '"Haste makes waste."'},
+               {"instruction": "Name a colour.", "input": "", "output": "Red."},
+               {"instruction": "Quote a film.", "input": "", "output": '"Here\'s looking at you."'}]
+    sources, targets = sources_and_targets(records, tokenizer)
+    merged = [tokenizer.convert_ids_to_tokens(tokenizer(s + t).input_ids) for s, t in zip(sources, targets)]
+    assert sum(':"' in "".join(tokens).replace("Ġ", " ") and ':"' in tokens[len(tokenizer(s).input_ids) - 1]
+               for tokens, s in zip(merged, sources)) == 2
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert_same_as_reference(records, tokenizer)
+    assert "2 of 3 examples: the prompt's last token merges with the response's first" in caplog.text
+    assert "first indices: [0, 2]" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Collators
 
 
@@ -242,6 +318,31 @@ def test_new_embedding_rows_are_the_mean_of_the_old_rows(tied, hf_tokenizer_dir)
     assert (new_in.data_ptr() == new_out.data_ptr()) == tied
 
 
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+def test_embeddings_never_shrink_and_new_rows_are_the_mean_of_the_real_tokens(name, tokenizer_matrix, tmp_path):
+    """Each new token gets the mean of the rows of the tokens that existed; rows grow only when tokens need them. The
+    padded Qwen vocabulary (640 rows for 563 tokens) keeps its 640 rows: the original shrank it to len(tokenizer)."""
+    folder = tokenizer_matrix[name]
+    before = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
+    num_tokens = len(transformers.AutoTokenizer.from_pretrained(str(folder)))
+    args = train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    model, tokenizer = train.load_model_and_tokenizer(train.ModelArguments(model_name_or_path=str(folder)), args)
+    added = len(tokenizer) - num_tokens
+    expected_added = {"llama1": 1, "llama1_eos": 1, "opt": 0, "llama3": 2, "qwen": 2, "gpt2_pad_eos": 0}[name]
+    assert added == expected_added  # [PAD]; Llama-3 also lacks <unk>, Qwen <s> and <unk> (the original's rule)
+    old_rows = before["model.embed_tokens.weight"].shape[0]
+    rows = max(old_rows, len(tokenizer))
+    assert rows == (QWEN_EMBEDDING_ROWS if name == "qwen" else num_tokens + added)
+    assert model.config.vocab_size == rows
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        old, new = before[key], model.state_dict()[key]
+        assert new.shape == (rows, old.shape[1])
+        assert torch.equal(new[:num_tokens], old[:num_tokens])
+        assert torch.equal(new[num_tokens:num_tokens + added],
+                           old[:num_tokens].mean(dim=0, keepdim=True).expand(added, -1))  # bit-exact
+        assert torch.equal(new[num_tokens + added:], old[num_tokens + added:])  # the padding rows: untouched
+
+
 def test_old_llama_conversion_with_empty_special_tokens(tmp_path, llama_tokenizer_dir, llama_tokenizer):
     # Early-2023 LLaMA conversions: only tokenizer.model, class "LLaMATokenizer", bos/eos/unk written as "".
     (tmp_path / "tokenizer.model").write_bytes((llama_tokenizer_dir / "tokenizer.model").read_bytes())
@@ -271,7 +372,7 @@ ORIGINAL_LLAMA_COMMAND = [
 
 
 def test_translate_legacy_args_maps_the_original_flags():
-    argv, notices = train.translate_legacy_args(ORIGINAL_LLAMA_COMMAND)
+    argv, notices = compat.translate_legacy_args(ORIGINAL_LLAMA_COMMAND)
     pairs = dict(zip(argv[::2], argv[1::2]))
     assert pairs["--eval_strategy"] == "no" and pairs["--warmup_steps"] == "0.03"
     assert "--evaluation_strategy" not in argv and "--warmup_ratio" not in argv
@@ -284,21 +385,21 @@ def test_translate_legacy_args_maps_the_original_flags():
 def test_translate_legacy_args_other_forms(tmp_path):
     config = tmp_path / "fsdp.json"
     config.write_text(json.dumps({"fsdp_version": 2, "transformer_layer_cls_to_wrap": "X", "cpu_offload": False}))
-    argv, _ = train.translate_legacy_args(["--fsdp=full_shard offload", f"--fsdp_config={config}",
+    argv, _ = compat.translate_legacy_args(["--fsdp=full_shard offload", f"--fsdp_config={config}",
                                            "--fsdp_transformer_layer_cls_to_wrap", "A,B", "--group_by_length",
                                            "--no_cuda", "False", "--overwrite_output_dir"])
     assert argv[:4] == ["--train_sampling_strategy", "group_by_length", "--use_cpu", "False"]
     assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {
         "version": 2, "transformer_layer_cls_to_wrap": ["A", "B"], "cpu_offload": True, "reshard_after_forward": True}
-    assert train.translate_legacy_args(["--fsdp", "True", "--fsdp_config", "c.json"])[0] == [
+    assert compat.translate_legacy_args(["--fsdp", "True", "--fsdp_config", "c.json"])[0] == [
         "--fsdp", "--fsdp_config", "c.json"]
-    assert train.translate_legacy_args(["--fsdp", "false"])[0] == []
-    assert train.translate_legacy_args(["--report_to", "wandb", "tensorboard", "--fsdp", "full_shard", "auto_wrap"])[0] \
+    assert compat.translate_legacy_args(["--fsdp", "false"])[0] == []
+    assert compat.translate_legacy_args(["--report_to", "wandb", "tensorboard", "--fsdp", "full_shard", "auto_wrap"])[0] \
         == ["--report_to", "wandb", "tensorboard", "--fsdp", "--fsdp_config",
             '{"reshard_after_forward": true, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}']
     for bad in (["--warmup_ratio", "1.5"], ["--fsdp", "hybrid_shard"], ["--group_by_length", "maybe"], ["stray"]):
-        with pytest.raises(SystemExit):
-            train.translate_legacy_args(bad)
+        with pytest.raises(UsageError):
+            compat.translate_legacy_args(bad)
 
 
 def test_parse_args_original_command_on_cpu(tmp_path, capsys, alpaca_sample_path):
@@ -317,13 +418,56 @@ def test_parse_args_original_command_on_cpu(tmp_path, capsys, alpaca_sample_path
     assert not args.deepspeed and "DeepSpeed needs CUDA GPUs" in capsys.readouterr().err
 
 
-def test_parse_args_errors(tmp_path):
-    with pytest.raises(SystemExit, match="unknown arguments"):
-        train.parse_args(["--data_path", "x", "--output_dir", str(tmp_path), "--no_such_flag", "1"])
-    with pytest.raises(SystemExit, match="--data_path is required"):
+def test_parse_args_errors(tmp_path, alpaca_sample_path):
+    data = ["--data_path", str(alpaca_sample_path), "--output_dir", str(tmp_path)]
+    with pytest.raises(UsageError, match=r"unknown flag --learning_rat \(did you mean --learning_rate\?\)"):
+        train.parse_args(data + ["--learning_rat=1e-5"])
+    with pytest.raises(UsageError, match=r"unknown flag --no_such_flag \(transformers 5 renamed"):
+        train.parse_args(data + ["--no_such_flag", "1"])
+    with pytest.raises(UsageError, match=r"argument --learning_rate/--learning-rate: invalid float value: 'fast' \(see"):
+        train.parse_args(data + ["--learning_rate", "fast"])
+    with pytest.raises(UsageError, match="--data_path is required"):
         train.parse_args(["--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="missing.json: no such file"):
+    with pytest.raises(utils.AlpacaDataError, match="missing.json: no such file"):
         train.parse_args(["--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path)])
+
+
+def test_command_line_errors_are_one_line_and_come_before_the_model_loads(tmp_path, capsys, alpaca_sample_path,
+                                                                         tiny_llama_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 5}]')
+    no_model, out = str(tmp_path / "no_model"), str(tmp_path / "out")
+    good = ["--data_path", str(alpaca_sample_path), "--output_dir", out]
+    cases = [  # the model path does not exist in the first case: the data is checked before any model is loaded
+        (["--model_name_or_path", no_model, "--data_path", str(bad), "--output_dir", out],
+         f"train.py: error: {bad}: record 1: field 'output' is int; expected a string"),
+        (["--model_name_or_path", no_model, *good], f"train.py: error: --model_name_or_path {no_model}: no such folder"),
+        (["--model_name_or_path", str(tiny_llama_dir), *good],  # weights but no tokenizer files
+         f"train.py: error: --model_name_or_path {tiny_llama_dir}: no tokenizer in the folder"),
+        ([*good, "--learning_rat", "1e-5"], "train.py: error: unknown flag --learning_rat (did you mean "
+                                            "--learning_rate?); see python train.py --help"),
+        ([*good, "--warmup_ratio", "2"], "train.py: error: --warmup_ratio must be in [0, 1), got 2"),
+        ([*good, "--lr_scheduler_type", "cosinus"], "train.py: error: argument --lr_scheduler_type"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            train.main(argv)
+        assert exited.value.code == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith(message), (lines, message)
+        assert "Traceback" not in "\n".join(lines)
+    assert not os.path.exists(out)
+
+
+def test_command_line_bad_record_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--model_name_or_path", "does/not-exist",
+                             "--data_path", str(bad), "--output_dir", str(tmp_path / "out")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"train.py: error: {bad}: record 1: missing field 'output'"
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
 
 def test_help_lists_our_flags():
@@ -342,13 +486,13 @@ def test_fsdp_wrap_class_from_the_model(tmp_path):
     def args(**config):
         return train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fsdp=True, fsdp_config=config)
 
-    assert train.resolve_fsdp_wrap_class(args(), llama) == ["LlamaDecoderLayer"]
-    assert train.resolve_fsdp_wrap_class(args(), opt) == ["OPTDecoderLayer"]
+    assert compat.resolve_fsdp_wrap_class(args(), llama) == ["LlamaDecoderLayer"]
+    assert compat.resolve_fsdp_wrap_class(args(), opt) == ["OPTDecoderLayer"]
     fsdp_args = args(transformer_layer_cls_to_wrap=["LLaMADecoderLayer"])  # the first README's spelling
-    assert train.resolve_fsdp_wrap_class(fsdp_args, llama) == ["LlamaDecoderLayer"]
+    assert compat.resolve_fsdp_wrap_class(fsdp_args, llama) == ["LlamaDecoderLayer"]
     assert fsdp_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
-    with pytest.raises(SystemExit, match="'GPT2Block' is not in OPTForCausalLM"):
-        train.resolve_fsdp_wrap_class(args(transformer_layer_cls_to_wrap=["GPT2Block"]), opt)
+    with pytest.raises(UsageError, match="'GPT2Block' is not in OPTForCausalLM"):
+        compat.resolve_fsdp_wrap_class(args(transformer_layer_cls_to_wrap=["GPT2Block"]), opt)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -377,9 +521,12 @@ def test_padding_free_loss_equals_per_example_loss(llama_model_dir, alpaca_sampl
             start += length
         torch.testing.assert_close(packed.loss.double(), total / count, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-6, atol=1e-6)
-        # Why train.py turns the KV cache off: with a cache, transformers skips the packed-sequence mask.
+        # Why train.py turns the KV cache off: with a cache, transformers skips the packed-sequence mask, so the
+        # second example's logits (positions after the first example) see the first example.
         leaky = model(**packed_batch, use_cache=True)
-        assert abs(leaky.loss.item() - packed.loss.item()) > 1e-4
+        first = len(items[0]["input_ids"])
+        torch.testing.assert_close(leaky.logits[0, :first], packed.logits[0, :first], rtol=1e-5, atol=1e-5)
+        assert (leaky.logits[0, first:] - packed.logits[0, first:]).abs().max() > 1e-2
 
 
 def test_padding_free_probe_accepts_llama_and_rejects_opt():
@@ -388,11 +535,11 @@ def test_padding_free_probe_accepts_llama_and_rejects_opt():
                   transformers.MistralForCausalLM(transformers.MistralConfig(
                       vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8))):
-        assert train.check_padding_free(model.train()) < 1e-5
+        assert compat.check_padding_free(model.train()) < 1e-5
         assert model.training  # the probe restores the mode
     # OPT builds an all-ones attention mask itself, so sdpa never sees the packed layout: examples would mix.
-    with pytest.raises(SystemExit, match="OPTForCausalLM with sdpa attention lets packed examples attend"):
-        train.check_padding_free(tiny_opt())
+    with pytest.raises(UsageError, match="OPTForCausalLM with sdpa attention lets packed examples attend"):
+        compat.check_padding_free(tiny_opt())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -476,16 +623,11 @@ def test_original_readme_command_runs_scaled_down(tmp_path, capsys, llama_model_
 # torchrun on CPU: real DDP, or a clear stop
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script_args, cwd, timeout=240):
+    # --standalone: the rendezvous store binds a free port itself (a port picked here first could be taken by another
+    # process before torchrun binds it).
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *script_args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script_args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -496,6 +638,7 @@ def test_torchrun_two_processes_on_cpu_runs_ddp_and_saves(tmp_path, llama_model_
         "--save_strategy", "no")], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed: DistributedDataParallel over 2 processes (backend gloo" in result.stderr
+    assert "terminate called" not in result.stderr and "Saved the model and tokenizer" in result.stderr
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     model = transformers.AutoModelForCausalLM.from_pretrained(str(output_dir))

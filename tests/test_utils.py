@@ -149,8 +149,10 @@ def test_load_alpaca_data_json_and_jsonl(tmp_path, alpaca_sample_path, alpaca_sa
     [
         ('{"instruction": "a"}', r"bad\.json: top level is a JSON dict; expected a list of records"),
         ("[1, 2]", r"bad\.json: record 0: is int; expected an object"),
-        ('[{"instruction": "a", "input": "", "output": "x"}, {"instruction": "a", "output": "x"}]',
-         r"bad\.json: record 1: missing field 'input'"),
+        ('[{"instruction": "a", "input": "", "output": "x"}, {"input": "", "output": "x"}]',
+         r"bad\.json: record 1: missing field 'instruction'"),
+        ('[{"instruction": "a", "output": "x"}, {"instruction": "b", "input": ""}]',
+         r"bad\.json: record 1: missing field 'output'"),
         ('[{"instruction": "a", "input": "", "output": 5}]', r"bad\.json: record 0: field 'output' is int; expected a string"),
         ('[{"instruction": null, "input": "", "output": ""}]', r"record 0: field 'instruction' is NoneType"),
         ("", r"bad\.json: the file is empty"),
@@ -169,6 +171,45 @@ def test_load_alpaca_data_errors_name_file_record_and_field(tmp_path, content, m
 def test_load_alpaca_data_missing_file(tmp_path):
     with pytest.raises(AlpacaDataError, match="nope.json: no such file"):
         utils.load_alpaca_data(tmp_path / "nope.json")
+    with pytest.raises(AlpacaDataError, match=r"cannot read it \(Is a directory\)"):
+        utils.load_alpaca_data(tmp_path)
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    with pytest.raises(AlpacaDataError, match=r"binary\.json: not UTF-8 text"):
+        utils.load_alpaca_data(tmp_path / "binary.json")
+
+
+def test_missing_input_means_empty_in_every_loader(tmp_path):
+    """Merged datasets often drop the empty `input`; the original read it as example.get("input", "")."""
+    path = tmp_path / "merged.jsonl"
+    path.write_text('{"instruction": "Name a colour.", "output": "Red."}\n'
+                    '{"instruction": "Add.", "input": "2 and 3", "output": "5"}\n')
+    records = utils.load_alpaca_data(path)
+    assert records[0]["input"] == "" and records[1]["input"] == "2 and 3"
+    assert utils.format_prompt(records[0]) == PROMPT_DICT["prompt_no_input"].format(instruction="Name a colour.")
+    assert utils.load_training_data(path) == records
+    # Loaders that ask only for instructions (deduplicate) get the records as written.
+    assert "input" not in utils.load_alpaca_data(path, required_fields=("instruction",))[0]
+
+
+def test_validate_and_train_accept_the_same_files(tmp_path, capsys):
+    import train
+
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "no_input.json").write_text('[{"instruction": "Name a colour.", "output": "Red."}]')
+    for name in ("empty.json", "no_input.json"):
+        argv = ["--data_path", str(tmp_path / name), "--output_dir", str(tmp_path / "out")]
+        try:
+            utils.validate(tmp_path / name)
+            validated = True
+        except AlpacaDataError:
+            validated = False
+        try:
+            train.parse_args(argv)
+            parsed = True
+        except AlpacaDataError:
+            parsed = False
+        assert validated == parsed == (name == "no_input.json"), name
+    assert "1 records, 0 with a non-empty input" in capsys.readouterr().out
 
 
 def test_load_real_alpaca_data(shared_data_dir):
@@ -255,6 +296,12 @@ def test_download_server_error_is_clear_and_leaves_nothing(tmp_path, file_server
         utils.download("alpaca_data", output_path=tmp_path / "a.json", url=base + "/alpaca_data.json", quiet=True)
     with pytest.raises(DownloadError, match="HTTP 404"):
         utils.download("alpaca_data", output_path=tmp_path / "a.json", url=base + "/missing", quiet=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_bad_url_is_a_download_error(tmp_path):
+    with pytest.raises(DownloadError, match="--url alpaca_data.json: unknown url type"):
+        utils.download("alpaca_data", output_path=tmp_path / "a.json", url="alpaca_data.json", quiet=True)
     assert os.listdir(tmp_path) == []
 
 
@@ -350,3 +397,28 @@ def test_load_tokenizer_reads_2023_llama_folders(tmp_path, llama_tokenizer_dir, 
         (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": len(reference) + 5}))
         with pytest.raises(ValueError, match=r"added token '\[PAD\]' should have id"):
             utils.load_tokenizer(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The original's public names, importable from the module that defined them (forks import them)
+
+ORIGINAL_NAMES = {
+    "train": ["IGNORE_INDEX", "DEFAULT_PAD_TOKEN", "DEFAULT_EOS_TOKEN", "DEFAULT_BOS_TOKEN", "DEFAULT_UNK_TOKEN",
+              "PROMPT_DICT", "ModelArguments", "DataArguments", "TrainingArguments", "safe_save_model_for_hf_trainer",
+              "smart_tokenizer_and_embedding_resize", "_tokenize_fn", "preprocess", "SupervisedDataset",
+              "DataCollatorForSupervisedDataset", "make_supervised_data_module", "train"],
+    "utils": ["jload", "jdump"],
+    "weight_diff": ["make_diff", "recover", "main"],
+    "generate_instruction": ["encode_prompt", "post_process_gpt3_response", "generate_instruction_following_data"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(ORIGINAL_NAMES))
+def test_original_public_names_are_importable_where_the_original_defined_them(module):
+    imported = __import__(module)
+    missing = [name for name in ORIGINAL_NAMES[module] if not hasattr(imported, name)]
+    assert not missing, f"{module} lacks {missing}"
+    if module == "train":
+        assert imported.PROMPT_DICT is PROMPT_DICT and imported.IGNORE_INDEX == -100
+        assert (imported.DEFAULT_PAD_TOKEN, imported.DEFAULT_EOS_TOKEN, imported.DEFAULT_BOS_TOKEN,
+                imported.DEFAULT_UNK_TOKEN) == ("[PAD]", "</s>", "<s>", "<unk>")

@@ -15,9 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import compat
+import train
 import utils
 import weight_diff
-from conftest import REPO_ROOT, TINY_VOCAB_SIZE, make_tiny_llama_config
+from checkpoint_io import CheckpointError
+from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TINY_VOCAB_SIZE, TOKENIZER_MATRIX,
+                      make_tiny_llama_config)
 
 PAD_ID = TINY_VOCAB_SIZE  # [PAD] is appended after the 600 sentencepiece pieces
 
@@ -185,7 +189,7 @@ def test_naive_sum_is_the_originals(models, tmp_path, capsys):
     order_4_28 = (["model.embed_tokens.weight"] + [f"model.layers.{i}.{k}" for i in range(2) for k in layer]
                   + ["model.norm.weight", "lm_head.weight"])
     recovered.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq() for i in range(2)})
-    assert weight_diff.original_state_dict_order(list(recovered), 2) == order_4_28
+    assert compat.original_state_dict_order(list(recovered), 2) == order_4_28
     expected = sum(recovered[key].sum() for key in order_4_28)
     out = tmp_path / "recovered"
     recover_quietly(models["raw"], diff, out, expected_sum=expected.item())
@@ -206,10 +210,99 @@ def test_inv_freq_of_llama_7b_is_what_the_original_sum_counted():
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, vocab_size=32001)
-    per_layer = weight_diff.rotary_inv_freq(config)
+    per_layer = compat.rotary_inv_freq(config)
     assert per_layer.shape == (64,) and torch.equal(per_layer, inv_freq(128))
-    assert len(weight_diff.inv_freq_names(config)) == 32
+    assert len(compat.inv_freq_names(config)) == 32
     assert per_layer.sum().item() * 32 == pytest.approx(238.7, abs=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every row layout: what train.py gives each tokenizer family, and the original's cut of a padded vocabulary
+
+
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+def test_train_make_diff_recover_is_bit_identical_for_every_tokenizer(name, tokenizer_matrix, alpaca_sample_path,
+                                                                      tmp_path):
+    raw = tokenizer_matrix[name]
+    tuned, diff, out = tmp_path / "tuned", tmp_path / "diff", tmp_path / "recovered"
+    train.train(["--model_name_or_path", str(raw), "--data_path", str(alpaca_sample_path), "--output_dir", str(tuned),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--seed", "0",
+                 "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+    rows = load_weights(tuned)["model.embed_tokens.weight"].shape[0]
+    assert rows == {"qwen": QWEN_EMBEDDING_ROWS, "llama3": 567}.get(name, TINY_VOCAB_SIZE + 1 if "llama1" in name else
+                                                                   load_weights(raw)["model.embed_tokens.weight"].shape[0])
+    weight_diff.make_diff(raw, tuned, diff)
+    recover_quietly(raw, diff, out)
+    assert_bit_identical(load_weights(out), load_weights(tuned))
+    text = utils.format_prompt(SAMPLE_RECORDS[1]) + SAMPLE_RECORDS[1]["output"]
+    from transformers import AutoTokenizer
+
+    recovered_tokenizer, tuned_tokenizer = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tuned)
+    assert recovered_tokenizer(text).input_ids == tuned_tokenizer(text).input_ids
+    assert len(recovered_tokenizer) == len(tuned_tokenizer) <= rows
+
+
+@pytest.fixture(scope="module")
+def padded_raw(tmp_path_factory, tiny_llama_dir, llama_tokenizer_dir):
+    """The issue's case: a tiny Llama with 640 embedding rows for the 600-token LLaMA tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("padded_raw")
+    torch.manual_seed(3)
+    LlamaForCausalLM(make_tiny_llama_config(vocab_size=640)).save_pretrained(folder)
+    for path in llama_tokenizer_dir.iterdir():
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_vocabulary_cut_to_the_tokenizer_by_the_original_train_py_recovers_exactly(padded_raw, tmp_path):
+    """The original train.py resized a padded vocabulary to len(tokenizer) ([640, 64] -> [601, 64]); the original
+    weight_diff.py cut raw the same way (rows of raw's 600 tokens + the [PAD] mean row). Ours does too, bit-exact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(padded_raw)
+    model = AutoModelForCausalLM.from_pretrained(padded_raw, dtype=torch.float32)
+    num_new_tokens = tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # the original's smart resize
+    model.resize_token_embeddings(len(tokenizer))
+    for embeddings in (model.get_input_embeddings().weight.data, model.get_output_embeddings().weight.data):
+        embeddings[-num_new_tokens:] = embeddings[:-num_new_tokens].mean(dim=0, keepdim=True)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():  # "training": float32 steps
+            parameter.sub_(1e-3 * torch.randn(parameter.shape, generator=generator))
+    tuned = tmp_path / "tuned"
+    model.save_pretrained(tuned)
+    tokenizer.save_pretrained(tuned)
+    assert load_weights(tuned)["model.embed_tokens.weight"].shape == (601, 64)
+
+    weight_diff.make_diff(padded_raw, tuned, tmp_path / "diff")
+    manifest = utils.jload(tmp_path / "diff" / weight_diff.MANIFEST_NAME)
+    assert manifest["tensors"]["lm_head.weight"]["raw_rows_kept"] == 600
+    # The original's make_diff: raw resized to the tokenizer + [PAD] (a cut), the mean row, then tuned - raw.
+    raw_model = AutoModelForCausalLM.from_pretrained(padded_raw, dtype=torch.float32)
+    raw_tokenizer = AutoTokenizer.from_pretrained(padded_raw)
+    raw_tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    raw_model.resize_token_embeddings(len(raw_tokenizer))
+    for embeddings in (raw_model.get_input_embeddings().weight.data, raw_model.get_output_embeddings().weight.data):
+        embeddings[-1:] = embeddings[:-1].mean(dim=0, keepdim=True)
+    expected = {k: v - raw_model.state_dict()[k] for k, v in model.state_dict().items()}
+    assert_bit_identical(load_weights(tmp_path / "diff"), expected)
+
+    # recover needs no raw tokenizer: the manifest says how many raw rows to keep.
+    raw_weights_only = tmp_path / "raw_weights_only"
+    shutil.copytree(padded_raw, raw_weights_only, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    recover_quietly(raw_weights_only, tmp_path / "diff", tmp_path / "recovered")
+    assert_bit_identical(load_weights(tmp_path / "recovered"), load_weights(tuned))
+    # Without the manifest (a diff from the original script) the raw tokenizer says it, and is then needed.
+    os.remove(tmp_path / "diff" / weight_diff.MANIFEST_NAME)
+    with pytest.raises(weight_diff.WeightDiffError, match=r"fewer embedding rows than the raw model .*raw model's "
+                                                          r"tokenizer, which cannot be loaded"):
+        recover_quietly(raw_weights_only, tmp_path / "diff", tmp_path / "recovered_2", check_integrity_naively=False)
+    recover_quietly(padded_raw, tmp_path / "diff", tmp_path / "recovered_3", check_integrity_naively=False)
+    recovered = load_weights(tmp_path / "recovered_3")
+    for name, tensor in load_weights(tuned).items():  # no corrections without the manifest: at most one ulp off
+        assert torch.allclose(recovered[name], tensor, rtol=1e-6, atol=0), name
+    assert not (tmp_path / "recovered_2").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,7 +326,7 @@ def test_truncated_shards_are_clear_errors_and_leave_no_output(models, tmp_path)
     shutil.copytree(models["diff_pad"], diff)
     with open(diff / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(diff / "model.safetensors") - 1000)
-    with pytest.raises(weight_diff.WeightDiffError, match=r"model\.safetensors: truncated: tensor '.*' ends at byte"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor '.*' ends at byte"):
         recover_quietly(models["raw"], diff, tmp_path / "out")
 
     diff_bin = tmp_path / "diff_bin"
@@ -242,7 +335,7 @@ def test_truncated_shards_are_clear_errors_and_leave_no_output(models, tmp_path)
     shard = diff_bin / "pytorch_model-00002-of-00002.bin"
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    with pytest.raises(weight_diff.WeightDiffError, match=r"pytorch_model-00002-of-00002\.bin: cannot read"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: cannot read"):
         recover_quietly(models["raw"], diff_bin, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["diff_bin", "diff_truncated"]
 
@@ -264,7 +357,7 @@ def test_missing_extra_and_mis_shaped_tensors_are_named(models, tmp_path):
         recover_quietly(models["raw"], mis_shaped, tmp_path / "out")
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(weight_diff.WeightDiffError, match="diff model: no weights in .*empty"):
+    with pytest.raises(CheckpointError, match="diff model: no weights in .*empty"):
         recover_quietly(models["raw"], tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -273,7 +366,7 @@ def test_existing_output_needs_overwrite(models, tmp_path):
     out = tmp_path / "recovered"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(weight_diff.WeightDiffError, match="already exists"):
+    with pytest.raises(CheckpointError, match="already exists"):
         recover_quietly(models["raw"], models["diff_same"], out)
     assert os.listdir(out) == ["keep.txt"]
     recover_quietly(models["raw"], models["diff_same"], out, overwrite=True)
@@ -361,6 +454,22 @@ def test_release_style_tokenizer_is_converted(models, tmp_path, llama_tokenizer_
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
+
+
+def test_sharded_output_is_bit_identical(models, tmp_path):
+    out = tmp_path / "recovered"
+    recover_quietly(models["raw"], models["diff_pad"], out, max_shard_size="200KB")
+    index = utils.jload(out / "model.safetensors.index.json")
+    assert len(set(index["weight_map"].values())) > 1 and sorted(index["weight_map"]) == sorted(models["tuned_pad"])
+    assert_bit_identical(load_weights(out), models["tuned_pad"])
+
+
+def test_shard_sizes_are_parsed_like_transformers():
+    assert weight_diff.parse_size("5GB") == 5 * 10**9 and weight_diff.parse_size("500MB") == 500 * 10**6
+    assert weight_diff.parse_size("2GiB") == 2 * 2**30 and weight_diff.parse_size(1000) == 1000
+    for bad in ("5 gigabytes", "-1GB", "", "GB"):
+        with pytest.raises(weight_diff.WeightDiffError, match="--max_shard_size"):
+            weight_diff.parse_size(bad)
 
 
 def test_every_flag_is_documented():
