@@ -6,7 +6,8 @@ train.py and weight_diff.py tell their stage; the shims they need live here, eac
     on CPU (real DDP over gloo, never two silent copies);
   * resolve_fsdp_wrap_class: the FSDP layer class from the model (the original README spelled it LLaMADecoderLayer);
   * check_padding_free: models that do not keep packed examples apart with sdpa/eager attention (OPT);
-  * gathered_parameters: editing embedding rows under DeepSpeed ZeRO-3;
+  * gathered_parameters: editing embedding rows under DeepSpeed ZeRO-3; outside_deepspeed_zero3: loading the base
+    in one process to merge a LoRA adapter during a ZeRO-3 run;
   * load_tokenizer: the 2023 LLaMA tokenizer folders transformers 5 mis-reads;
   * end_distributed: leaving torchrun without the interpreter's shutdown racing gloo's threads;
   * original_state_dict_order / rotary_inv_freq / inv_freq_names: the naive integrity sum of weight_diff.py as
@@ -331,6 +332,24 @@ def gathered_parameters(params):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def outside_deepspeed_zero3():
+    """Load a model in one process while a DeepSpeed ZeRO-3 run is configured (train.py --merge_lora, on the first
+    process): from_pretrained would otherwise partition it across processes that are not there. Elsewhere a no-op."""
+    from transformers.integrations import deepspeed
+
+    reference = deepspeed._hf_deepspeed_config_weak_ref
+    config = reference() if reference is not None else None
+    if config is None:
+        yield
+        return
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed.set_hf_deepspeed_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import compat
+import lora
 import utils
 from cli import UsageError
 from utils import IGNORE_INDEX, PROMPT_DICT  # noqa: F401 -- PROMPT_DICT: the original defined it here; forks import it
@@ -66,6 +67,27 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model's repository to run (off by default)."}
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank: 0 (default) fine-tunes every weight; 8 trains rank-8 adapters over the frozen "
+                  "base (alpaca-lora's setup) and saves only them (adapter_model.safetensors + adapter_config.json)."},
+    )
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling: the update is lora_alpha / lora_r * B A."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated linear layers to adapt (e.g. q_proj,k_proj,v_proj,o_proj), or all-linear. "
+                  "Default: the model's attention query and value projections (q_proj,v_proj for Llama)."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA GPU only). With --lora_r."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "Also save base + adapter merged into one full model (safetensors) in <output_dir>/merged, "
+                  "for AutoModelForCausalLM, vLLM or weight_diff.py. With --lora_r."},
     )
 
 
@@ -118,6 +140,7 @@ def parse_args(argv=None):
         match = difflib.get_close_matches(flag, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
         hint = f" (did you mean {match[0]}?)" if match else " (transformers 5 renamed some TrainingArguments)"
         raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
+    lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     notices += compat.adapt_to_hardware(namespace, world_size)
     if not namespace.data_path:
@@ -379,13 +402,18 @@ def load_tokenizer(model_args, training_args):
 
 
 def load_model_and_tokenizer(model_args, training_args):
-    """The base model (fp32 by default) and its tokenizer, with the original's special tokens added.
+    """The base model (fp32 by default) and its tokenizer, with the original's special tokens added; with --lora_r,
+    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (lora.py).
 
-    The tokenizer is loaded first: a wrong --model_name_or_path fails in a second, not after the model has loaded.
+    The tokenizer is loaded first, and LoRA's target modules are checked against the model's config: a wrong
+    --model_name_or_path or module name fails in a second, not after the model has loaded.
     """
     tokenizer = load_tokenizer(model_args, training_args)
+    if model_args.lora_r:
+        lora_targets = lora.target_modules(model_args, training_args.cache_dir)
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    model_kwargs = dict(cache_dir=training_args.cache_dir, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    model_kwargs = dict(cache_dir=training_args.cache_dir, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
+                        **lora.quantization_kwargs(model_args, training_args))
     if model_args.attn_implementation:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
     try:
@@ -404,6 +432,9 @@ def load_model_and_tokenizer(model_args, training_args):
         logger.info("Added special tokens %s: %d new tokens, whose embedding rows are the mean of the %d old tokens' "
                     "(%d embedding rows)", special_tokens_dict, num_new, len(tokenizer) - num_new,
                     model.get_input_embeddings().num_embeddings)
+    if model_args.lora_r:
+        model = lora.add_adapters(model, model_args, training_args, lora_targets,
+                                  new_token_ids=range(len(tokenizer) - max(num_new, 0), len(tokenizer)))
     return model, tokenizer
 
 
@@ -460,7 +491,15 @@ def train(argv=None):
     trainer.save_state()
     safe_save_model_for_hf_trainer(trainer=trainer, output_dir=training_args.output_dir)
     if training_args.should_save:
-        logger.info("Saved the model and tokenizer to %s", training_args.output_dir)
+        logger.info("Saved the %s and tokenizer to %s", "LoRA adapter" if model_args.lora_r else "model",
+                    training_args.output_dir)
+    if model_args.merge_lora and training_args.should_save:
+        # The base as training loaded it (unquantized), plus the adapter just saved: proof that the adapter is whole.
+        with compat.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
+            base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args)
+            merged_dir = os.path.join(training_args.output_dir, "merged")
+            lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir)
+        logger.info("Saved base + adapter merged into one model to %s", merged_dir)
     return trainer
 
 

@@ -1,0 +1,297 @@
+"""Tests of train.py --lora_r (lora.py): what is saved, that base + adapter, the merged model and inference.py all give
+the trained model's outputs, that only the adapters train, resume, 2-process DDP on CPU, and the errors that come
+before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA GPU: only its refusal is tested.)"""
+
+import json
+import sys
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import inference
+import lora
+import train
+import utils
+import weight_diff
+from conftest import REPO_ROOT, SAMPLE_RECORDS
+from test_inference import greedy_one_at_a_time
+from test_train import _model_folder, base_argv, logged_losses, torchrun
+from test_weight_diff import assert_bit_identical, load_weights
+
+PROMPTS = [utils.format_prompt(record) for record in SAMPLE_RECORDS[:4]]
+LORA_ARGS = ["--lora_r", "8", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+             "--lr_scheduler_type", "constant", "--save_strategy", "no"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_llama_dir, llama_tokenizer_dir):
+    """The tiny Llama (600 rows) with the LLaMA-like tokenizer (600 tokens, no pad: train.py adds [PAD] as row 600)."""
+    return _model_folder(tmp_path_factory, "lora_llama", tiny_llama_dir, llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, llama_dir, alpaca_sample_path):
+    """(trainer, output_dir) of `train.py --lora_r 8 --merge_lora True`, 6 steps on the sample data."""
+    output_dir = tmp_path_factory.mktemp("lora_run") / "out"
+    trainer = train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "6", "--merge_lora",
+                                    "True", *LORA_ARGS))
+    trainer.model.eval()
+    return trainer, output_dir
+
+
+def logits(model, tokenizer, prompt=PROMPTS[1]):
+    with torch.no_grad():
+        return model(**tokenizer([prompt], return_tensors="pt")).logits
+
+
+def lora_free_names(model):
+    """The base model's parameter names under a PeftModel (LoRA wrappers' base_layer / token_adapter left out)."""
+    names = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or "trainable_tokens" in name:
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".token_adapter", "")
+        names[plain] = tensor
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What is saved, and what trained
+
+
+def test_the_output_is_the_adapter_with_the_added_rows_and_the_tokenizer(lora_run, llama_dir):
+    trainer, output_dir = lora_run
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)  # alpaca-lora's values
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["trainable_token_indices"] == {"model.embed_tokens": [600], "lm_head": [600]}
+    assert config["base_model_name_or_path"] == str(llama_dir.resolve())
+    assert not (output_dir / "model.safetensors").exists()
+    saved = load_file(str(output_dir / "adapter_model.safetensors"))
+    lora_keys = {name for name in saved if ".lora_A." in name or ".lora_B." in name}
+    assert len(lora_keys) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    rows = {name: tensor for name, tensor in saved.items() if name not in lora_keys}
+    assert {name: tuple(tensor.shape) for name, tensor in rows.items()} == {  # one row each, not the whole matrices
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (1, 64),
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (1, 64)}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
+    assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id == 600
+
+
+def test_only_the_adapters_change_and_the_new_rows_are_the_mean_rule(lora_run, llama_dir):
+    trainer, output_dir = lora_run
+    model = trainer.model
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {
+        name for name, _ in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    base = load_file(str(llama_dir / "model.safetensors"))
+    trained = lora_free_names(model)
+    assert sorted(trained) == sorted(base)
+    for name, tensor in base.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(trained[name][:600], tensor), name
+            mean = utils.mean_row(tensor)  # the rule of train.smart_tokenizer_and_embedding_resize, bit for bit
+            assert torch.equal(trained[name][600:], mean), name
+            saved = load_file(str(output_dir / "adapter_model.safetensors"))
+            key = "model.embed_tokens" if name.startswith("model.") else "lm_head"
+            assert torch.equal(saved[f"base_model.model.{key}.token_adapter.trainable_tokens_delta"], mean)
+        else:
+            assert torch.equal(trained[name], tensor), name
+    lora_b = [p for name, p in model.named_parameters() if ".lora_B." in name]
+    assert len(lora_b) == 4 and all(p.abs().max() > 1e-3 for p in lora_b)  # B starts at zero: it trained
+
+
+def test_base_plus_adapter_and_the_merged_model_give_the_trained_logits(lora_run, llama_dir):
+    trainer, output_dir = lora_run
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
+    expected = logits(trainer.model, tokenizer)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    assert (logits(base, tokenizer) - expected[..., :600]).abs().max() > 1e-2  # the adapter matters
+    base.resize_token_embeddings(len(tokenizer))  # whatever rule grows the rows: the adapter brings its own
+    reloaded = peft.PeftModel.from_pretrained(base, str(output_dir)).eval()
+    torch.testing.assert_close(logits(reloaded, tokenizer), expected, rtol=0, atol=1e-5)
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(output_dir / "merged"))
+    assert merged.dtype == torch.float32 and merged.config.use_cache
+    assert merged.get_input_embeddings().num_embeddings == 601
+    torch.testing.assert_close(logits(merged, tokenizer), expected, rtol=0, atol=1e-5)
+    assert (output_dir / "merged" / "tokenizer.json").exists()
+
+
+def test_merged_model_round_trips_through_weight_diff(lora_run, llama_dir, tmp_path):
+    _, output_dir = lora_run
+    weight_diff.make_diff(str(llama_dir), str(output_dir / "merged"), str(tmp_path / "diff"))
+    weight_diff.recover(str(llama_dir), str(tmp_path / "diff"), str(tmp_path / "recovered"), test_inference=False)
+    assert_bit_identical(load_weights(tmp_path / "recovered"), load_weights(output_dir / "merged"))
+
+
+@pytest.fixture(scope="module")
+def matrix_runs(tmp_path_factory, tokenizer_matrix, alpaca_sample_path):
+    """{family: (trainer, output_dir)} of short LoRA runs on the opt (nothing added) and qwen (<s>, <unk> added into
+    the padded vocabulary's unused rows, no row added) tokenizer folders."""
+    runs = {}
+    for family in ("opt", "qwen"):
+        output_dir = tmp_path_factory.mktemp(f"lora_{family}") / "out"
+        trainer = train.train(base_argv(tokenizer_matrix[family], alpaca_sample_path, output_dir, "--max_steps", "3",
+                                        *LORA_ARGS))
+        runs[family] = trainer.model.eval(), output_dir
+    return runs
+
+
+@pytest.mark.parametrize("family", ["llama1", "opt", "qwen"])
+def test_inference_answers_as_the_trained_model(family, lora_run, matrix_runs, tokenizer_matrix):
+    model, output_dir = (lora_run[0].model, lora_run[1]) if family == "llama1" else matrix_runs[family]
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    added = {"llama1": {"model.embed_tokens": [600], "lm_head": [600]}, "opt": None,
+             "qwen": {"model.embed_tokens": [563, 564], "lm_head": [563, 564]}}[family]
+    assert config["trainable_token_indices"] == added
+
+    loaded, tokenizer = inference.load_model(str(output_dir), device="cpu")
+    rows = loaded.get_input_embeddings().weight
+    trained_rows = model.get_input_embeddings().weight  # the embedding the trained model reads (rows merged in)
+    assert torch.equal(rows, trained_rows)  # [PAD] at 600 (llama1), <s> and <unk> in qwen's unused rows 563-564
+    if family == "qwen":
+        tokens = [tokenizer.convert_ids_to_tokens(i) for i in added["lm_head"]]
+        assert tokens == ["<s>", "<unk>"] and rows.shape[0] == 640
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(model, tokenizer), rtol=0, atol=1e-5)
+    assert greedy_one_at_a_time(loaded, tokenizer, PROMPTS, 10) == greedy_one_at_a_time(model, tokenizer, PROMPTS, 10)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resume and distributed
+
+
+def test_resume_from_a_lora_checkpoint_continues_the_step_count(tmp_path, llama_dir, alpaca_sample_path):
+    output_dir = tmp_path / "out"
+    common = [*LORA_ARGS[:-2], "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    first = train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "4", *common))
+    checkpoint = load_file(str(output_dir / "checkpoint-4" / "adapter_model.safetensors"))
+    assert max(tensor.numel() for tensor in checkpoint.values()) == 8 * 64  # adapters and rows, no embedding matrix
+    argv = base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "6", "--resume_from_checkpoint", "last",
+                     *common)
+    argv[argv.index("--seed") + 1] = "1"  # a fresh start would see other batches
+    resumed = train.train(argv)
+    assert [entry["step"] for entry in resumed.state.log_history if "loss" in entry] == [1, 2, 3, 4, 5, 6]
+    assert logged_losses(resumed)[:4] == logged_losses(first)
+    assert isinstance(resumed.model, peft.PeftModel)
+
+
+def test_torchrun_two_processes_lora_on_cpu_is_ddp(tmp_path, llama_dir, alpaca_sample_path):
+    output_dir = tmp_path / "out"
+    result = torchrun([str(REPO_ROOT / "train.py"), *base_argv(
+        llama_dir, alpaca_sample_path, output_dir, "--max_steps", "3", "--merge_lora", "True", *LORA_ARGS[:2],
+        "--per_device_train_batch_size", "2", "--save_strategy", "no")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed: DistributedDataParallel over 2 processes (backend gloo" in result.stderr
+    assert "terminate called" not in result.stderr and "Saved the LoRA adapter and tokenizer" in result.stderr
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 3
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    base.resize_token_embeddings(len(tokenizer))
+    adapted = peft.PeftModel.from_pretrained(base, str(output_dir)).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(output_dir / "merged"))
+    torch.testing.assert_close(logits(merged, tokenizer), logits(adapted, tokenizer), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags, and errors before anything loads
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.main(argv)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    return lines[-1]
+
+
+def test_load_in_4bit_without_a_gpu_fails_before_loading_and_names_the_fix(tmp_path, capsys, alpaca_sample_path,
+                                                                           monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tmp_path / "no_model"), "--data_path", str(alpaca_sample_path),
+            "--output_dir", str(out), "--lora_r", "8", "--load_in_4bit", "True"]
+    assert run_main(argv, capsys) == (
+        "train.py: error: --load_in_4bit True (QLoRA) needs a CUDA GPU and none was found: run on an NVIDIA GPU with "
+        "`pip install bitsandbytes`, or drop --load_in_4bit for LoRA on the unquantized base")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    assert run_main(argv, capsys) == ("train.py: error: --load_in_4bit True (QLoRA) needs bitsandbytes: pip install "
+                                      "bitsandbytes")
+    assert not out.exists()
+
+
+def test_lora_flag_errors_come_before_the_weights_load(tmp_path, capsys, llama_dir, alpaca_sample_path):
+    no_weights = tmp_path / "config_and_tokenizer_only"  # any error about weights would mean they were being loaded
+    no_weights.mkdir()
+    for path in llama_dir.iterdir():
+        if not path.name.startswith("model"):
+            (no_weights / path.name).write_bytes(path.read_bytes())
+    argv = ["--model_name_or_path", str(no_weights), "--data_path", str(alpaca_sample_path),
+            "--output_dir", str(tmp_path / "out")]
+    cases = [
+        (["--lora_r", "8", "--lora_target_modules", "q_proj,query"],
+         "train.py: error: --lora_target_modules query: LlamaForCausalLM has no such linear layer; its linear layers "
+         "are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"),
+        (["--merge_lora", "True"], "train.py: error: --merge_lora goes with LoRA: add --lora_r 8 (0, the default, is "
+                                   "full fine-tuning)"),
+        (["--lora_target_modules", "q_proj"], "train.py: error: --lora_target_modules goes with LoRA"),
+        (["--lora_r", "-1"], "train.py: error: --lora_r must be 0 (full fine-tuning) or a positive rank, got -1"),
+        (["--lora_r", "8", "--lora_dropout", "1"], "train.py: error: --lora_dropout must be in [0, 1), got 1.0"),
+        (["--lora_r", "8", "--lora_alpha", "0"], "train.py: error: --lora_alpha must be positive, got 0.0"),
+    ]
+    for extra, message in cases:
+        assert run_main(argv + extra, capsys).startswith(message), extra
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_modules_default_to_the_attention_query_and_value_projections(tmp_path):
+    configs = {
+        "llama": transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, vocab_size=100),
+        "opt": transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=100, word_embed_proj_dim=32),
+        "gpt2": transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100),
+        "gpt_neox": transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=100),
+        "qwen2": transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=100),
+    }
+    expected = {"llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+                "gpt_neox": ["query_key_value"], "qwen2": ["q_proj", "v_proj"]}
+    for name, config in configs.items():
+        config.save_pretrained(tmp_path / name)
+        args = train.ModelArguments(model_name_or_path=str(tmp_path / name), lora_r=8)
+        assert lora.target_modules(args) == expected[name], name
+    args = train.ModelArguments(model_name_or_path=str(tmp_path / "llama"), lora_r=8)
+    for given, resolved in (("all-linear", "all-linear"), ("k_proj, o_proj", ["k_proj", "o_proj"]),
+                            ("self_attn.q_proj,mlp.down_proj", ["self_attn.q_proj", "mlp.down_proj"])):
+        args.lora_target_modules = given
+        assert lora.target_modules(args) == resolved
+
+
+def test_all_linear_adapts_every_linear_layer_but_lm_head(tmp_path, llama_dir, alpaca_sample_path):
+    trainer = train.train(base_argv(llama_dir, alpaca_sample_path, tmp_path / "out", "--max_steps", "1",
+                                    "--lora_target_modules", "all-linear", *LORA_ARGS))
+    adapted = {name.rsplit(".", 3)[0].rsplit(".", 1)[-1] for name, _ in trainer.model.named_parameters()
+               if ".lora_A." in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_help_lists_the_lora_flags():
+    parser = transformers.HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
+    text = parser.format_help()
+    for flag in ("--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules", "--load_in_4bit",
+                 "--merge_lora"):
+        assert flag in text
