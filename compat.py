@@ -302,7 +302,7 @@ def check_padding_free(model):
         logger.warning("padding-free: cannot probe a partitioned model; trusting %s to honour packed position_ids",
                        type(model).__name__)
         return None
-    vocab_size = model.get_input_embeddings().num_embeddings
+    vocab_size = model.get_input_embeddings().weight.shape[0]  # under LoRA, a peft wrapper of the embedding
     device = model.get_input_embeddings().weight.device
     input_ids = ((torch.arange(7) * 37 + 11) % vocab_size)[None].to(device)
     was_training = model.training

@@ -281,12 +281,15 @@ def test_target_modules_default_to_the_attention_query_and_value_projections(tmp
         assert lora.target_modules(args) == resolved
 
 
-def test_all_linear_adapts_every_linear_layer_but_lm_head(tmp_path, llama_dir, alpaca_sample_path):
+def test_all_linear_with_padding_free_and_activation_checkpointing(tmp_path, llama_dir, alpaca_sample_path):
     trainer = train.train(base_argv(llama_dir, alpaca_sample_path, tmp_path / "out", "--max_steps", "1",
-                                    "--lora_target_modules", "all-linear", *LORA_ARGS))
-    adapted = {name.rsplit(".", 3)[0].rsplit(".", 1)[-1] for name, _ in trainer.model.named_parameters()
-               if ".lora_A." in name}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+                                    "--lora_target_modules", "all-linear", "--padding_free", "True",
+                                    "--gradient_checkpointing", "True", *LORA_ARGS))
+    lora_b = {name: p for name, p in trainer.model.named_parameters() if ".lora_B." in name}
+    adapted = {name.split(".lora_B.")[0].rsplit(".", 1)[-1] for name in lora_b}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # not lm_head
+    assert trainer.model.is_activation_checkpointing
+    assert all(p.abs().max() > 0 for p in lora_b.values())  # gradients reached every adapter through the checkpoints
 
 
 def test_help_lists_the_lora_flags():
