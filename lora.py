@@ -9,6 +9,7 @@ train.py checks the flags (check_args) and the target modules (target_modules, a
 weights load, then wraps the loaded base (add_adapters). What is saved, and why, is in the README (stage 2, LoRA).
 """
 
+import dataclasses
 import functools
 import logging
 import os
@@ -184,8 +185,6 @@ def token_rows(model, token_ids):
 
 def base_model_args(model_args):
     """The same model arguments without LoRA or quantization: the base that --merge_lora merges the adapter into."""
-    import dataclasses
-
     return dataclasses.replace(model_args, lora_r=0, load_in_4bit=False, lora_target_modules=None, merge_lora=False)
 
 

@@ -12,7 +12,7 @@ weights as the recipe. GPU (--gpu): a ~1.1B Llama (TinyLlama's shape) with --bf1
 when bitsandbytes is installed; also prints peak GPU memory (torch.cuda.max_memory_allocated).
 
     python bench/lora_memory.py                            # CPU: 4 steps of batch 1 x <= 128 tokens, ~5 minutes
-    python bench/lora_memory.py --batch_size 4 --model_max_length 256
+    python bench/lora_memory.py --gradient_checkpointing True   # activations recomputed: the model state remains
 """
 
 import json
@@ -130,7 +130,8 @@ def gb(num_bytes):
 
 def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"),
          tokenizer_dir="/tmp/alpaca_bench_llama_tokenizer", configs="full,lora_qv,lora_all_linear", steps=4,
-         batch_size=1, model_max_length=128, gpu=False, seed=0, measure_config=None, work=None, argv=None):
+         batch_size=1, model_max_length=128, gradient_checkpointing=False, gpu=False, seed=0, measure_config=None,
+         work=None, argv=None):
     """Train each configuration `steps` steps in its own process and print memory, parameters, speed and ratios.
 
     Args:
@@ -141,6 +142,8 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
         batch_size: micro-batch size, the same for every configuration.
         model_max_length: rows are truncated to this many tokens (short rows keep the activations small against the
             weights, as they are for a 7B model at batch 4 x 512).
+        gradient_checkpointing: recompute activations in the backward pass, in every configuration (the usual
+            QLoRA setting): what remains is the model state, which is where LoRA saves.
         gpu: the ~1.1B model with --bf16 True on a CUDA GPU; also peak GPU memory.
         seed: seed of the sample, the model and the training order.
         measure_config: internal: run one configuration in this process (the child).
@@ -178,6 +181,8 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
                   "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1000000", "--seed", str(seed)]
     if gpu:
         train_argv += ["--bf16", "True"]
+    if gradient_checkpointing:
+        train_argv += ["--gradient_checkpointing", "True"]
     results = {}
     for config in chosen:
         if config == "qlora_qv" and not gpu:
@@ -198,7 +203,8 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
 
     where = torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)"
     print(f"\n{where}: {num_params / 1e9:.3f}B-parameter random Llama, fp32 weights{', --bf16 True' if gpu else ''}, "
-          f"{steps} steps of batch {batch_size}, rows <= {model_max_length} tokens, one process per configuration")
+          f"{steps} steps of batch {batch_size}, rows <= {model_max_length} tokens, "
+          f"{'activation checkpointing, ' if gradient_checkpointing else ''}one process per configuration")
     full = results.get("full")
     for config, r in results.items():
         line = (f"{config:>16}: trainable {r['trainable']:>13,} ({r['trainable'] / r['total']:.3%}), peak RSS "
