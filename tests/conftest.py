@@ -216,6 +216,19 @@ def tokenizer_matrix(tmp_path_factory, llama_tokenizer_dir):
     return folders
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from several threads, and on a loaded 2-core CI machine OpenMP threads spinning
+    against each other slow training and generation tests down several-fold. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def restore_sigint():
     """Popen(preexec_fn=restore_sigint): a child that Ctrl-C tests interrupt must not inherit SIGINT ignored (a shell
     starts background jobs that way, and Python then installs no KeyboardInterrupt handler)."""

@@ -31,15 +31,7 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
              "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Generation of a tiny model is fastest on one thread (and steadiest on a shared machine)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ LORA_ARGS = ["--lora_r", "8", "--per_device_train_batch_size", "4", "--learning_
              "--lr_scheduler_type", "constant", "--save_strategy", "no"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from utils import IGNORE_INDEX
 # Fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The tiny model gains nothing from several threads, and on a loaded 2-core CI machine OpenMP threads spinning
-    # against each other slow the training tests down several-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 # Model folders holding the tiny Llama and a tokenizer, as a real checkpoint folder would.
