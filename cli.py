@@ -12,6 +12,7 @@ An exception listed in `user_errors` (bad file, record, field, flag value, serve
 """
 
 import difflib
+import functools
 import inspect
 import os
 import re
@@ -46,7 +47,7 @@ def main(commands, user_errors=(), argv=None, prog=None):
             return None
         check_flags(function, args)
         # fire parses the values (numbers, booleans, JSON-like literals); its own flags after `--` are not offered.
-        return fire.Fire(function, command=args, name=f"{prog} {name}" if name else prog, serialize=lambda _: None)
+        return fire.Fire(_switches_checked(function), command=args, name=f"{prog} {name}" if name else prog, serialize=lambda _: None)
     except KeyboardInterrupt as e:  # a command may say what it leaves behind: KeyboardInterrupt("x.json is complete")
         print(f"\n{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
@@ -127,6 +128,33 @@ def check_flags(function, args):
     missing = [name for name in free[len(positional):] if params[name].default is inspect.Parameter.empty]
     if missing:
         raise UsageError(f"missing {', '.join('--' + name for name in missing)} (see --help)")
+
+
+def _switches_checked(function):
+    """`function`, checking each switch (a parameter whose default is True or False) once fire has parsed it. fire
+    passes `--overwrite false` on as the string 'false', which is true: lower-case true/false become booleans here,
+    and any other value is a UsageError."""
+    switches = [name for name, p in parameters(function).items() if isinstance(p.default, bool)]
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name in switches:
+            if name in bound.arguments:
+                bound.arguments[name] = check_switch(name, bound.arguments[name])
+        return function(*bound.args, **bound.kwargs)
+
+    return checked if switches else function
+
+
+def check_switch(flag, value):
+    """`value` (of --flag) as a bool: True / False, or the strings true / false in any case; else UsageError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise UsageError(f"--{flag} takes no value (or True / False), got {value!r}")
 
 
 def check_number(flag, value, low, kind=float, high=None):

@@ -317,6 +317,8 @@ def length_counter(tokenizer=None):
     folder, no special tokens). Raises ReportError when the tokenizer cannot be loaded."""
     if tokenizer is None:
         return "words", lambda texts: [len(text.split()) for text in texts]
+    if str(tokenizer).startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(tokenizer)):
+        raise ReportError(f"--tokenizer {tokenizer}: no such folder")  # transformers would call it a bad hub id
     try:
         hf_tokenizer = utils.load_tokenizer(tokenizer)
     except (OSError, ValueError) as e:

@@ -286,13 +286,15 @@ def resolve_logit_bias(logit_bias, model_name, api):
 
 
 def check_numbers(**values):
-    """values: {flag: (value, low, int or float)}. GenerationError naming the first flag whose value is not an
-    integer (int) or a number (float) >= low."""
-    for name, (value, low, kind) in values.items():
+    """values: {flag: (value, low, int or float[, high])}. GenerationError naming the first flag whose value is not
+    an integer (int) or a number (float) >= low (and <= high when given)."""
+    for name, (value, low, kind, *high) in values.items():
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or (kind is int and not isinstance(value, int)) or value < low or value != value:
+        if (not is_number or (kind is int and not isinstance(value, int)) or value < low or value != value
+                or (high and value > high[0])):
             kind_name = "an integer" if kind is int else "a number"
-            raise GenerationError(f"--{name} must be {kind_name} >= {low}; got {value!r}")
+            span = f"in [{low}, {high[0]}]" if high else f">= {low}"
+            raise GenerationError(f"--{name} must be {kind_name} {span}; got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -664,8 +666,8 @@ def generate_instruction_following_data(
                   request_batch_size=(request_batch_size, 1, int), concurrency=(concurrency, 1, int),
                   max_tokens=(max_tokens, 1, int), max_retries=(max_retries, 0, int),
                   max_empty_rounds=(max_empty_rounds, 0, int), temperature=(temperature, 0, float),
-                  top_p=(top_p, 0, float), request_timeout=(request_timeout, 0.001, float),
-                  similarity_threshold=(similarity_threshold, 0, float))
+                  top_p=(top_p, 0, float, 1), request_timeout=(request_timeout, 0.001, float),
+                  similarity_threshold=(similarity_threshold, 0, float, 1))
     if num_prompt_instructions > LAST_TASK_NUMBER - 2:
         raise GenerationError(f"--num_prompt_instructions {num_prompt_instructions} leaves no task to generate: the "
                               f"prompt lists {LAST_TASK_NUMBER} tasks and every reply stops before task "
@@ -675,7 +677,6 @@ def generate_instruction_following_data(
                                resolve_logit_bias(logit_bias, model_name, api))
     budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
     budget.check()
-    NoveltyFilter(threshold=similarity_threshold)  # checks the threshold
     # The base URL and the key (from the environment); nothing is sent yet.
     client = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
                                   request_timeout=request_timeout)

@@ -135,7 +135,7 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         tokenizer = utils.load_tokenizer(tokenizer_source, padding_side="left", trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except OSError as e:  # a missing folder, a hub id that does not exist, no network
+    except (OSError, ValueError) as e:  # a missing folder, an unknown hub id, no network; no model in the folder
         raise InferenceError(f"cannot load {base}: {str(e).splitlines()[0]}") from None
     if adapter:
         import peft

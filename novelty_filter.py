@@ -24,6 +24,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 from rouge_score import tokenize as rouge_score_tokenize
 
+import cli
 import utils
 
 # Candidates are compared with the pool this many at a time: rapidfuzz's many-to-many LCS is about ten times faster
@@ -332,7 +333,10 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
         quiet: no progress bar and no summary line.
     """
     start_time = time.perf_counter()
-    NoveltyFilter(threshold=threshold)  # checks the threshold before any file is read
+    # Flag values first, before any file is read: as UsageErrors, so that the command line reports them in one line.
+    cli.check_number("threshold", threshold, 0, float, high=1)
+    if num_cpus is not None:
+        cli.check_number("num_cpus", num_cpus, 1, int)
     seeds = load_instructions(seed_tasks_path) if seed_tasks_path is not None else []
     records = utils.load_alpaca_data(input_path, required_fields=("instruction",))
     novelty = NoveltyFilter(seeds, threshold=threshold)

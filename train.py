@@ -148,6 +148,7 @@ def parse_args(argv=None):
                          "`python utils.py download alpaca_data`)")
     if not namespace.output_dir:
         raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
+    check_values(namespace)
     utils.load_training_data(namespace.data_path)  # every record, now: loading a 7B model takes minutes
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
@@ -161,6 +162,24 @@ def parse_args(argv=None):
         return parser.parse_dict(vars(namespace))
     except ValueError as e:  # TrainingArguments.__post_init__ refusing a combination of flags
         raise UsageError(str(e).strip().replace("\n", " ")) from None
+
+
+def check_values(namespace):
+    """UsageError for a flag value that transformers or torch would only refuse with a traceback once the model is
+    loaded: sizes below 1, a negative learning rate, a --resume_from_checkpoint folder that does not exist."""
+    for flag, low in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1),
+                      ("model_max_length", 1), ("learning_rate", 0)):
+        if getattr(namespace, flag) < low:
+            raise UsageError(f"--{flag} must be >= {low}; got {getattr(namespace, flag)}")
+    resume = namespace.resume_from_checkpoint
+    if resume and resume.lower() in ("true", "last"):
+        if not (os.path.isdir(namespace.output_dir)
+                and transformers.trainer_utils.get_last_checkpoint(namespace.output_dir)):
+            raise UsageError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in --output_dir "
+                             f"{namespace.output_dir}")
+    elif resume and not os.path.isdir(resume):
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such folder (or pass last for the newest checkpoint "
+                         "in --output_dir)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -286,6 +286,8 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
 
     if name not in DOWNLOADS:
         raise DownloadError(f"unknown download '{name}'; choose one of: {', '.join(sorted(DOWNLOADS))}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise DownloadError(f"--timeout must be a number of seconds > 0; got {timeout!r}")
     spec = DOWNLOADS[name]
     url = url or spec["url"]
     output_path = os.fspath(output_path or spec["filename"])

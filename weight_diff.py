@@ -155,7 +155,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         overwrite: replace path_diff if it already exists (the old folder is kept until the new one is complete).
     """
     raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
-    tuned = Checkpoint(path_tuned, "tuned model", skip=compat.is_inv_freq)
+    tuned = Checkpoint(path_tuned, "tuned", skip=compat.is_inv_freq)  # its errors say "tuned model: ..."
     plan = plan_tensor_pairs(raw, tuned, "tuned model", raw_token_counter(path_raw, "tuned model"))
     check_model_files(path_tuned, "tuned model")
     shard_bytes = parse_size(max_shard_size)
@@ -286,6 +286,12 @@ def recover(
         max_shard_size: largest output shard file, e.g. "5GB" or "500MB" (does not change memory use).
         overwrite: replace path_tuned if it already exists (the old folder is kept until the new one is complete).
     """
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WeightDiffError(f"--device {device!r} is not a device (cpu, cuda, cuda:1)") from None
+    if expected_sum is not None and (isinstance(expected_sum, bool) or not isinstance(expected_sum, (int, float))):
+        raise WeightDiffError(f"--expected_sum must be a number; got {expected_sum!r}")
     if test_inference and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise WeightDiffError(f"--device {device}: no CUDA device is available (use --device cpu)")
     raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)

@@ -83,6 +83,30 @@ def test_main_runs_the_function_with_fire_values():
     assert cli.main({"go": example}, argv=["go", "x", "--nouse_x"]) == ("x", 1, False)
 
 
+@pytest.mark.parametrize("value, expected", [("false", False), ("False", False), ("TRUE", True), ("true", True)])
+def test_a_switch_given_true_or_false_in_any_case_is_a_bool(value, expected):
+    """fire passes `--overwrite false` on as the string 'false', which is true."""
+    assert cli.main(example, argv=["x", "--use_x", value]) == ("x", 1, expected)
+    assert cli.main(example, argv=["x", f"--use_x={value}"]) == ("x", 1, expected)
+
+
+def switches(function):
+    return [name for name, p in inspect.signature(function).parameters.items() if isinstance(p.default, bool)]
+
+
+@pytest.mark.parametrize("argv, function", [(a, f) for a, f in FIRE_COMMANDS if switches(f)],
+                         ids=lambda v: v[-1] if isinstance(v, list) else "")
+def test_every_command_refuses_a_switch_value_that_is_not_true_or_false(argv, function, tmp_path):
+    switch = switches(function)[0]
+    required = [name for name, p in inspect.signature(function).parameters.items() if p.default is p.empty]
+    args = [a for name in required for a in (f"--{name}", str(tmp_path / name))]
+    result = run_cli([*argv, *args, f"--{switch}", "maybe"], cwd=tmp_path)
+    assert result.returncode == 2
+    prog = "python -m generate_instruction" if argv[0] == "-m" else f"python {argv[0]}"
+    assert result.stderr.strip() == f"{prog}: --{switch} takes no value (or True / False), got 'maybe'"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_has_every_flag_with_its_full_text_and_default(capsys):
     cli.main({"go": example}, argv=["go", "--help"])
     out = capsys.readouterr().out

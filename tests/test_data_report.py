@@ -298,7 +298,7 @@ def test_report_writes_the_page_pngs_and_numbers(hand_model_dir, alpaca_sample_p
     assert numbers["lengths"]["input"]["count"] == numbers["non_empty_inputs"]
 
 
-def test_lengths_in_tokens(alpaca_sample_records, hf_tokenizer_dir):
+def test_lengths_in_tokens(alpaca_sample_records, hf_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
     unit, count = data_report.length_counter(str(hf_tokenizer_dir))
@@ -307,8 +307,11 @@ def test_lengths_in_tokens(alpaca_sample_records, hf_tokenizer_dir):
     assert unit == f"tokens ({hf_tokenizer_dir})"
     assert count(outputs) == [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in outputs]
     assert data_report.length_counter()[1](["two words", "", " a  b c "]) == [2, 0, 3]
-    with pytest.raises(data_report.ReportError, match=r"^--tokenizer /nonexistent/tok: cannot load it"):
+    with pytest.raises(data_report.ReportError) as raised:  # was transformers' "Repo id must use alphanumeric chars"
         data_report.length_counter("/nonexistent/tok")
+    assert str(raised.value) == "--tokenizer /nonexistent/tok: no such folder"
+    with pytest.raises(data_report.ReportError, match=rf"^--tokenizer {tmp_path}: cannot load it"):
+        data_report.length_counter(str(tmp_path))  # a folder without a tokenizer
 
 
 def test_no_pairs_still_makes_a_chart_and_a_failed_page_write_leaves_the_old_page(hand_model_dir, tmp_path,
@@ -339,7 +342,7 @@ def run_cli(args, capsys):
     (["--top_verbs", "0"], "error: --top_verbs must be a whole number of at least 1, got 0"),
     (["--top_objects", "2.5"], "error: --top_objects must be a whole number of at least 1, got 2.5"),
     (["--n_process", "0"], "error: --n_process must be a whole number of at least 1, got 0"),
-    (["--draw_other", "yes"], "error: --draw_other takes no value (or True / False), got 'yes'"),
+    (["--draw_other", "yes"], "python data_report.py: --draw_other takes no value (or True / False), got 'yes'"),
     (["--top_verb", "3"], "python data_report.py: unknown flag --top_verb (did you mean --top_verbs?); "
                           "see --help for the flags"),
 ])

@@ -652,11 +652,12 @@ def test_replies_without_tasks_stop_the_command_with_one_error(env, capsys):
     (dict(concurrency=0), "--concurrency must be an integer >= 1; got 0"),
     (dict(budget_tokens=-5), "--budget_tokens must be a number >= 0; got -5"),
     (dict(logit_bias='{"x": 1}'), "--logit_bias must map token ids to integer biases"),
-    (dict(similarity_threshold=2), "threshold must be a number between 0 and 1"),
+    (dict(similarity_threshold=2), "--similarity_threshold must be a number in [0, 1]; got 2"),
+    (dict(top_p=1.5), "--top_p must be a number in [0, 1]; got 1.5"),
 ])
 def test_impossible_settings_are_refused_before_anything_is_read_or_sent(env, flags, message):
     with OpenAIServer() as server:
-        with pytest.raises((gen.GenerationError, api_client.APIError, ValueError)) as raised:
+        with pytest.raises((gen.GenerationError, api_client.APIError)) as raised:
             generate(server, env, **flags)
     assert message in str(raised.value)
     assert server.requests == [] and not os.path.exists(env["output_dir"])

@@ -327,6 +327,14 @@ def test_bad_input_files_name_the_record(tmp_path):
         inference.inference(model_name_or_path="m", input_path=str(path), output_path=str(tmp_path / "o.json"))
 
 
+def test_a_folder_without_a_model_is_one_line(llama_tokenizer_dir):
+    """A tokenizer-only folder (no config.json) was a ValueError traceback from transformers."""
+    with pytest.raises(inference.InferenceError) as raised:
+        inference.load_model(str(llama_tokenizer_dir), device="cpu")
+    assert str(raised.value) == (f"cannot load {llama_tokenizer_dir}: Unrecognized model in {llama_tokenizer_dir}. "
+                                 "Should have a `model_type` key in its config.json.")
+
+
 def test_cli_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "inference.py"), "--model_name_or_path",
                              str(tmp_path / "nowhere"), "--instruction", "Hi"], capture_output=True, text=True,

@@ -323,6 +323,21 @@ def test_deduplicate_command_line(tmp_path):
     assert not (tmp_path / "nope.json").exists() and sorted(os.listdir(tmp_path)) == ["in.json", "out.json"]
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threshold", "2", "--threshold must be a number in [0, 1]; got 2"),
+    ("--threshold", "abc", "--threshold must be a number in [0, 1]; got 'abc'"),
+    ("--num_cpus", "0", "--num_cpus must be an integer >= 1; got 0"),
+    ("--num_cpus", "abc", "--num_cpus must be an integer >= 1; got 'abc'"),
+])
+def test_deduplicate_bad_flag_value_is_one_line_before_reading(tmp_path, flag, value, message):
+    """--threshold 2 and --num_cpus abc were tracebacks (the second after reading the whole input)."""
+    command = [sys.executable, "-m", "generate_instruction", "deduplicate", "--input_path", str(tmp_path / "in.json"),
+               "--output_path", str(tmp_path / "out.json"), flag, value]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr.strip()) == (2, f"python -m generate_instruction: {message}")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("backlog_bytes", [1 << 30, 1])
 def test_helper_threads_give_the_same_results(monkeypatch, backlog_bytes):
     # Large batches sort in helper threads, a block behind the scoring; force that path on a small batch, with a

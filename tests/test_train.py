@@ -425,6 +425,30 @@ def test_parse_args_errors(tmp_path, alpaca_sample_path):
         train.parse_args(["--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be >= 1; got -1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1; got 0"),
+    (["--model_max_length", "0"], "--model_max_length must be >= 1; got 0"),
+    (["--learning_rate", "-1"], "--learning_rate must be >= 0; got -1.0"),
+    (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere: no such folder (or pass last for "
+                                              "the newest checkpoint in --output_dir)"),
+])
+def test_bad_values_are_refused_before_the_model_loads(tmp_path, alpaca_sample_path, flags, message):
+    """Each was a traceback from torch or the Trainer after the model had loaded."""
+    with pytest.raises(UsageError) as raised:
+        train.parse_args(["--data_path", str(alpaca_sample_path), "--output_dir", str(tmp_path / "out"), *flags])
+    assert str(raised.value) == message
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_from_the_last_checkpoint_needs_one(tmp_path, alpaca_sample_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as raised:
+        train.parse_args(["--data_path", str(alpaca_sample_path), "--output_dir", str(out),
+                          "--resume_from_checkpoint", "last"])
+    assert str(raised.value) == f"--resume_from_checkpoint last: no checkpoint-* folder in --output_dir {out}"
+
+
 def test_command_line_errors_are_one_line_and_come_before_the_model_loads(tmp_path, capsys, alpaca_sample_path,
                                                                          tiny_llama_dir):
     bad = tmp_path / "bad.json"

@@ -305,6 +305,18 @@ def test_download_bad_url_is_a_download_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("timeout", [-1, 0, "abc"])
+def test_download_bad_timeout_is_named_before_connecting(tmp_path, file_server, pinned_test_download, timeout):
+    """--timeout -1 blamed --url, 0 said "Operation now in progress", abc was a traceback."""
+    base, routes = file_server
+    routes["/alpaca_data.json"] = (200, pinned_test_download)
+    with pytest.raises(DownloadError) as raised:
+        utils.download("alpaca_data", output_path=tmp_path / "a.json", url=base + "/alpaca_data.json", quiet=True,
+                       timeout=timeout)
+    assert str(raised.value) == f"--timeout must be a number of seconds > 0; got {timeout!r}"
+    assert os.listdir(tmp_path) == []
+
+
 def test_download_unknown_name_and_pinned_facts():
     with pytest.raises(DownloadError, match="unknown download 'alpaca'; choose one of: alpaca_data, seed_tasks_original"):
         utils.download("alpaca")

@@ -362,6 +362,24 @@ def test_missing_extra_and_mis_shaped_tensors_are_named(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (dict(device="foo"), "--device 'foo' is not a device (cpu, cuda, cuda:1)"),
+    (dict(expected_sum="abc"), "--expected_sum must be a number; got 'abc'"),
+])
+def test_bad_flag_values_are_refused_before_anything_is_written(models, tmp_path, flags, message):
+    """--device foo wrote the whole recovered folder, then failed with a traceback in the inference test."""
+    with pytest.raises(weight_diff.WeightDiffError) as raised:
+        recover_quietly(models["raw"], models["diff_pad"], tmp_path / "out", **flags)
+    assert str(raised.value) == message
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_tuned_folder_is_named_once(models, tmp_path):
+    with pytest.raises(CheckpointError) as raised:  # it said "tuned model model: ..."
+        weight_diff.make_diff(models["raw"], tmp_path / "nope", tmp_path / "diff")
+    assert str(raised.value) == f"tuned model: {tmp_path / 'nope'} is not a folder"
+
+
 def test_existing_output_needs_overwrite(models, tmp_path):
     out = tmp_path / "recovered"
     out.mkdir()
