@@ -47,7 +47,8 @@ def main(commands, user_errors=(), argv=None, prog=None):
             return None
         check_flags(function, args)
         # fire parses the values (numbers, booleans, JSON-like literals); its own flags after `--` are not offered.
-        return fire.Fire(_switches_checked(function), command=args, name=f"{prog} {name}" if name else prog, serialize=lambda _: None)
+        return fire.Fire(_switches_checked(function), command=args, name=f"{prog} {name}" if name else prog,
+                         serialize=lambda _: None)
     except KeyboardInterrupt as e:  # a command may say what it leaves behind: KeyboardInterrupt("x.json is complete")
         print(f"\n{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)

@@ -141,6 +141,7 @@ def parse_args(argv=None):
         hint = f" (did you mean {match[0]}?)" if match else " (transformers 5 renamed some TrainingArguments)"
         raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
     lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
+    check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     notices += compat.adapt_to_hardware(namespace, world_size)
     if not namespace.data_path:
@@ -162,6 +163,15 @@ def parse_args(argv=None):
         return parser.parse_dict(vars(namespace))
     except ValueError as e:  # TrainingArguments.__post_init__ refusing a combination of flags
         raise UsageError(str(e).strip().replace("\n", " ")) from None
+
+
+def check_config_files(namespace):
+    """UsageError for a --deepspeed or --fsdp_config file that does not exist (inline JSON, `{...}`, is not a file),
+    on every machine: a CPU dry run would otherwise drop the flag and the typo would surface on the GPU cluster."""
+    for flag in ("deepspeed", "fsdp_config"):
+        value = getattr(namespace, flag)
+        if isinstance(value, str) and not value.lstrip().startswith("{") and not os.path.isfile(value):
+            raise UsageError(f"--{flag} {value}: no such file (configs/ has the project's DeepSpeed and FSDP configs)")
 
 
 def check_values(namespace):

@@ -432,6 +432,11 @@ def test_parse_args_errors(tmp_path, alpaca_sample_path):
     (["--learning_rate", "-1"], "--learning_rate must be >= 0; got -1.0"),
     (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere: no such folder (or pass last for "
                                               "the newest checkpoint in --output_dir)"),
+    # on a machine without GPUs train.py drops these flags: a typo would surface only on the cluster
+    (["--deepspeed", "configs/nope.json"], "--deepspeed configs/nope.json: no such file (configs/ has the project's "
+                                           "DeepSpeed and FSDP configs)"),
+    (["--fsdp", "--fsdp_config", "fsdp.json"], "--fsdp_config fsdp.json: no such file (configs/ has the project's "
+                                               "DeepSpeed and FSDP configs)"),
 ])
 def test_bad_values_are_refused_before_the_model_loads(tmp_path, alpaca_sample_path, flags, message):
     """Each was a traceback from torch or the Trainer after the model had loaded."""
