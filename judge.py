@@ -452,7 +452,7 @@ def judge(
     model, a loss when both prefer the reference, and a tie otherwise (both ties, one tie, or the two orders
     disagreeing, which is position bias, not a preference). A reply without a verdict line gets a follow-up asking
     for one, up to --max_malformed_retries times; those replies are counted, and a pair still missing a verdict is
-    left out and reported. Win rate = (wins + ties / 2) / pairs, with a 95% bootstrap interval.
+    left out, reported and asked again by a rerun (no verdict at all is an error). Win rate = (wins + ties / 2) / pairs, with a 95% bootstrap interval.
 
     Writes OUTPUT_DIR/results.md (printed too), results.json and results.png (shares by motivation_app when the
     outputs carry it, as inference.py's outputs on the user-oriented set do). Every judgment is cached in
@@ -506,9 +506,12 @@ def judge(
     cache = JudgmentCache(cache_path or os.path.join(output_dir, "judgments.jsonl"))
     cache.load()
     judgments = make_judgments(pairs, judge_model)
-    missing = [judgment for judgment in judgments if judgment.key not in cache.entries]
+    # A cached judgment without a verdict (the judge never wrote one) is asked again: a rerun is the way to retry it.
+    missing = [judgment for judgment in judgments if cache.entries.get(judgment.key, {}).get("verdict") is None]
+    again = sum(judgment.key in cache.entries for judgment in missing)
     print(f"{len(pairs)} pairs, {len(judgments)} judgments: {len(judgments) - len(missing)} cached in {cache.path}, "
-          f"{len(missing)} to ask", file=sys.stderr)
+          f"{len(missing)} to ask" + (f" ({again} cached without a verdict, asked again)" if again else ""),
+          file=sys.stderr)
 
     failed = not_sent = 0
     if missing:  # (the key is needed only now: a report from a complete cache asks nothing)
@@ -538,6 +541,17 @@ def judge(
     if not_sent:
         print(f"budget reached: {not_sent} judgments not asked; rerun (with a larger budget) to ask them",
               file=sys.stderr)
+    unanswered = [cache.entries[j.key] for j in judgments if j.key in cache.entries
+                  and cache.entries[j.key]["verdict"] is None]
+    if unanswered:
+        reply = " ".join(str(unanswered[-1].get("reply") or "").split())
+        message = (f"{len(unanswered)} judgment(s) without a verdict line after {max_malformed_retries} follow-up(s), "
+                   f"their pairs left out (a reply: {reply[:160]!r}{'...' if len(reply) > 160 else ''}); a rerun asks "
+                   "them again")
+        if results["judged"] == 0:
+            raise JudgeError(f"no pair was judged: {message}. Is --judge_model {judge_model} an instruction-following "
+                             "chat model? Try a larger --max_tokens if the replies are cut off")
+        print(f"warning: {message}", file=sys.stderr)
     if failed:
         raise JudgeError(f"{failed} judgment(s) failed after all retries and are left out; rerun the same command "
                          "to ask them")

@@ -185,8 +185,27 @@ def test_malformed_replies_are_retried_counted_and_reported(server, tmp_path, ca
     assert len(follow_ups) == 4 + 2 * 2
     assert all(m["content"] == judge.CORRECTION for r in follow_ups for m in r["body"]["messages"][2::2])
     assert len(server.completed_requests()) == 14 + 4 + 2 * 2
+    captured = capsys.readouterr()
     assert "Malformed judge replies (retried): 10; judgments still without a verdict (their pairs left out): 2" in \
-        capsys.readouterr().out
+        captured.out
+    assert ("warning: 2 judgment(s) without a verdict line after 2 follow-up(s), their pairs left out (a reply: "
+            "'Both responses have merits; the first one is more detailed.'); a rerun asks them again") in captured.err
+
+    # A rerun asks again only the two judgments without a verdict (3 requests each), nothing else.
+    asked = len(server.completed_requests())
+    run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=2)
+    assert len(server.completed_requests()) == asked + 2 * 3
+    assert "14 judgments: 12 cached in" in capsys.readouterr().err
+
+
+def test_a_judge_that_never_gives_a_verdict_is_an_error(server, tmp_path, capsys):
+    model_path, reference_path = make_files(tmp_path, ["win_MALFORMED_ALWAYS"] * 2)
+    with pytest.raises(judge.JudgeError) as raised:
+        run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=0)
+    assert str(raised.value) == (
+        "no pair was judged: 4 judgment(s) without a verdict line after 0 follow-up(s), their pairs left out (a reply: "
+        "'Both responses have merits; the first one is more detailed.'); a rerun asks them again. Is --judge_model "
+        "judge-1 an instruction-following chat model? Try a larger --max_tokens if the replies are cut off")
 
 
 def test_budget_stops_sending_and_a_rerun_asks_only_the_rest(server, tmp_path, capsys):
