@@ -69,19 +69,20 @@ def load_tasks(path):
     records = utils.load_alpaca_data(path, required_fields=("instruction",))
     tasks = []
     for index, record in enumerate(records):
-        source, where = record, f"{path}: record {index}: field"
+        source, prefix = record, ""
         if "instances" in record:
             instances = record["instances"]
             if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
-                raise utils.AlpacaDataError(f"{where} 'instances' must be a non-empty list of objects")
-            source, where = instances[0], f"{where} 'instances[0]."
-        else:
-            where += " '"
+                raise utils.AlpacaDataError(f"{path}: record {index}: field 'instances' must be a non-empty list of "
+                                            "objects")
+            source, prefix = instances[0], "instances[0]."
         source = {"input": "", **source}  # a missing input is the empty string, as in every loader here
-        for field in ("input", "output"):
-            if not isinstance(source.get(field), str):
-                problem = "missing" if field not in source else f"is {type(source[field]).__name__}, not a string"
-                raise utils.AlpacaDataError(f"{where}{field}' {problem}")
+        for field in ("input", "output"):  # worded as utils.load_alpaca_data words it
+            if field not in source:
+                raise utils.AlpacaDataError(f"{path}: record {index}: missing field '{prefix}{field}'")
+            if not isinstance(source[field], str):
+                raise utils.AlpacaDataError(f"{path}: record {index}: field '{prefix}{field}' is "
+                                            f"{type(source[field]).__name__}; expected a string")
         tasks.append({"instruction": record["instruction"], "input": source["input"], "output": source["output"]})
     return tasks
 

@@ -217,7 +217,7 @@ def test_load_tasks_reads_alpaca_and_self_instruct_formats(tmp_path):
                    '{"instruction": "e", "instances": [{"output": "f"}]}\n')
     assert [task["input"] for task in data_report.load_tasks(bad)] == ["", "", ""]  # missing input means empty
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""}\n')
-    with pytest.raises(utils.AlpacaDataError, match=r"bad.jsonl: record 1: field 'output' missing"):
+    with pytest.raises(utils.AlpacaDataError, match=r"bad.jsonl: record 1: missing field 'output'"):
         data_report.load_tasks(bad)
     bad.write_text('{"instruction": "a", "instances": []}\n')
     with pytest.raises(utils.AlpacaDataError, match=r"record 0: field 'instances' must be a non-empty list"):
@@ -365,7 +365,7 @@ def test_bad_or_empty_data_file_is_one_line_error(tmp_path, capsys):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": "Write a poem.", "input": 3, "output": ""}]))
     args = ["--data_path", str(data), "--output_dir", str(tmp_path / "out")]
-    assert run_cli(args, capsys) == (2, f"error: {data}: record 0: field 'input' is int, not a string")
+    assert run_cli(args, capsys) == (2, f"error: {data}: record 0: field 'input' is int; expected a string")
     data.write_text("[]")
     assert run_cli(args, capsys) == (2, f"error: {data}: no records")
     assert not (tmp_path / "out").exists()
