@@ -40,10 +40,10 @@ def main(commands, user_errors=(), argv=None, prog=None):
         else:
             name, function, args = _pick_command(commands, argv, prog)
             if function is None:  # `--help`, or no command given
-                print(commands_help(commands, prog))
+                _print_help(commands_help(commands, prog))
                 return None
         if "-h" in args or "--help" in args:
-            print(command_help(function, f"{prog} {name}" if name else prog))
+            _print_help(command_help(function, f"{prog} {name}" if name else prog))
             return None
         check_flags(function, args)
         # fire parses the values (numbers, booleans, JSON-like literals); its own flags after `--` are not offered.
@@ -56,6 +56,13 @@ def main(commands, user_errors=(), argv=None, prog=None):
         _fail(f"{prog}: {e}")
     except tuple(user_errors) as e:
         _fail(f"error: {e}")
+
+
+def _print_help(text):
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the flush at exit
 
 
 def _fail(message):

@@ -162,3 +162,14 @@ def test_ctrl_c_prints_one_line(tmp_path):
     assert time.time() - start < 10
     assert process.returncode == 130
     assert stderr.strip() == "python slow.py: interrupted"
+
+
+@pytest.mark.parametrize("script", ["generate_instruction.py", "train.py"])
+def test_help_into_a_closed_pipe_is_not_an_error(script):
+    """`python generate_instruction.py --help | head -1`: the reader may be gone before the help is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child writes: its write fails with EPIPE
+    result = subprocess.run([sys.executable, str(REPO_ROOT / script), "--help"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
