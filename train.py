@@ -497,6 +497,8 @@ def train(argv=None):
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
+    # Seeded before loading, not only by the Trainer after: LoRA draws its A matrices when the adapters are added.
+    transformers.set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     compat.resolve_fsdp_wrap_class(training_args, model)
     attn_implementation = model.config._attn_implementation

@@ -163,6 +163,17 @@ def test_inference_answers_as_the_trained_model(family, lora_run, matrix_runs, t
     assert greedy_one_at_a_time(loaded, tokenizer, PROMPTS, 10) == greedy_one_at_a_time(model, tokenizer, PROMPTS, 10)
 
 
+def test_the_same_seed_trains_the_same_adapter(tmp_path, llama_dir, alpaca_sample_path):
+    # LoRA's A matrices are drawn when the adapters are added, before the Trainer seeds: unseeded, every run differed.
+    adapters = []
+    for run in ("first", "second"):
+        train.train(base_argv(llama_dir, alpaca_sample_path, tmp_path / run, "--max_steps", "2", *LORA_ARGS))
+        adapters.append(load_file(str(tmp_path / run / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        assert torch.equal(tensor, adapters[1][name]), name
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Resume and distributed
 
