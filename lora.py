@@ -12,6 +12,7 @@ weights load, then wraps the loaded base (add_adapters). What is saved, and why,
 import dataclasses
 import functools
 import logging
+import math
 import os
 import re
 import warnings
@@ -39,7 +40,7 @@ def check_args(args):
     """
     if args.lora_r < 0:
         raise UsageError(f"--lora_r must be 0 (full fine-tuning) or a positive rank, got {args.lora_r}")
-    if args.lora_alpha <= 0:
+    if not 0 < args.lora_alpha < math.inf:  # nan and inf too: they would make every adapted weight nan
         raise UsageError(f"--lora_alpha must be positive, got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise UsageError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
@@ -106,6 +107,8 @@ def target_modules(model_args, cache_dir=None):
                              f"--lora_target_modules; {known}")
         return found
     names = [name for name in re.split(r"[,\s]+", requested.strip()) if name]
+    if not names:  # peft would stop with a traceback once the weights are loaded
+        raise UsageError(f"--lora_target_modules {requested!r}: no module name; {known}")
     if names == [ALL_LINEAR]:
         return ALL_LINEAR
     for name in names:  # peft matches a name against the end of each module's dotted name

@@ -256,6 +256,11 @@ def test_lora_flag_errors_come_before_the_weights_load(tmp_path, capsys, llama_d
         (["--lora_r", "-1"], "train.py: error: --lora_r must be 0 (full fine-tuning) or a positive rank, got -1"),
         (["--lora_r", "8", "--lora_dropout", "1"], "train.py: error: --lora_dropout must be in [0, 1), got 1.0"),
         (["--lora_r", "8", "--lora_alpha", "0"], "train.py: error: --lora_alpha must be positive, got 0.0"),
+        (["--lora_r", "8", "--lora_alpha", "inf"], "train.py: error: --lora_alpha must be positive, got inf"),
+        (["--lora_r", "8", "--lora_alpha", "nan"], "train.py: error: --lora_alpha must be positive, got nan"),
+        (["--lora_r", "8", "--lora_target_modules", ","],  # was a peft traceback once the weights had loaded
+         "train.py: error: --lora_target_modules ',': no module name; its linear layers are down_proj, gate_proj, "
+         "k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"),
     ]
     for extra, message in cases:
         assert run_main(argv + extra, capsys).startswith(message), extra
