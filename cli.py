@@ -90,8 +90,17 @@ def _pick_command(commands, argv, prog):
 
 
 def _closest(word, choices, prefix=""):
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{match[0]}?)" if match else ""
+    match = closest_name(word, choices)
+    return f" (did you mean {prefix}{match}?)" if match else ""
+
+
+def closest_name(word, choices):
+    """The choice most like `word` (difflib), preferring one with the same first word: --lora_rank is --lora_r, not
+    --local_rank. None when nothing is close."""
+    matches = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.6)
+    first_word = re.split(r"[_-]", word.lstrip("-"))[0]
+    return next((m for m in matches if re.split(r"[_-]", m.lstrip("-"))[0] == first_word), None) or next(
+        iter(matches), None)
 
 
 def parameters(function):

@@ -12,7 +12,6 @@ loss on the target tokens only, right padding, model_max_length 512, fp32 weight
 What differs from the original, and why, is in the README (stage 2).
 """
 
-import difflib
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ import transformers
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import cli
 import compat
 import lora
 import utils
@@ -137,8 +137,10 @@ def parse_args(argv=None):
         flag = next((token.partition("=")[0] for token in unknown if token.startswith("-")), None)
         if flag is None:
             raise UsageError(f"unexpected value {unknown[0]!r} (every argument is a --flag; see --help)")
-        match = difflib.get_close_matches(flag, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
-        hint = f" (did you mean {match[0]}?)" if match else " (transformers 5 renamed some TrainingArguments)"
+        match = cli.closest_name(flag, [o for o in parser._option_string_actions if o.startswith("--")])
+        hint = f" (did you mean {match}?)" if match else " (transformers 5 renamed some TrainingArguments)"
+        if flag.replace("-", "_") in ("__use_peft", "__use_lora"):  # TRL's and others' LoRA switch
+            hint = " (LoRA is on when --lora_r is above 0: pass --lora_r 8)"
         raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
     lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
     check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs

@@ -1,5 +1,6 @@
 """The shared command-line layer (cli.py): flags checked before any work, full --help, one-line errors, Ctrl-C."""
 
+import difflib
 import inspect
 import os
 import signal
@@ -68,6 +69,14 @@ def test_check_flags_rejects(args, message):
     with pytest.raises(cli.UsageError) as raised:
         cli.check_flags(example, args)
     assert message in str(raised.value)
+
+
+def test_closest_name_prefers_a_name_with_the_same_first_word():
+    options = ["--local_rank", "--lora_r", "--learning_rate"]
+    assert difflib.get_close_matches("--lora_rank", options, n=1) == ["--local_rank"]  # what a plain difflib says
+    assert cli.closest_name("--lora_rank", options) == "--lora_r"
+    assert cli.closest_name("--local_rnk", options) == "--local_rank"
+    assert cli.closest_name("--zzz", options) is None
 
 
 @pytest.mark.parametrize("args", [

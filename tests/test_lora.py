@@ -261,6 +261,10 @@ def test_lora_flag_errors_come_before_the_weights_load(tmp_path, capsys, llama_d
         (["--lora_r", "8", "--lora_target_modules", ","],  # was a peft traceback once the weights had loaded
          "train.py: error: --lora_target_modules ',': no module name; its linear layers are down_proj, gate_proj, "
          "k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"),
+        (["--lora_rank", "8"], "train.py: error: unknown flag --lora_rank (did you mean --lora_r?); see python "
+                               "train.py --help"),  # LLaMA-Factory's name; difflib alone says --local_rank
+        (["--use_peft", "True"], "train.py: error: unknown flag --use_peft (LoRA is on when --lora_r is above 0: pass "
+                                 "--lora_r 8); see python train.py --help"),  # TRL's switch; difflib says --use_cpu
     ]
     for extra, message in cases:
         assert run_main(argv + extra, capsys).startswith(message), extra
