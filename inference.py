@@ -138,13 +138,13 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
     except (OSError, ValueError) as e:  # a missing folder, an unknown hub id, no network; no model in the folder
         raise InferenceError(f"cannot load {base}: {str(e).splitlines()[0]}") from None
     if adapter:
-        import peft
+        import lora  # peft, with lora.py's filter of its transformers deprecation warning
 
         added = grow_embeddings(model, len(tokenizer))
         if added:
             print(f"{base}: {added} embedding row(s) added for the adapter's tokenizer (mean of the old rows)",
                   file=sys.stderr)
-        model = peft.PeftModel.from_pretrained(model, model_name_or_path).merge_and_unload()
+        model = lora.merge_adapter(model, model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise InferenceError(f"{tokenizer_source}: the tokenizer has {len(tokenizer)} tokens but the model only "
                              f"{model.get_input_embeddings().weight.shape[0]} embedding rows")

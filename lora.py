@@ -195,16 +195,22 @@ def save_merged(base, tokenizer, adapter_dir, output_dir):
     """base + the adapter saved in `adapter_dir`, merged into plain weights (W + alpha/r * B @ A, and the saved token
     rows), saved as a full model (safetensors) with its tokenizer in `output_dir`, which appears complete or not at all
     (an earlier one is replaced)."""
-    import peft
-
     from checkpoint_io import atomic_output_folder
 
-    merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = merge_adapter(base, adapter_dir)
     merged.config.use_cache = True
     with atomic_output_folder(output_dir, overwrite=True) as folder:
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return merged
+
+
+def merge_adapter(base, adapter_dir):
+    """base + the adapter saved in `adapter_dir` (train.py's output or checkpoint), merged into plain weights: a
+    transformers model. The base must have a row for every token of the adapter's tokenizer."""
+    import peft
+
+    return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def _first_line(error):

@@ -3,6 +3,7 @@ the trained model's outputs, that only the adapters train, resume, 2-process DDP
 before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA GPU: only its refusal is tested.)"""
 
 import json
+import subprocess
 import sys
 
 import peft
@@ -17,7 +18,7 @@ import train
 import utils
 import weight_diff
 from conftest import REPO_ROOT, SAMPLE_RECORDS
-from test_inference import greedy_one_at_a_time
+from test_inference import CHILD_ENV, greedy_one_at_a_time
 from test_train import _model_folder, base_argv, logged_losses, torchrun
 from test_weight_diff import assert_bit_identical, load_weights
 
@@ -161,6 +162,17 @@ def test_inference_answers_as_the_trained_model(family, lora_run, matrix_runs, t
         assert tokens == ["<s>", "<unk>"] and rows.shape[0] == 640
     torch.testing.assert_close(logits(loaded, tokenizer), logits(model, tokenizer), rtol=0, atol=1e-5)
     assert greedy_one_at_a_time(loaded, tokenizer, PROMPTS, 10) == greedy_one_at_a_time(model, tokenizer, PROMPTS, 10)
+
+
+def test_inference_cli_on_an_adapter_answers_without_warnings(lora_run):
+    trainer, output_dir = lora_run
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "inference.py"), "--model_name_or_path", str(output_dir),
+                             "--instruction", SAMPLE_RECORDS[3]["instruction"], "--max_new_tokens", "5"],
+                            capture_output=True, text=True, env=CHILD_ENV, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+    # peft's FutureWarning about transformers' is_gradient_checkpointing was printed here, with its source line
+    assert "Warning" not in result.stderr and "warnings.warn" not in result.stderr, result.stderr
 
 
 def test_the_same_seed_trains_the_same_adapter(tmp_path, llama_dir, alpaca_sample_path):
