@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -345,6 +346,17 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
 # The command
 
 
+def default_generator(model_name_or_path):
+    """The `generator` name of a model folder or hub id: its last part, "parent-merged" / "parent-checkpoint-N" for
+    the folders train.py writes inside its output folder (a judged file named "merged" says nothing)."""
+    path = os.path.normpath(model_name_or_path)
+    name = os.path.basename(path)
+    parent = os.path.basename(os.path.dirname(path))
+    if parent and (name == "merged" or re.fullmatch(r"checkpoint-\d+", name)):
+        return f"{parent}-{name}"
+    return name
+
+
 def inference(
     model_name_or_path=None,
     instruction=None,
@@ -386,8 +398,8 @@ def inference(
             self-instruct user-oriented JSONL (`instances[0].input`), or an output file (its instructions).
         output_path: where the answers to --input_path go (AlpacaEval format; resumed when it exists).
         base_model: the base model of a LoRA adapter folder, when not the one in its adapter_config.json.
-        generator: the name written in each record's `generator` field (default: the model folder's name, or
-            --model_name). A resumed file must have been written under the same name.
+        generator: the name written in each record's `generator` field (default: the model folder's name, with
+            its parent's for train.py's `merged` and `checkpoint-N` folders; or --model_name). A resumed file must have been written under the same name.
         max_new_tokens: the longest answer, in tokens.
         temperature: 0 decodes greedily (the default, for evaluation: reproducible); above 0 samples.
         top_p: nucleus sampling mass, when sampling.
@@ -452,7 +464,7 @@ def inference(
         if not instructions:
             raise InferenceError(f"{input_path}: holds no instruction")
         if generator is None:
-            generator = model_name if api_base else os.path.basename(os.path.normpath(model_name_or_path))
+            generator = model_name if api_base else default_generator(model_name_or_path)
         output = OutputFile(output_path, instructions, str(generator))
         done = output.resume()
         if done == len(instructions):

@@ -434,3 +434,12 @@ def test_the_252_user_oriented_instructions(api_env, shared_data_dir, tmp_path):
     assert prompts == {utils.format_prompt(r) for r in instructions}
     records = json.loads((tmp_path / "out.json").read_text())
     assert [(r["id"], r["motivation_app"]) for r in records] == [(s["id"], s["motivation_app"]) for s in source]
+
+
+@pytest.mark.parametrize("path, name", [
+    ("output/alpaca-lora-7b/merged", "alpaca-lora-7b-merged"),
+    ("output/alpaca-7b/checkpoint-2000/", "alpaca-7b-checkpoint-2000"),
+    ("output/alpaca-7b", "alpaca-7b"), ("merged", "merged"), ("facebook/opt-125m", "opt-125m"),
+])
+def test_the_default_generator_name_says_which_run(path, name):
+    assert inference.default_generator(path) == name
