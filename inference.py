@@ -271,15 +271,31 @@ def interactive(model, tokenizer, generation_config):
 def length_sorted_batches(tokenizer, prompts, batch_size):
     """Positions in `prompts` grouped in batches of prompts of similar token length, longest first (little padding,
     and a batch too big for memory fails at once rather than at the end)."""
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def check_context(model, tokenizer, prompts, max_new_tokens):
+    """Warn (one line) when `prompts` plus --max_new_tokens do not fit the model's context (config
+    max_position_embeddings): past its positions a model answers badly (rotary) or fails (learned positions). A warning,
+    not an error: answers usually end well before max_new_tokens."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else [0]
+    too_long = sum(length + max_new_tokens > context for length in lengths)
+    if too_long:
+        which = f"{too_long} of {len(lengths)} prompt(s) (longest: {max(lengths)} tokens) plus " if prompts else ""
+        print(f"warning: {which}--max_new_tokens {max_new_tokens} can exceed the model's context of {context} "
+              "positions (max_position_embeddings); an answer that runs past it may degrade or fail", file=sys.stderr)
 
 
 def answer_file_locally(model, tokenizer, output, generation_config, batch_size):
     """Generate the missing outputs in length-sorted batches, writing the file after each batch."""
     pending = [i for i in range(len(output.instructions)) if not output.done(i)]
     prompts = [build_prompt(output.instructions[i]["instruction"], output.instructions[i]["input"]) for i in pending]
+    check_context(model, tokenizer, prompts, generation_config.max_new_tokens)
     bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
     started, generated = time.monotonic(), 0
     try:
@@ -497,6 +513,7 @@ def inference(
     if seed is not None:
         transformers.set_seed(seed)
     if instruction is not None:
+        check_context(model, tokenizer, [build_prompt(instruction, input)], max_new_tokens)
         generate(model, tokenizer, [build_prompt(instruction, input)], generation_config,
                  streamer=AnswerPrinter(tokenizer))
     elif output is not None:
@@ -508,6 +525,7 @@ def inference(
             raise KeyboardInterrupt(output.where()) from None
         print(f"{output.path}: {len(output)} outputs", file=sys.stderr)
     else:
+        check_context(model, tokenizer, [], max_new_tokens)
         interactive(model, tokenizer, generation_config)
     return None
 

@@ -5,6 +5,7 @@ is driven through a pipe, and --api_base sends the same prompts to our OpenAI-pr
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -443,3 +444,17 @@ def test_the_252_user_oriented_instructions(api_env, shared_data_dir, tmp_path):
 ])
 def test_the_default_generator_name_says_which_run(path, name):
     assert inference.default_generator(path) == name
+
+
+def test_a_prompt_and_max_new_tokens_past_the_context_is_a_warning(parrot_dir, capsys):
+    # The tiny model has 512 positions; the prompt has about 40 tokens.
+    inference.inference(model_name_or_path=str(parrot_dir), instruction=PARROT[0][0], device="cpu",
+                        max_new_tokens=500)
+    out, err = capsys.readouterr()
+    assert out == "Canberra.\n"  # it answers: the answer ends long before the context does
+    assert re.search(r"^warning: 1 of 1 prompt\(s\) \(longest: \d+ tokens\) plus --max_new_tokens 500 can exceed the "
+                     r"model's context of 512 positions \(max_position_embeddings\); an answer that runs past it may "
+                     r"degrade or fail$", err, re.MULTILINE)
+    inference.inference(model_name_or_path=str(parrot_dir), instruction=PARROT[0][0], device="cpu",
+                        max_new_tokens=400)
+    assert "warning" not in capsys.readouterr().err
