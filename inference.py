@@ -268,25 +268,28 @@ def interactive(model, tokenizer, generation_config):
         print(file=sys.stderr)
 
 
-def length_sorted_batches(tokenizer, prompts, batch_size):
-    """Positions in `prompts` grouped in batches of prompts of similar token length, longest first (little padding,
-    and a batch too big for memory fails at once rather than at the end)."""
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+def prompt_lengths(tokenizer, prompts):
+    """The token count of each prompt, as generate tokenizes it."""
+    return [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+
+
+def length_sorted_batches(lengths, batch_size):
+    """Positions of prompts of these token `lengths` grouped in batches of similar length, longest first (little
+    padding, and a batch too big for memory fails at once rather than at the end)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def check_context(model, tokenizer, prompts, max_new_tokens):
-    """Warn (one line) when `prompts` plus --max_new_tokens do not fit the model's context (config
-    max_position_embeddings): past its positions a model answers badly (rotary) or fails (learned positions). A warning,
-    not an error: answers usually end well before max_new_tokens."""
+def check_context(model, lengths, max_new_tokens):
+    """Warn (one line) when prompts of these token `lengths` (none: the interactive mode) plus --max_new_tokens do not
+    fit the model's context (config max_position_embeddings): past its positions a model answers badly (rotary) or
+    fails (learned positions). A warning, not an error: answers usually end well before max_new_tokens."""
     context = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(context, int):
         return
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else [0]
-    too_long = sum(length + max_new_tokens > context for length in lengths)
+    too_long = sum(length + max_new_tokens > context for length in lengths or [0])
     if too_long:
-        which = f"{too_long} of {len(lengths)} prompt(s) (longest: {max(lengths)} tokens) plus " if prompts else ""
+        which = f"{too_long} of {len(lengths)} prompt(s) (longest: {max(lengths)} tokens) plus " if lengths else ""
         print(f"warning: {which}--max_new_tokens {max_new_tokens} can exceed the model's context of {context} "
               "positions (max_position_embeddings); an answer that runs past it may degrade or fail", file=sys.stderr)
 
@@ -295,11 +298,12 @@ def answer_file_locally(model, tokenizer, output, generation_config, batch_size)
     """Generate the missing outputs in length-sorted batches, writing the file after each batch."""
     pending = [i for i in range(len(output.instructions)) if not output.done(i)]
     prompts = [build_prompt(output.instructions[i]["instruction"], output.instructions[i]["input"]) for i in pending]
-    check_context(model, tokenizer, prompts, generation_config.max_new_tokens)
+    lengths = prompt_lengths(tokenizer, prompts)
+    check_context(model, lengths, generation_config.max_new_tokens)
     bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
     started, generated = time.monotonic(), 0
     try:
-        for positions in length_sorted_batches(tokenizer, prompts, batch_size):
+        for positions in length_sorted_batches(lengths, batch_size):
             batch = [pending[p] for p in positions]
             answers, tokens = generate(model, tokenizer, [prompts[p] for p in positions], generation_config)
             for index, answer in zip(batch, answers):
@@ -415,7 +419,8 @@ def inference(
         output_path: where the answers to --input_path go (AlpacaEval format; resumed when it exists).
         base_model: the base model of a LoRA adapter folder, when not the one in its adapter_config.json.
         generator: the name written in each record's `generator` field (default: the model folder's name, with
-            its parent's for train.py's `merged` and `checkpoint-N` folders; or --model_name). A resumed file must have been written under the same name.
+            its parent's for train.py's `merged` and `checkpoint-N` folders; or --model_name). A resumed file must
+            have been written under the same name.
         max_new_tokens: the longest answer, in tokens.
         temperature: 0 decodes greedily (the default, for evaluation: reproducible); above 0 samples.
         top_p: nucleus sampling mass, when sampling.
@@ -513,7 +518,7 @@ def inference(
     if seed is not None:
         transformers.set_seed(seed)
     if instruction is not None:
-        check_context(model, tokenizer, [build_prompt(instruction, input)], max_new_tokens)
+        check_context(model, prompt_lengths(tokenizer, [build_prompt(instruction, input)]), max_new_tokens)
         generate(model, tokenizer, [build_prompt(instruction, input)], generation_config,
                  streamer=AnswerPrinter(tokenizer))
     elif output is not None:
@@ -525,7 +530,7 @@ def inference(
             raise KeyboardInterrupt(output.where()) from None
         print(f"{output.path}: {len(output)} outputs", file=sys.stderr)
     else:
-        check_context(model, tokenizer, [], max_new_tokens)
+        check_context(model, [], max_new_tokens)
         interactive(model, tokenizer, generation_config)
     return None
 

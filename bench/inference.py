@@ -73,7 +73,7 @@ def main(num_prompts=64, max_new_tokens=64, batch_size=16, threads=1, tiny=False
         model, tokenizer = inference.load_model(folder, device="cpu")
     parameters = sum(p.numel() for p in model.parameters())
     generation_config = inference.Decoding(max_new_tokens, 0.0, 1.0, None).generation_config(model, tokenizer)
-    prompt_tokens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    prompt_tokens = inference.prompt_lengths(tokenizer, prompts)
     print(f"model: random Llama, {parameters / 1e6:.1f}M parameters ({shape['hidden_size']} hidden, "
           f"{shape['num_hidden_layers']} layers, vocab {len(tokenizer):,}), float32, "
           f"{model.config._attn_implementation}, {threads} thread(s); {len(prompts)} prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens "
@@ -83,7 +83,7 @@ def main(num_prompts=64, max_new_tokens=64, batch_size=16, threads=1, tiny=False
 
     answers, batched_tokens = [None] * len(prompts), 0
     start = time.perf_counter()
-    for positions in inference.length_sorted_batches(tokenizer, prompts, batch_size):
+    for positions in inference.length_sorted_batches(prompt_tokens, batch_size):
         texts, tokens = inference.generate(model, tokenizer, [prompts[p] for p in positions], generation_config)
         batched_tokens += tokens
         for position, text in zip(positions, texts):
