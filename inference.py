@@ -97,13 +97,9 @@ def grow_embeddings(model, num_rows):
     if num_rows <= old_rows:
         return 0
     model.resize_token_embeddings(num_rows, mean_resizing=False)
-    weights = []
-    for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if embeddings is not None and all(embeddings.weight is not w for w in weights):  # tied: set once
-            weights.append(embeddings.weight)
     with torch.no_grad():
-        for weight in weights:
-            weight[old_rows:] = utils.extend_rows_with_mean(weight[:old_rows], num_rows - old_rows)[old_rows:]
+        for weight in utils.embedding_weights(model):
+            weight[old_rows:] = utils.mean_row(weight[:old_rows])
     return num_rows - old_rows
 
 

@@ -220,10 +220,7 @@ def smart_tokenizer_and_embedding_resize(
     if num_new_tokens <= 0:
         return num_new_tokens
 
-    weights = []
-    for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if embeddings is not None and all(embeddings.weight is not w for w in weights):  # tied: set once
-            weights.append(embeddings.weight)
+    weights = utils.embedding_weights(model)
     with compat.gathered_parameters(weights), torch.no_grad():
         for weight in weights:
             weight.data[num_old_tokens:len(tokenizer)] = utils.mean_row(weight.data[:num_old_tokens])

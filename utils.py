@@ -340,6 +340,16 @@ def mean_row(weight):
     return weight.mean(dim=0, keepdim=True)
 
 
+def embedding_weights(model):
+    """The weights of a model's input and output embeddings, once each (tied embeddings share one): the matrices whose
+    rows train.py and inference.py set for added tokens."""
+    weights = []
+    for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if embeddings is not None and all(embeddings.weight is not w for w in weights):
+            weights.append(embeddings.weight)
+    return weights
+
+
 def extend_rows_with_mean(weight, num_new_rows):
     """Return `weight` with `num_new_rows` rows appended, each equal to mean_row(weight) (the original's resizing)."""
     import torch
