@@ -174,6 +174,11 @@ def check_switch(flag, value):
     raise UsageError(f"--{flag} takes no value (or True / False), got {value!r}")
 
 
+def first_line(error):
+    """The first line of an exception's message (its class name when empty): the library's own words, in one line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def check_number(flag, value, low, kind=float, high=None):
     """Raise UsageError unless `value` (of --flag) is an integer (kind int) or a number (kind float), >= low and, when
     given, <= high: "--batch_size must be an integer >= 1; got 0"."""

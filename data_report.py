@@ -29,7 +29,9 @@ import time
 import numpy as np
 import tqdm
 
+import cli
 import utils
+from novelty_filter import NoveltyFilter, available_cpus
 
 # The instruction's verb and object: the root verb of its first sentence and that verb's direct noun object (the
 # self-instruct paper's Figure 2, which the Alpaca release redrew). See verb_object() for the whole rule.
@@ -282,8 +284,6 @@ def nearest_seed_scores(instructions, seed_instructions):
     against them: 175 calls instead of 52K. The F-measure is the same number either way round: with p and r swapped,
     2*r*p/(r+p) is bit-identical to 2*p*r/(p+r), since doubling is exact.
     """
-    from generate_instruction import NoveltyFilter
-
     scores = np.zeros(len(instructions), dtype=np.float64)
     nearest = np.full(len(instructions), -1, dtype=np.int64)
     if not instructions or not seed_instructions:
@@ -323,7 +323,7 @@ def length_counter(tokenizer=None):
     try:
         hf_tokenizer = utils.load_tokenizer(tokenizer)
     except (OSError, ValueError) as e:
-        raise ReportError(f"--tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0]})") from None
+        raise ReportError(f"--tokenizer {tokenizer}: cannot load it ({cli.first_line(e)})") from None
 
     def count(texts):
         counts = []
@@ -625,13 +625,11 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
         quiet: no progress bar and no summary.
     """
     started = time.perf_counter()
-    for name, value in (("top_verbs", top_verbs), ("top_objects", top_objects)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ReportError(f"--{name} must be a whole number of at least 1, got {value!r}")
-    if n_process is not None and (isinstance(n_process, bool) or not isinstance(n_process, int) or n_process < 1):
-        raise ReportError(f"--n_process must be a whole number of at least 1, got {n_process!r}")
-    if not isinstance(draw_other, bool):
-        raise ReportError(f"--draw_other takes no value (or True / False), got {draw_other!r}")
+    cli.check_number("top_verbs", top_verbs, 1, int)
+    cli.check_number("top_objects", top_objects, 1, int)
+    if n_process is not None:
+        cli.check_number("n_process", n_process, 1, int)
+    draw_other = cli.check_switch("draw_other", draw_other)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ReportError(f"--output_dir {output_dir}: exists and is not a folder")
 
@@ -643,8 +641,7 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     nlp = load_parser(spacy_model)
     instructions = [record["instruction"] for record in records]
     if n_process is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        n_process = cpus if len(instructions) >= MIN_INSTRUCTIONS_PER_PROCESS else 1
+        n_process = available_cpus() if len(instructions) >= MIN_INSTRUCTIONS_PER_PROCESS else 1
     timings = {}
 
     tick = time.perf_counter()

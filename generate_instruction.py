@@ -27,6 +27,7 @@ import time
 import tqdm
 
 import api_client
+import cli
 import utils
 from api_client import APIError, RequestFailed, Usage, is_context_length_error  # noqa: F401 (public names)
 from novelty_filter import NoveltyFilter, deduplicate, load_instructions  # noqa: F401 (public names)
@@ -286,15 +287,10 @@ def resolve_logit_bias(logit_bias, model_name, api):
 
 
 def check_numbers(**values):
-    """values: {flag: (value, low, int or float[, high])}. GenerationError naming the first flag whose value is not
+    """values: {flag: (value, low, int or float[, high])}. cli.UsageError naming the first flag whose value is not
     an integer (int) or a number (float) >= low (and <= high when given)."""
     for name, (value, low, kind, *high) in values.items():
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if (not is_number or (kind is int and not isinstance(value, int)) or value < low or value != value
-                or (high and value > high[0])):
-            kind_name = "an integer" if kind is int else "a number"
-            span = f"in [{low}, {high[0]}]" if high else f">= {low}"
-            raise GenerationError(f"--{name} must be {kind_name} {span}; got {value!r}")
+        cli.check_number(name, value, low, kind, high[0] if high else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -781,7 +777,5 @@ def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
 
 
 if __name__ == "__main__":
-    import cli
-
     cli.main({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data},
              user_errors=(GenerationError, APIError, utils.AlpacaDataError))

@@ -133,7 +133,7 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         model = transformers.AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # a missing folder, an unknown hub id, no network; no model in the folder
-        raise InferenceError(f"cannot load {base}: {str(e).splitlines()[0]}") from None
+        raise InferenceError(f"cannot load {base}: {cli.first_line(e)}") from None
     if adapter:
         import lora  # peft, with lora.py's filter of its transformers deprecation warning
 

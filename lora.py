@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+import cli
 from cli import UsageError
 
 logger = logging.getLogger("lora")
@@ -96,7 +97,7 @@ def target_modules(model_args, cache_dir=None):
             model = transformers.AutoModelForCausalLM.from_config(config,
                                                                   trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model_name_or_path {path}: cannot read its config: {_first_line(e)}") from None
+        raise UsageError(f"--model_name_or_path {path}: cannot read its config: {cli.first_line(e)}") from None
     linear = linear_layer_names(model)
     known = f"its linear layers are {', '.join(sorted(set(linear.values())))} (or {ALL_LINEAR})"
     requested = model_args.lora_target_modules
@@ -211,7 +212,3 @@ def merge_adapter(base, adapter_dir):
     import peft
 
     return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -178,11 +178,10 @@ def check_config_files(namespace):
 
 def check_values(namespace):
     """UsageError for a flag value that transformers or torch would only refuse with a traceback once the model is
-    loaded: sizes below 1, a negative learning rate, a --resume_from_checkpoint folder that does not exist."""
-    for flag, low in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1),
-                      ("model_max_length", 1), ("learning_rate", 0)):
-        if getattr(namespace, flag) < low:
-            raise UsageError(f"--{flag} must be >= {low}; got {getattr(namespace, flag)}")
+    loaded: sizes below 1, a negative (or NaN) learning rate, a --resume_from_checkpoint folder that does not exist."""
+    for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length"):
+        cli.check_number(flag, getattr(namespace, flag), 1, int)
+    cli.check_number("learning_rate", namespace.learning_rate, 0)
     resume = namespace.resume_from_checkpoint
     if resume and resume.lower() in ("true", "last"):
         if not (os.path.isdir(namespace.output_dir)
@@ -426,7 +425,7 @@ def load_tokenizer(model_args, training_args):
                                      trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:  # no such folder or hub model, no tokenizer files, a wrong added-token id
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its tokenizer: "
-                         f"{_first_line(e)}") from None
+                         f"{cli.first_line(e)}") from None
 
 
 def load_model_and_tokenizer(model_args, training_args):
@@ -448,7 +447,7 @@ def load_model_and_tokenizer(model_args, training_args):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     except (OSError, ValueError) as e:  # no weights, an unknown architecture, flash-attn not installed
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model: "
-                         f"{_first_line(e)}") from None
+                         f"{cli.first_line(e)}") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: the tokenizer has {len(tokenizer)} "
@@ -465,9 +464,6 @@ def load_model_and_tokenizer(model_args, training_args):
                                   new_token_ids=range(len(tokenizer) - max(num_new, 0), len(tokenizer)))
     return model, tokenizer
 
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class DistributedCheck(transformers.TrainerCallback):

@@ -23,6 +23,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
+import cli
 import compat
 import utils
 from checkpoint_io import (CHUNK_ELEMENTS, Checkpoint, CheckpointError, CorrectionsWriter, ShardedSafetensorsWriter,
@@ -118,7 +119,7 @@ def raw_token_counter(path_raw, shrunk_to):
             raise WeightDiffError(
                 f"the {shrunk_to} has fewer embedding rows than the raw model ({path_raw}): its vocabulary was cut to "
                 "the tokenizer's size (as the original train.py did to padded vocabularies), and how many raw rows to "
-                f"keep comes from the raw model's tokenizer, which cannot be loaded: {str(e).splitlines()[0]}") from None
+                f"keep comes from the raw model's tokenizer, which cannot be loaded: {cli.first_line(e)}") from None
 
     return count
 
@@ -244,7 +245,7 @@ def load_config(folder):
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise WeightDiffError(f"{folder}/config.json: cannot load it: {str(e).splitlines()[0]}") from None
+        raise WeightDiffError(f"{folder}/config.json: cannot load it: {cli.first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -480,7 +481,7 @@ def load_tokenizer(folder):
     try:
         return compat.load_tokenizer(os.fspath(folder))
     except (OSError, ValueError) as e:
-        raise WeightDiffError(f"{folder}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
+        raise WeightDiffError(f"{folder}: cannot load its tokenizer: {cli.first_line(e)}") from None
 
 
 def save_tokenizer(tokenizer, source_folder, out_folder, num_embeddings):
@@ -553,7 +554,5 @@ def main(task, **kwargs):
 
 
 if __name__ == "__main__":
-    import cli
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cli.main({"make_diff": make_diff, "recover": recover}, user_errors=(WeightDiffError, CheckpointError))

@@ -339,9 +339,9 @@ def run_cli(args, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top_verbs", "0"], "error: --top_verbs must be a whole number of at least 1, got 0"),
-    (["--top_objects", "2.5"], "error: --top_objects must be a whole number of at least 1, got 2.5"),
-    (["--n_process", "0"], "error: --n_process must be a whole number of at least 1, got 0"),
+    (["--top_verbs", "0"], "python data_report.py: --top_verbs must be an integer >= 1; got 0"),
+    (["--top_objects", "2.5"], "python data_report.py: --top_objects must be an integer >= 1; got 2.5"),
+    (["--n_process", "0"], "python data_report.py: --n_process must be an integer >= 1; got 0"),
     (["--draw_other", "yes"], "python data_report.py: --draw_other takes no value (or True / False), got 'yes'"),
     (["--top_verb", "3"], "python data_report.py: unknown flag --top_verb (did you mean --top_verbs?); "
                           "see --help for the flags"),

@@ -25,6 +25,7 @@ import pytest
 import generate_instruction as gen
 from conftest import REPO_ROOT, SAMPLE_RECORDS, restore_sigint
 import api_client
+import cli
 from openai_server import OpenAIServer, count_tokens
 from original_alpaca import original_novelty_filter, original_post_process
 
@@ -657,7 +658,7 @@ def test_replies_without_tasks_stop_the_command_with_one_error(env, capsys):
 ])
 def test_impossible_settings_are_refused_before_anything_is_read_or_sent(env, flags, message):
     with OpenAIServer() as server:
-        with pytest.raises((gen.GenerationError, api_client.APIError)) as raised:
+        with pytest.raises((gen.GenerationError, api_client.APIError, cli.UsageError)) as raised:
             generate(server, env, **flags)
     assert message in str(raised.value)
     assert server.requests == [] and not os.path.exists(env["output_dir"])

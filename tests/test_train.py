@@ -426,10 +426,11 @@ def test_parse_args_errors(tmp_path, alpaca_sample_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be >= 1; got -1"),
-    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1; got 0"),
-    (["--model_max_length", "0"], "--model_max_length must be >= 1; got 0"),
-    (["--learning_rate", "-1"], "--learning_rate must be >= 0; got -1.0"),
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be an integer >= 1; got -1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be an integer >= 1; got 0"),
+    (["--model_max_length", "0"], "--model_max_length must be an integer >= 1; got 0"),
+    (["--learning_rate", "-1"], "--learning_rate must be a number >= 0; got -1.0"),
+    (["--learning_rate", "nan"], "--learning_rate must be a number >= 0; got nan"),
     (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere: no such folder (or pass last for "
                                               "the newest checkpoint in --output_dir)"),
     # on a machine without GPUs train.py drops these flags: a typo would surface only on the cluster
