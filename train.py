@@ -152,7 +152,7 @@ def parse_args(argv=None):
     if not namespace.output_dir:
         raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
     check_values(namespace)
-    utils.load_training_data(namespace.data_path)  # every record, now: loading a 7B model takes minutes
+    load_training_data(namespace.data_path, keep=True)  # every record, now: loading a 7B model takes minutes
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
         for notice in notices:
@@ -324,13 +324,33 @@ def preprocess(
     return dict(input_ids=input_ids, labels=labels)
 
 
+_checked_data = {}  # (path, mtime, size) -> the records parse_args checked, until SupervisedDataset takes them
+
+
+def load_training_data(path, keep=False):
+    """utils.load_training_data, read once per run: parse_args checks the file before the model loads and keeps the
+    records (keep=True); SupervisedDataset then takes them, unless the file has changed since."""
+    try:
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = None  # utils.load_training_data names the problem
+    records = _checked_data.pop(key, None) if key else None
+    if records is None:
+        records = utils.load_training_data(path)
+    if keep and key:
+        _checked_data.clear()
+        _checked_data[key] = records
+    return records
+
+
 class SupervisedDataset(Dataset):
     """Dataset for supervised fine-tuning: the records of an Alpaca-format file, tokenized by preprocess."""
 
     def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizerBase):
         super().__init__()
         logger.info("Loading data from %s", data_path)
-        list_data_dict = utils.load_training_data(data_path)  # names file, record and field on bad input
+        list_data_dict = load_training_data(data_path)  # names file, record and field on bad input
 
         logger.info("Formatting %d examples", len(list_data_dict))
         sources = [utils.format_prompt(example) for example in list_data_dict]

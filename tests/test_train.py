@@ -447,6 +447,20 @@ def test_bad_values_are_refused_before_the_model_loads(tmp_path, alpaca_sample_p
     assert os.listdir(tmp_path) == []
 
 
+def test_the_data_file_is_read_once_unless_it_changes(tmp_path, alpaca_sample_path, llama_tokenizer, monkeypatch):
+    reads = []
+    read = utils.load_training_data
+    monkeypatch.setattr(utils, "load_training_data", lambda path: reads.append(path) or read(path))
+    data = tmp_path / "data.json"
+    data.write_bytes(alpaca_sample_path.read_bytes())
+    train.parse_args(["--data_path", str(data), "--output_dir", str(tmp_path / "out")])
+    dataset = train.SupervisedDataset(str(data), llama_tokenizer)  # takes the records parse_args checked
+    assert len(reads) == 1 and len(dataset) == len(SAMPLE_RECORDS)
+    train.parse_args(["--data_path", str(data), "--output_dir", str(tmp_path / "out")])
+    utils.jdump(SAMPLE_RECORDS[:3], data)  # changed after the check: read again
+    assert len(train.SupervisedDataset(str(data), llama_tokenizer)) == 3 and len(reads) == 3
+
+
 def test_resume_from_the_last_checkpoint_needs_one(tmp_path, alpaca_sample_path):
     out = tmp_path / "out"
     with pytest.raises(UsageError) as raised:
