@@ -31,7 +31,7 @@ import tqdm
 
 import cli
 import utils
-from novelty_filter import NoveltyFilter, available_cpus
+from novelty_filter import NoveltyFilter, available_cpus, load_instructions
 
 # The instruction's verb and object: the root verb of its first sentence and that verb's direct noun object (the
 # self-instruct paper's Figure 2, which the Alpaca release redrew). See verb_object() for the whole rule.
@@ -636,7 +636,7 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     records = load_tasks(data_path)
     if not records:
         raise ReportError(f"{data_path}: no records")
-    seeds = load_tasks(seed_tasks_path) if seed_tasks_path is not None else None
+    seeds = load_instructions(seed_tasks_path) if seed_tasks_path is not None else None  # their instructions
     unit, count_lengths = length_counter(tokenizer)
     nlp = load_parser(spacy_model)
     instructions = [record["instruction"] for record in records]
@@ -668,11 +668,11 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
 
     tick = time.perf_counter()
     if seeds is not None:
-        scores, nearest = nearest_seed_scores(instructions, [seed["instruction"] for seed in seeds])
+        scores, nearest = nearest_seed_scores(instructions, seeds)
         numbers["rouge_to_seeds"] = {
             "seed_tasks_path": os.fspath(seed_tasks_path), "seeds": len(seeds), **summary(scores),
             "above_threshold": int((scores > NOVELTY_THRESHOLD).sum()), "histogram": histogram(scores, ROUGE_BIN_EDGES),
-            "most_similar": [{"instruction": instructions[i], "seed": seeds[nearest[i]]["instruction"],
+            "most_similar": [{"instruction": instructions[i], "seed": seeds[nearest[i]],
                               "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")[:10]],
         }
     timings["rouge"] = time.perf_counter() - tick

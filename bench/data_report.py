@@ -105,7 +105,7 @@ def main(spacy_model="en_core_web_sm", num_records=None, sample=1000, rouge_samp
                   if a != b))
 
     # -- baseline: rouge_score on every pair ------------------------------------------------------------------------
-    seeds = [task["instruction"] for task in data_report.load_tasks(seeds_path)]
+    seeds = data_report.load_instructions(seeds_path)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge_texts = [instructions[i] for i in np.linspace(0, len(instructions) - 1, rouge_sample).astype(int)]
     started = time.perf_counter()
