@@ -249,20 +249,19 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples):
         if entry["verdict"] is None:
             unanswered += 1
         sides[judgment.pair_index][judgment.order] = preferred_side(judgment.order, entry["verdict"])
-    outcomes, kinds, judged = {}, collections.Counter(), []
+    outcomes, kinds = {}, collections.Counter()
     for index, by_order in sides.items():
         model_first, reference_first = by_order.get("model_first"), by_order.get("reference_first")
         if model_first is None or reference_first is None:
             continue  # a judgment missing, or without a verdict: the pair is left out
         outcomes[index] = combine(model_first, reference_first)
-        judged.append(index)
         if model_first == reference_first:
             kinds["both orders agree"] += 1
         elif "tie" in (model_first, reference_first):
             kinds["one order a tie"] += 1
         else:
             kinds["orders disagree (position bias)"] += 1
-    judged.sort()
+    judged = sorted(outcomes)
     overall = tally([outcomes[i] for i in judged])
     overall["ci95"] = bootstrap_interval([SCORES[outcomes[i]] for i in judged], bootstrap_samples, seed)
     by_category = collections.defaultdict(list)
