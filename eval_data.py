@@ -10,7 +10,6 @@ order of the instruction set, rewritten atomically; an existing file is resumed 
 """
 
 import collections
-import glob
 import json
 import os
 
@@ -114,10 +113,7 @@ class OutputFile:
 
     def resume(self):
         """Load what an earlier run wrote; returns how many instructions are done."""
-        pattern = os.path.join(glob.escape(os.path.dirname(os.path.abspath(self.path))),
-                               f".{glob.escape(os.path.basename(self.path))}.*.tmp")
-        for stale_temp_file in glob.glob(pattern):  # left by a kill during a rewrite; the file itself is whole
-            os.remove(stale_temp_file)
+        utils.remove_stale_temp_files(self.path)  # left by a kill during a rewrite; the file itself is whole
         if not os.path.exists(self.path):
             return 0
         try:

@@ -14,7 +14,6 @@ replies into tasks, drops those that break a rule or whose ROUGE-L to a known in
 import asyncio
 import collections
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -324,8 +323,7 @@ class RegenFile:
         have left beside it. A file that is not valid Alpaca data is a GenerationError, and left alone."""
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "regen.json")
-        for stale_temp_file in glob.glob(os.path.join(glob.escape(output_dir), ".regen.json.*.tmp")):
-            os.remove(stale_temp_file)
+        utils.remove_stale_temp_files(path)
         records = []
         if os.path.exists(path):
             try:

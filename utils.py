@@ -12,6 +12,7 @@ JSON or JSON lines and names the file, record and field of the first bad record.
 """
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -56,6 +57,14 @@ def format_prompt(example: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Atomic files and JSON
+
+
+def remove_stale_temp_files(path):
+    """Remove the temp files atomic_open(path) leaves beside `path` when the process is killed mid-write (`path`
+    itself is whole: the old or the new content)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        os.remove(stale)
 
 
 @contextlib.contextmanager
