@@ -10,7 +10,6 @@ order of the instruction set, rewritten atomically; an existing file is resumed 
 """
 
 import collections
-import json
 import os
 
 import utils
@@ -91,11 +90,6 @@ def read_outputs(path):
     return outputs
 
 
-def _record_json(record):
-    """One record as it appears inside the list (json indent 4, one level deep), as utils.jdump writes it."""
-    return "    " + json.dumps(record, indent=4).replace("\n", "\n    ")
-
-
 class OutputFile:
     """The outputs of one generator for one instruction set, in the set's order, at `path` (AlpacaEval format).
 
@@ -133,7 +127,7 @@ class OutputFile:
                 raise EvalDataError(f"{self.path}: record {position} answers an instruction that is not in the "
                                     "input file (or answers it twice): this file belongs to another run; choose "
                                     "another --output_path")
-            self._texts[indices.popleft()] = _record_json(record)
+            self._texts[indices.popleft()] = utils.jdump_item(record)
         return len(self._texts)
 
     def done(self, index):
@@ -146,12 +140,10 @@ class OutputFile:
         source = self.instructions[index]
         record = {"instruction": source["instruction"], "input": source["input"], "output": output,
                   "generator": self.generator, **{field: source[field] for field in CARRIED_FIELDS if field in source}}
-        self._texts[index] = _record_json(record)
+        self._texts[index] = utils.jdump_item(record)
 
     def write(self):
-        texts = [self._texts[index] for index in sorted(self._texts)]
-        with utils.atomic_open(self.path, "w") as f:
-            f.write("[\n" + ",\n".join(texts) + "\n]" if texts else "[]")
+        utils.jdump_items([self._texts[index] for index in sorted(self._texts)], self.path)
 
     def where(self):
         return (f"{self.path} holds {len(self)} of {len(self.instructions)} outputs; rerun the same command to "
