@@ -67,7 +67,7 @@ def has_tokenizer(name_or_path):
 
     return any(cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
                            _raise_exceptions_for_connection_errors=False) is not None
-               for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+               for name in utils.TOKENIZER_FILES)
 
 
 def resolve_device(device):

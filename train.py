@@ -40,7 +40,6 @@ DEFAULT_UNK_TOKEN = "<unk>"
 # Tokenize this many examples per batched call: big enough for the Rust tokenizer to use every core, small enough for
 # a progress bar that moves.
 TOKENIZE_CHUNK_SIZE = 4096
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 @dataclass
@@ -142,6 +141,7 @@ def parse_args(argv=None):
         if flag.replace("-", "_") in ("__use_peft", "__use_lora"):  # TRL's and others' LoRA switch
             hint = " (LoRA is on when --lora_r is above 0: pass --lora_r 8)"
         raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
+    namespace.model_name_or_path = os.path.expanduser(namespace.model_name_or_path)  # a quoted ~/llama-7b too
     lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
     check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -434,11 +434,11 @@ def load_tokenizer(model_args, training_args):
     per-example calls). compat.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
     """
     path = model_args.model_name_or_path
-    if path.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+    if path.startswith((os.sep, ".")) and not os.path.isdir(path):
         raise UsageError(f"--model_name_or_path {path}: no such folder")
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in utils.TOKENIZER_FILES):
         raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of "
-                         f"{', '.join(TOKENIZER_FILES)}); save the base model's tokenizer beside the weights")
+                         f"{', '.join(utils.TOKENIZER_FILES)}); save the base model's tokenizer beside the weights")
     try:
         return compat.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
                                      model_max_length=training_args.model_max_length, padding_side="right",

@@ -344,7 +344,10 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers and embedding rows, shared by train.py and weight_diff.py
+# Tokenizers and embedding rows, shared by train.py, weight_diff.py and inference.py
+
+# A folder holding one of these has a tokenizer to load (sentencepiece, fast-tokenizer, or BPE files with a config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 def load_tokenizer(name_or_path, **kwargs):

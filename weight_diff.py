@@ -235,8 +235,8 @@ def check_model_files(folder, role):
     weights (they are loaded only after streaming, to keep transformers out of the peak memory)."""
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise WeightDiffError(f"{role}: {folder} has no config.json")
-    if not any(os.path.exists(os.path.join(folder, name)) for name in ("tokenizer.json", "tokenizer.model")):
-        raise WeightDiffError(f"{role}: {folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if not any(os.path.exists(os.path.join(folder, name)) for name in utils.TOKENIZER_FILES):
+        raise WeightDiffError(f"{role}: {folder} has no tokenizer (none of {', '.join(utils.TOKENIZER_FILES)})")
 
 
 def load_config(folder):

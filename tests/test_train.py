@@ -461,6 +461,13 @@ def test_the_data_file_is_read_once_unless_it_changes(tmp_path, alpaca_sample_pa
     assert len(train.SupervisedDataset(str(data), llama_tokenizer)) == 3 and len(reads) == 3
 
 
+def test_a_quoted_home_folder_is_expanded(tmp_path, alpaca_sample_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model_args, _, _ = train.parse_args(["--model_name_or_path", "~/llama-7b", "--data_path", str(alpaca_sample_path),
+                                         "--output_dir", str(tmp_path / "out")])
+    assert model_args.model_name_or_path == str(tmp_path / "llama-7b")  # not a hub id "~/llama-7b"
+
+
 def test_resume_from_the_last_checkpoint_needs_one(tmp_path, alpaca_sample_path):
     out = tmp_path / "out"
     with pytest.raises(UsageError) as raised:
