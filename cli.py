@@ -17,6 +17,7 @@ import inspect
 import os
 import re
 import sys
+import tempfile
 import textwrap
 
 
@@ -47,7 +48,7 @@ def main(commands, user_errors=(), argv=None, prog=None):
             return None
         check_flags(function, args)
         # fire parses the values (numbers, booleans, JSON-like literals); its own flags after `--` are not offered.
-        return fire.Fire(_switches_checked(function), command=args, name=f"{prog} {name}" if name else prog,
+        return fire.Fire(_values_checked(function), command=args, name=f"{prog} {name}" if name else prog,
                          serialize=lambda _: None)
     except KeyboardInterrupt as e:  # a command may say what it leaves behind: KeyboardInterrupt("x.json is complete")
         print(f"\n{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
@@ -147,22 +148,25 @@ def check_flags(function, args):
         raise UsageError(f"missing {', '.join('--' + name for name in missing)} (see --help)")
 
 
-def _switches_checked(function):
-    """`function`, checking each switch (a parameter whose default is True or False) once fire has parsed it. fire
-    passes `--overwrite false` on as the string 'false', which is true: lower-case true/false become booleans here,
-    and any other value is a UsageError."""
+def _values_checked(function):
+    """`function`, expanding ~ in its path flags (expand_path) and checking each switch (a parameter whose default is
+    True or False) once fire has parsed it. fire passes `--overwrite false` on as the string 'false', which is true:
+    lower-case true/false become booleans here, and any other value is a UsageError."""
     switches = [name for name, p in parameters(function).items() if isinstance(p.default, bool)]
     signature = inspect.signature(function)
 
     @functools.wraps(function)
     def checked(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if is_path_flag(name):
+                bound.arguments[name] = expand_path(value)
         for name in switches:
             if name in bound.arguments:
                 bound.arguments[name] = check_switch(name, bound.arguments[name])
         return function(*bound.args, **bound.kwargs)
 
-    return checked if switches else function
+    return checked
 
 
 def check_switch(flag, value):
@@ -187,6 +191,54 @@ def check_number(flag, value, low, kind=float, high=None):
             high is not None and value > high):
         span = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise UsageError(f"--{flag} must be {'an integer' if kind is int else 'a number'} {span}; got {value!r}")
+
+
+# A flag whose value is a file or folder: its name says so (--data_path, --output_dir, --path_raw, --model_outputs,
+# --base_model, --tokenizer, --model_name_or_path). Every one goes through expand_path.
+_PATH_FLAG = re.compile(r"^path$|^path_|_path$|_dir$|_outputs$|^base_model$|^tokenizer$|^model_name_or_path$")
+
+
+def is_path_flag(name):
+    """Whether the flag --name takes a path (see _PATH_FLAG)."""
+    return _PATH_FLAG.search(name) is not None
+
+
+def expand_path(value):
+    """A path flag's value with a leading ~ expanded: `--output_dir "~/runs"` (quoted, so the shell left the ~) means
+    the home folder as it does unquoted. Anything that is not a string starting with ~ is returned as it is."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, os.PathLike) and os.fspath(value).startswith("~"):
+        return os.path.expanduser(os.fspath(value))
+    return value
+
+
+def check_writable(flag, path, kind="dir"):
+    """Raise UsageError unless the folder (kind "dir") or file (kind "file") `path`, given as --flag, can be created
+    or written: nothing on its way is a file, the folder that would hold it accepts a new file (tried with a temporary
+    file, removed at once, so root's bypass of permission bits and read-only mounts are both seen). Creates nothing
+    that remains. Returns `path` with ~ expanded.
+
+        --output_dir /etc/passwd/run: /etc/passwd is a file, not a folder
+    """
+    path = expand_path(os.fspath(path))
+    where = f"--{flag} {path}"
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{where}: exists and is not a folder")
+    if kind == "file" and os.path.isdir(path):
+        raise UsageError(f"{where}: is a folder; give a file name")
+    folder = path if kind == "dir" else os.path.dirname(path)
+    folder = os.path.abspath(folder or ".")
+    while not os.path.exists(folder):  # the nearest folder that exists must accept the new ones
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{where}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"{where}: cannot write in {folder} ({e.strerror or first_line(e)})") from None
+    return path
 
 
 def _is_flag(token):

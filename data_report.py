@@ -630,8 +630,7 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     if n_process is not None:
         cli.check_number("n_process", n_process, 1, int)
     draw_other = cli.check_switch("draw_other", draw_other)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ReportError(f"--output_dir {output_dir}: exists and is not a folder")
+    cli.check_writable("output_dir", output_dir)
 
     records = load_tasks(data_path)
     if not records:

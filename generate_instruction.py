@@ -661,6 +661,7 @@ def generate_instruction_following_data(
         raise GenerationError(f"--num_prompt_instructions {num_prompt_instructions} leaves no task to generate: the "
                               f"prompt lists {LAST_TASK_NUMBER} tasks and every reply stops before task "
                               f"{LAST_TASK_NUMBER}, so use at most {LAST_TASK_NUMBER - 2}")
+    cli.check_writable("output_dir", output_dir)
     api = choose_api(model_name, api)
     settings = RequestSettings(model_name, api, temperature, top_p, max_tokens,
                                resolve_logit_bias(logit_bias, model_name, api))

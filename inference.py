@@ -444,6 +444,8 @@ def inference(
         raise InferenceError("--input goes with --instruction (an input file's records carry their own inputs)")
     if (input_path is None) != (output_path is None):
         raise InferenceError("--input_path and --output_path go together")
+    if output_path is not None:
+        cli.check_writable("output_path", output_path, kind="file")
     if api_base is not None and model_name_or_path is not None:
         raise InferenceError("--model_name_or_path loads a model here and --api_base asks a server; give one")
     if api_base is None and model_name_or_path is None:

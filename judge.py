@@ -491,6 +491,9 @@ def judge(
     budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
     budget.check()
     api_client.check_base_url(api_base)
+    cli.check_writable("output_dir", output_dir)
+    if cache_path is not None:
+        cli.check_writable("cache_path", cache_path, kind="file")
 
     # -- pair the outputs; load the cache
     model_records, reference_records = read_outputs(model_outputs), read_outputs(reference_outputs)

@@ -337,6 +337,9 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
     cli.check_number("threshold", threshold, 0, float, high=1)
     if num_cpus is not None:
         cli.check_number("num_cpus", num_cpus, 1, int)
+    cli.check_writable("output_path", output_path, kind="file")
+    if rejected_path is not None:
+        cli.check_writable("rejected_path", rejected_path, kind="file")
     seeds = load_instructions(seed_tasks_path) if seed_tasks_path is not None else []
     records = utils.load_alpaca_data(input_path, required_fields=("instruction",))
     novelty = NoveltyFilter(seeds, threshold=threshold)

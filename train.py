@@ -114,6 +114,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
 
+# The flags that take a file or folder (each goes through cli.expand_path).
+PATH_FLAGS = ("model_name_or_path", "data_path", "output_dir", "deepspeed", "fsdp_config", "resume_from_checkpoint",
+              "cache_dir", "logging_dir")
+
+
 def parse_args(argv=None):
     """Parse the command line (default: sys.argv[1:]) into (ModelArguments, DataArguments, TrainingArguments).
 
@@ -141,7 +146,9 @@ def parse_args(argv=None):
         if flag.replace("-", "_") in ("__use_peft", "__use_lora"):  # TRL's and others' LoRA switch
             hint = " (LoRA is on when --lora_r is above 0: pass --lora_r 8)"
         raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
-    namespace.model_name_or_path = os.path.expanduser(namespace.model_name_or_path)  # a quoted ~/llama-7b too
+    for flag in PATH_FLAGS:  # a quoted ~/llama-7b too, as every CLI here reads it
+        if hasattr(namespace, flag):
+            setattr(namespace, flag, cli.expand_path(getattr(namespace, flag)))
     lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
     check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -151,6 +158,7 @@ def parse_args(argv=None):
                          "`python utils.py download alpaca_data`)")
     if not namespace.output_dir:
         raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
+    cli.check_writable("output_dir", namespace.output_dir)  # before the data is tokenized and the model loaded
     check_values(namespace)
     load_training_data(namespace.data_path, keep=True)  # every record, now: loading a 7B model takes minutes
     # Notices are printed once, by the first process; every process applies the same rewrites.

@@ -312,7 +312,9 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
         raise DownloadError(f"--timeout must be a number of seconds > 0; got {timeout!r}")
     spec = DOWNLOADS[name]
     url = url or spec["url"]
-    output_path = os.fspath(output_path or spec["filename"])
+    import cli  # here, not at the top: train.py imports this module and cli is only needed by the commands
+
+    output_path = cli.check_writable("output_path", output_path or spec["filename"], kind="file")
     digest = hashlib.sha256()
     try:
         with atomic_open(output_path, "wb") as out:

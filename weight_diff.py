@@ -155,6 +155,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         max_shard_size: largest diff shard file, e.g. "5GB" or "500MB" (does not change memory use).
         overwrite: replace path_diff if it already exists (the old folder is kept until the new one is complete).
     """
+    cli.check_writable("path_diff", path_diff)
     raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
     tuned = Checkpoint(path_tuned, "tuned", skip=compat.is_inv_freq)  # its errors say "tuned model: ..."
     plan = plan_tensor_pairs(raw, tuned, "tuned model", raw_token_counter(path_raw, "tuned model"))
@@ -295,6 +296,8 @@ def recover(
         raise WeightDiffError(f"--expected_sum must be a number; got {expected_sum!r}")
     if test_inference and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise WeightDiffError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    if path_tuned is not None:
+        cli.check_writable("path_tuned", path_tuned)
     raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
     diff = Checkpoint(path_diff, "diff", skip=compat.is_inv_freq)
     manifest = _read_manifest(path_diff)

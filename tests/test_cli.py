@@ -182,3 +182,113 @@ def test_help_into_a_closed_pipe_is_not_an_error(script):
                             stderr=subprocess.PIPE, text=True, timeout=60)
     os.close(write_end)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output paths checked before any work; ~ in every path flag
+
+def test_check_writable_refuses_each_kind_of_unwritable_place_and_leaves_nothing(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (str(a_file / "run"), "dir", f"{a_file} is a file, not a folder"),
+        (str(a_file / "deeper" / "out.json"), "file", f"{a_file} is a file, not a folder"),
+        (str(a_file), "dir", "exists and is not a folder"),
+        (str(tmp_path), "file", "is a folder; give a file name"),
+        ("/proc/alpaca/run", "dir", "cannot write in /proc"),
+    ]
+    for path, kind, message in cases:
+        with pytest.raises(cli.UsageError) as raised:
+            cli.check_writable("output_x", path, kind)
+        assert str(raised.value).startswith(f"--output_x {path}: ") and message in str(raised.value), raised.value
+    before = sorted(os.listdir(tmp_path))
+    assert cli.check_writable("output_dir", str(tmp_path / "new" / "run")) == str(tmp_path / "new" / "run")
+    assert cli.check_writable("output_path", str(tmp_path / "out.json"), "file") == str(tmp_path / "out.json")
+    assert sorted(os.listdir(tmp_path)) == before  # nothing created, no temporary file left
+
+
+# Each command whose flag writes a file or folder, with that flag given a place under a file. The other flags are
+# given valid-looking values where the command would read them first; the error must name the output flag.
+OUTPUT_FLAG_COMMANDS = [
+    (["-m", "generate_instruction", "generate_instruction_following_data", "--num_instructions_to_generate", "1"],
+     "--output_dir"),
+    (["-m", "generate_instruction", "deduplicate", "--input_path", "{data}"], "--output_path"),
+    (["-m", "generate_instruction", "deduplicate", "--input_path", "{data}", "--output_path", "{tmp}/ok.json"],
+     "--rejected_path"),
+    (["weight_diff.py", "make_diff", "--path_raw", "{tmp}", "--path_tuned", "{tmp}"], "--path_diff"),
+    (["weight_diff.py", "recover", "--path_raw", "{tmp}", "--path_diff", "{tmp}", "--test_inference", "False"],
+     "--path_tuned"),
+    (["utils.py", "download", "alpaca_data"], "--output_path"),
+    (["data_report.py", "--data_path", "{data}"], "--output_dir"),
+    (["inference.py", "--model_name_or_path", "{tmp}/no-model", "--input_path", "{data}"], "--output_path"),
+    (["judge.py", "--model_outputs", "{data}", "--reference_outputs", "{data}", "--judge_model", "j"], "--output_dir"),
+    (["judge.py", "--model_outputs", "{data}", "--reference_outputs", "{data}", "--judge_model", "j",
+      "--output_dir", "{tmp}/ok"], "--cache_path"),
+]
+
+
+@pytest.mark.parametrize("args, flag", OUTPUT_FLAG_COMMANDS, ids=lambda v: v if isinstance(v, str) else " ".join(v[:3]))
+def test_every_output_flag_under_a_file_is_one_line_before_any_work(tmp_path, args, flag):
+    data = tmp_path / "data.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    bad = str(blocker / "out" / "x.json")
+    args = [a.format(data=data, tmp=tmp_path) for a in args] + [flag, bad]
+    before = sorted(os.listdir(tmp_path))
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{flag} {bad}: {blocker} is a file, not a folder" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_train_output_dir_under_a_file_is_refused_before_the_data_is_read(tmp_path):
+    import train
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    with pytest.raises(cli.UsageError, match=f"--output_dir {blocker}/run: {blocker} is a file, not a folder"):
+        train.parse_args(["--model_name_or_path", "m", "--data_path", str(tmp_path / "missing.json"),
+                          "--output_dir", str(blocker / "run")])
+
+
+def test_every_path_flag_expands_a_quoted_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path_flags = {name for _, function in FIRE_COMMANDS for name in cli.parameters(function) if cli.is_path_flag(name)}
+    # The flags that take paths, by name: a new path flag must be named so, or added here on purpose.
+    assert path_flags == {
+        "output_dir", "seed_tasks_path", "prompt_path", "input_path", "output_path", "rejected_path", "path_raw",
+        "path_tuned", "path_diff", "path", "data_path", "tokenizer", "model_name_or_path", "base_model",
+        "model_outputs", "reference_outputs", "cache_path"}
+    assert not {"instruction", "input", "model_name", "judge_model", "api_base", "spacy_model", "generator"} & {
+        name for name in cli.parameters(inference.inference) if cli.is_path_flag(name)}
+
+    def echo(data_path, output_dir, tokenizer=None, instruction=None):
+        return data_path, output_dir, tokenizer, instruction
+
+    assert cli.main(echo, argv=["--data_path", "~/d.json", "--output_dir", "~", "--tokenizer", "~/tok",
+                                "--instruction", "~/not a path"]) == (
+        f"{tmp_path}/d.json", str(tmp_path), f"{tmp_path}/tok", "~/not a path")
+
+
+def test_quoted_tilde_end_to_end(tmp_path):
+    """`utils.py validate "~/data.json"` and data_report's --tokenizer "~/tok" read the home folder's files."""
+    (tmp_path / "data.json").write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "utils.py"), "validate", "~/data.json"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "data_report.py"), "--data_path", "~/data.json",
+                             "--output_dir", "~/report", "--tokenizer", "~/no-tokenizer"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and f"{tmp_path}/no-tokenizer" in result.stderr, result.stderr
+    assert "~" not in result.stderr.splitlines()[-1]
+
+
+def test_train_expands_a_quoted_tilde_in_every_path_flag(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(utils.AlpacaDataError, match=str(tmp_path / "missing.json")):
+        train.parse_args(["--model_name_or_path", "~/m", "--data_path", "~/missing.json", "--output_dir", "~/run"])
