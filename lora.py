@@ -6,7 +6,7 @@
     python train.py --lora_r 8 --merge_lora True ...      # also --output_dir/merged: base + adapter as one model
 
 train.py checks the flags (check_args) and the target modules (target_modules, against the model's config) before the
-weights load, then wraps the loaded base (add_adapters). What is saved, and why, is in the README (stage 2, LoRA).
+weights load, then wraps the loaded base (add_adapters). What is saved, and why, is in docs/train.md (LoRA and QLoRA).
 """
 
 import dataclasses

@@ -9,7 +9,7 @@ loss on the target tokens only, right padding, model_max_length 512, fp32 weight
         --output_dir out --fsdp --fsdp_config configs/fsdp_config.json ...
     python train.py --help
 
-What differs from the original, and why, is in the README (stage 2).
+What differs from the original, and why, is in docs/differences.md (stage 2).
 """
 
 import logging

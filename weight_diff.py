@@ -9,7 +9,7 @@ Anyone with the raw weights adds them back.
 
 Tensors stream through memory allocated once (checkpoint_io.Workspace), whatever the model's size. make_diff also
 writes the sha256 of every tuned tensor and the ulp corrections that make recover bit-exact; recover checks both, and
-the original's naive sum. What differs from the original, and why, is in the README (stage 3).
+the original's naive sum. What differs from the original, and why, is in docs/differences.md (stage 3).
 """
 
 import contextlib
