@@ -78,7 +78,7 @@ def load_tasks(path):
                 raise utils.AlpacaDataError(f"{path}: record {index}: field 'instances' must be a non-empty list of "
                                             "objects")
             source, prefix = instances[0], "instances[0]."
-        source = {"input": "", **source}  # a missing input is the empty string, as in every loader here
+        source = {**source, "input": utils.optional_field(source, "input")}  # missing or null: empty, as everywhere
         for field in ("input", "output"):  # worded as utils.load_alpaca_data words it
             if field not in source:
                 raise utils.AlpacaDataError(f"{path}: record {index}: missing field '{prefix}{field}'")
