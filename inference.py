@@ -364,8 +364,11 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
 
 def default_generator(model_name_or_path):
     """The `generator` name of a model folder or hub id: its last part, "parent-merged" / "parent-checkpoint-N" for
-    the folders train.py writes inside its output folder (a judged file named "merged" says nothing)."""
-    path = os.path.normpath(model_name_or_path)
+    the folders train.py writes inside its output folder (a judged file named "merged" says nothing). ".", "..",
+    "./" and "~" are named by the folder they stand for."""
+    path = os.path.normpath(os.path.expanduser(model_name_or_path))
+    if os.path.basename(path) in ("", ".", ".."):
+        path = os.path.abspath(path)
     name = os.path.basename(path)
     parent = os.path.basename(os.path.dirname(path))
     if parent and (name == "merged" or re.fullmatch(r"checkpoint-\d+", name)):

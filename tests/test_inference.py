@@ -458,3 +458,16 @@ def test_a_prompt_and_max_new_tokens_past_the_context_is_a_warning(parrot_dir, c
     inference.inference(model_name_or_path=str(parrot_dir), instruction=PARROT[0][0], device="cpu",
                         max_new_tokens=400)
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [".", "./", "..", "../", "./.", "../out/alpaca-7b/..", "~"])
+def test_the_default_generator_of_a_relative_folder_is_its_real_name(path, tmp_path, monkeypatch):
+    run = tmp_path / "out" / "alpaca-7b"
+    (run / "checkpoint-2000").mkdir(parents=True)
+    monkeypatch.chdir(run)
+    monkeypatch.setenv("HOME", str(run / "checkpoint-2000"))
+    expected = {".": "alpaca-7b", "./": "alpaca-7b", "./.": "alpaca-7b", "..": "out", "../": "out",
+                "../out/alpaca-7b/..": "out", "~": "alpaca-7b-checkpoint-2000"}[path]
+    assert inference.default_generator(path) == expected
+    monkeypatch.chdir(run / "checkpoint-2000")
+    assert inference.default_generator("./") == "alpaca-7b-checkpoint-2000"
