@@ -14,6 +14,7 @@ OpenAI-compatible server instead (vLLM serving the trained model, for large eval
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -233,35 +234,53 @@ class AnswerPrinter:
 # Modes
 
 
-def read_line(prompt):
-    """A line typed at the terminal (with line editing), or read from a pipe (no prompt shown); None at end of input."""
-    if sys.stdin.isatty():
-        try:
-            return input(prompt)
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
-
-
-def interactive(model, tokenizer, generation_config):
-    """Ask for an instruction and an optional input, stream the answer; until end of input (Ctrl-D)."""
-    if sys.stdin.isatty():
-        print("Type an instruction, then an input (Enter for none). Ctrl-D or Ctrl-C quits.", file=sys.stderr)
+def typed_tasks():
+    """(instruction, input) pairs typed at the terminal (with line editing): an instruction, then an input (Enter for
+    none); a blank instruction is asked again. Until end of input (Ctrl-D)."""
+    print("Type an instruction, then an input (Enter for none). Ctrl-D or Ctrl-C quits.", file=sys.stderr)
     while True:
-        instruction = read_line("Instruction: ")
-        if instruction is None:
-            break
-        if not instruction.strip():
-            continue
-        task_input = read_line("Input: ")
-        if task_input is None:
-            break
+        try:
+            instruction = input("Instruction: ")
+            if not instruction.strip():
+                continue
+            task_input = input("Input: ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        yield instruction, task_input
+
+
+def piped_tasks(stream):
+    """(instruction, input) pairs from the lines of a pipe, read as they come (a program can converse through it):
+    an instruction line, then its input line (an empty line for none). A blank instruction line is skipped, and a
+    last instruction without its input line has an empty input. Lines may end in CRLF, and the first may start with
+    a byte-order mark. InferenceError for bytes that are not text in the stream's encoding."""
+    lines = _piped_lines(stream)
+    for instruction in lines:
+        if instruction.strip():
+            yield instruction, next(lines, "")
+
+
+def _piped_lines(stream):
+    first = True
+    while stream is not None:  # None: the process was started without a standard input
+        try:
+            line = stream.readline()
+        except UnicodeDecodeError as e:
+            raise InferenceError(f"standard input is not {stream.encoding} text ({e.reason}); pipe {stream.encoding} "
+                                 "text, or set PYTHONIOENCODING to its encoding") from None
+        if not line:
+            return
+        yield (line.removeprefix("\ufeff") if first else line).rstrip("\r\n")
+        first = False
+
+
+def interactive(model, tokenizer, generation_config, tasks):
+    """Answer each (instruction, input) of `tasks` as it comes, streaming the answer, a blank line after each."""
+    for instruction, task_input in tasks:
         generate(model, tokenizer, [build_prompt(instruction, task_input)], generation_config,
                  streamer=AnswerPrinter(tokenizer))
-        print(flush=True)  # a blank line between answers
-    if sys.stdin.isatty():
-        print(file=sys.stderr)
+        print(flush=True)
 
 
 def prompt_lengths(tokenizer, prompts):
@@ -401,7 +420,8 @@ def inference(
     """Answer instructions with an Alpaca model: interactively, one at a time, or a whole file.
 
     Modes: with neither --instruction nor --input_path, interactive (type an instruction, then an input or Enter;
-    the answer streams; Ctrl-D or Ctrl-C quits; from a pipe, lines are read in the same pairs). --instruction
+    the answer streams; Ctrl-D or Ctrl-C quits; from a pipe, lines are read in the same pairs, and a last
+    instruction without its input line has none; a pipe without an instruction is an error). --instruction
     answers one and prints it. --input_path answers every record of a file into --output_path, in the AlpacaEval
     format: a JSON list of {"instruction", "input", "output", "generator"} (plus `id` and `motivation_app` when the
     input has them), in the input's order, rewritten atomically after each batch. Rerunning the same command
@@ -509,6 +529,19 @@ def inference(
             raise InferenceError(f"{failed} prompt(s) failed after all retries; {output.where()}")
         return None
 
+    # -- interactive: from a pipe, the first instruction is read now, so that a pipe without one is refused at once
+    tasks = None
+    if instruction is None and output is None:
+        if sys.stdin is not None and sys.stdin.isatty():
+            tasks = typed_tasks()
+        else:
+            tasks = piped_tasks(sys.stdin)
+            first = next(tasks, None)
+            if first is None:
+                raise InferenceError("standard input holds no instruction: pipe lines in pairs, an instruction and "
+                                     "then its input (an empty line for none), or pass --instruction")
+            tasks = itertools.chain([first], tasks)
+
     # -- a local model
     import transformers
 
@@ -530,7 +563,7 @@ def inference(
         print(f"{output.path}: {len(output)} outputs", file=sys.stderr)
     else:
         check_context(model, [], max_new_tokens)
-        interactive(model, tokenizer, generation_config)
+        interactive(model, tokenizer, generation_config, tasks)
     return None
 
 

@@ -471,3 +471,55 @@ def test_the_default_generator_of_a_relative_folder_is_its_real_name(path, tmp_p
     assert inference.default_generator(path) == expected
     monkeypatch.chdir(run / "checkpoint-2000")
     assert inference.default_generator("./") == "alpaca-7b-checkpoint-2000"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Instructions piped into the interactive mode: every shape of input is answered or refused
+
+
+def test_a_single_piped_instruction_is_answered(parrot_dir):
+    """`echo "What is ...?" | python inference.py ...`: an instruction without its input line was dropped."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "inference.py"), "--model_name_or_path", str(parrot_dir),
+                             "--device", "cpu"], input=f"{PARROT[0][0]}\n", capture_output=True, text=True,
+                            env=CHILD_ENV, timeout=300)
+    assert (result.returncode, result.stdout) == (0, "Canberra.\n\n"), result.stderr
+
+
+def run_piped(parrot_dir, data, monkeypatch, capsys, model=None):
+    """inference.py's interactive mode in this process, its stdin the read end of a real pipe holding `data` (bytes)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        inference.inference(model_name_or_path=str(model or parrot_dir), device="cpu")
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, answers", [
+    pytest.param(PARROT[0][0], ["Canberra."], id="no-newline-at-the-end"),
+    pytest.param(f"{PARROT[0][0]}\n", ["Canberra."], id="no-input-line"),
+    pytest.param(f"{PARROT[0][0]}\n\n{PARROT[1][0]}\n", ["Canberra.", "Eat well, sleep, move."], id="last-input-missing"),
+    pytest.param(f"{PARROT[0][0]}\r\n\r\n{PARROT[1][0]}\r\n", ["Canberra.", "Eat well, sleep, move."], id="crlf"),
+    pytest.param(f"\ufeff{PARROT[0][0]}\n", ["Canberra."], id="byte-order-mark"),
+    pytest.param(f"\n \n{PARROT[0][0]}\n", ["Canberra."], id="blank-lines-first"),
+])
+def test_every_shape_of_piped_instructions_is_answered(parrot_dir, monkeypatch, capsys, data, answers):
+    assert run_piped(parrot_dir, data.encode(), monkeypatch, capsys) == "".join(f"{a}\n\n" for a in answers)
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"\n \n\t\n"])
+def test_a_pipe_without_an_instruction_is_refused_before_the_model_loads(llama_tokenizer_dir, monkeypatch, capsys,
+                                                                        data):
+    # The folder has no model: loading it would be another error.
+    with pytest.raises(inference.InferenceError) as raised:
+        run_piped(None, data, monkeypatch, capsys, model=llama_tokenizer_dir)
+    assert str(raised.value) == ("standard input holds no instruction: pipe lines in pairs, an instruction and then "
+                                 "its input (an empty line for none), or pass --instruction")
+
+
+def test_piped_text_that_is_not_utf8_is_refused(llama_tokenizer_dir, monkeypatch, capsys):
+    with pytest.raises(inference.InferenceError) as raised:
+        run_piped(None, b"Name a colour \xff.\n", monkeypatch, capsys, model=llama_tokenizer_dir)
+    assert str(raised.value) == ("standard input is not utf-8 text (invalid start byte); pipe utf-8 text, or set "
+                                 "PYTHONIOENCODING to its encoding")
