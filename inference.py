@@ -71,6 +71,20 @@ def has_tokenizer(name_or_path):
                for name in utils.TOKENIZER_FILES)
 
 
+def is_missing_folder(name_or_path):
+    """True for a model name that can only be a folder (an absolute or ./ path, not shaped like a hub id) and is
+    not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(name_or_path):
+        return False
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return False
+
+
 def resolve_device(device):
     """"auto" -> cuda, else mps, else cpu; any other name is checked (InferenceError for an absent accelerator)."""
     import torch
@@ -123,6 +137,12 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         base = base_model or adapter_config.get("base_model_name_or_path")
         if not base:
             raise InferenceError(f"{model_name_or_path}: adapter_config.json names no base model; pass --base_model")
+        if base_model and is_missing_folder(base_model):
+            raise InferenceError(f"--base_model {base_model}: no such folder")
+        if not base_model and is_missing_folder(base):  # the folder training read, moved or on another machine
+            raise InferenceError(f"{model_name_or_path}: its base model {base} is not there (that path is the "
+                                 "adapter's adapter_config.json base_model_name_or_path); pass --base_model with the "
+                                 "base model's folder or hub id")
         tokenizer_source = model_name_or_path if has_tokenizer(model_name_or_path) else base
     else:
         if base_model:
@@ -134,7 +154,9 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         model = transformers.AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # a missing folder, an unknown hub id, no network; no model in the folder
-        raise InferenceError(f"cannot load {base}: {cli.first_line(e)}") from None
+        named_by = (f" (the base model in {os.path.join(model_name_or_path, 'adapter_config.json')}; pass "
+                    "--base_model to load another)" if adapter and not base_model else "")
+        raise InferenceError(f"cannot load {base}{named_by}: {cli.first_line(e)}") from None
     if adapter:
         import lora  # peft, with lora.py's filter of its transformers deprecation warning
 

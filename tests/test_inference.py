@@ -238,9 +238,16 @@ def test_lora_adapter_batched_equals_peft_one_at_a_time(adapters, model_dir, alp
         assert torch.equal(model.get_input_embeddings().weight[600], base_rows.mean(dim=0))
 
 
-def test_lora_adapter_whose_base_is_gone_needs_base_model(adapters):
-    with pytest.raises(inference.InferenceError, match="cannot load .*moved_away"):
-        inference.load_model(str(adapters["without_rows"]), device="cpu")
+def test_lora_adapter_whose_base_is_gone_needs_base_model(adapters, tmp_path):
+    adapter = adapters["without_rows"]
+    with pytest.raises(inference.InferenceError) as raised:
+        inference.load_model(str(adapter), device="cpu")
+    assert str(raised.value) == (
+        f"{adapter}: its base model {adapter / 'moved_away'} is not there (that path is the adapter's "
+        "adapter_config.json base_model_name_or_path); pass --base_model with the base model's folder or hub id")
+    with pytest.raises(inference.InferenceError) as raised:
+        inference.load_model(str(adapter), base_model=str(tmp_path / "nowhere"), device="cpu")
+    assert str(raised.value) == f"--base_model {tmp_path / 'nowhere'}: no such folder"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -523,3 +530,20 @@ def test_piped_text_that_is_not_utf8_is_refused(llama_tokenizer_dir, monkeypatch
         run_piped(None, b"Name a colour \xff.\n", monkeypatch, capsys, model=llama_tokenizer_dir)
     assert str(raised.value) == ("standard input is not utf-8 text (invalid start byte); pipe utf-8 text, or set "
                                  "PYTHONIOENCODING to its encoding")
+
+
+def test_an_adapter_whose_base_hub_id_cannot_load_says_where_the_name_came_from(adapters, tmp_path):
+    """A base named like a hub id (or a relative folder of another machine) fails at load: the line says where the
+    name came from and how to pass another."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters["without_rows"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "no-org/no-base"}))
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "inference.py"), "--model_name_or_path", str(adapter),
+                             "--instruction", "Hi", "--device", "cpu"], capture_output=True, text=True,
+                            env=CHILD_ENV, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"error: cannot load no-org/no-base \(the base model in " + re.escape(str(adapter)) +
+                        r"/adapter_config.json; pass --base_model to load another\): .+\n", result.stderr)
