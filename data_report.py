@@ -40,6 +40,11 @@ OBJECT_POS = ("NOUN",)
 # Text after the first ": " or line break is usually the material the instruction works on ('Rewrite the sentence:
 # "I was late."'), not the instruction itself; a parser given both often makes the quoted clause the root.
 EMBEDDED_TEXT = re.compile(r":\s|\n")
+# The root verb is in the first sentence: the parse reads at most this many characters of an instruction (cut at a
+# space), so that any length works (spaCy refuses texts over 1,000,000 characters) and costs little. The longest
+# Alpaca instruction parsed has 223.
+MAX_PARSED_CHARACTERS = 1000
+PARSED_START = re.compile(rf"[\s\S]{{0,{MAX_PARSED_CHARACTERS}}}(?=\s)")
 # Components a spaCy pipeline needs for the parse and the coarse part of speech; the rest (NER, lemmatizer, ...) are
 # switched off: the lemmatizer runs on the two chosen tokens only.
 PARSE_COMPONENTS = ("tok2vec", "transformer", "tagger", "morphologizer", "parser", "attribute_ruler")
@@ -183,10 +188,14 @@ def verb_object(doc, lemmatize=default_lemma):
 
 def instruction_for_parse(instruction):
     """The part of an instruction that is parsed: the text before its first ": " or line break (when that is not
-    empty), stripped. See EMBEDDED_TEXT."""
+    empty), stripped, and at most MAX_PARSED_CHARACTERS of it, cut at a space when there is one. See EMBEDDED_TEXT."""
     match = EMBEDDED_TEXT.search(instruction)
     if match and instruction[: match.start()].strip():
         instruction = instruction[: match.start()]
+    instruction = instruction.strip()
+    if len(instruction) > MAX_PARSED_CHARACTERS:
+        words = PARSED_START.match(instruction)  # the longest start that ends before a space
+        instruction = words.group() if words and words.group().strip() else instruction[:MAX_PARSED_CHARACTERS]
     return instruction.strip()
 
 

@@ -378,3 +378,17 @@ def test_help_explains_every_flag():
     for name in inspect.signature(data_report.data_report).parameters:
         assert f"--{name}  (" in result.stdout
     assert "(undocumented)" not in result.stdout and "python -m spacy download en_core_web_sm" in result.stdout
+
+
+def test_an_instruction_longer_than_spacy_max_length_is_parsed_from_its_start(hand_model_dir, tmp_path):
+    """spaCy refuses a text over nlp.max_length (1,000,000 characters) with a traceback; the parse needs the start."""
+    long_instruction = "Write a poem about cats " + "and dogs " * 133_334  # 1.2M characters, no ": " or line break
+    assert len(long_instruction) > 1_200_000
+    data = tmp_path / "data.jsonl"
+    utils.write_jsonl([{"instruction": long_instruction, "input": "", "output": "Meow."},
+                       {"instruction": "List three colours.", "input": "", "output": "Red."}], data)
+    numbers = data_report.data_report(data, tmp_path / "out", spacy_model=str(hand_model_dir), quiet=True)
+    objects = {verb["verb"]: verb["objects"] for verb in numbers["verb_noun"]["rings"]["verbs"]}
+    assert objects["write"] == [{"object": "poem", "count": 1}] and numbers["verb_noun"]["pairs"] == 2
+    assert numbers["lengths"]["instruction"]["max"] == len(long_instruction.split())
+    assert len(data_report.instruction_for_parse(long_instruction)) <= data_report.MAX_PARSED_CHARACTERS
