@@ -547,3 +547,15 @@ def test_an_adapter_whose_base_hub_id_cannot_load_says_where_the_name_came_from(
     assert result.returncode == 2, result.stderr
     assert re.fullmatch(r"error: cannot load no-org/no-base \(the base model in " + re.escape(str(adapter)) +
                         r"/adapter_config.json; pass --base_model to load another\): .+\n", result.stderr)
+
+
+def test_weight_diff_on_an_adapter_folder_says_to_use_the_merged_model(adapters, model_dir, tmp_path):
+    """weight_diff reads whole models only: an adapter folder is named as one, with the way to a whole model."""
+    import weight_diff
+    from checkpoint_io import CheckpointError
+
+    with pytest.raises(CheckpointError) as raised:
+        weight_diff.make_diff(str(model_dir), str(adapters["with_rows"]), str(tmp_path / "diff"))
+    assert str(raised.value) == (
+        f"tuned model: {adapters['with_rows']} holds a LoRA adapter (adapter_config.json), not a whole model: give "
+        "the merged model (train.py --merge_lora True writes it to <output_dir>/merged)")
