@@ -182,6 +182,10 @@ class Checkpoint:
                 return files, weight_map
             if os.path.exists(os.path.join(self.folder, single_name)):
                 return [os.path.join(self.folder, single_name)], None
+        if os.path.exists(os.path.join(self.folder, "adapter_config.json")):
+            raise CheckpointError(f"{self.role} model: {self.folder} holds a LoRA adapter (adapter_config.json), not a "
+                                  "whole model: give the merged model (train.py --merge_lora True writes it to "
+                                  "<output_dir>/merged)")
         raise CheckpointError(
             f"{self.role} model: no weights in {self.folder} (expected model.safetensors, model.safetensors.index.json,"
             " pytorch_model.bin or pytorch_model.bin.index.json)"

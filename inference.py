@@ -14,6 +14,7 @@ OpenAI-compatible server instead (vLLM serving the trained model, for large eval
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -70,6 +71,20 @@ def has_tokenizer(name_or_path):
                for name in utils.TOKENIZER_FILES)
 
 
+def is_missing_folder(name_or_path):
+    """True for a model name that can only be a folder (an absolute or ./ path, not shaped like a hub id) and is
+    not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(name_or_path):
+        return False
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return False
+
+
 def resolve_device(device):
     """"auto" -> cuda, else mps, else cpu; any other name is checked (InferenceError for an absent accelerator)."""
     import torch
@@ -122,6 +137,12 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         base = base_model or adapter_config.get("base_model_name_or_path")
         if not base:
             raise InferenceError(f"{model_name_or_path}: adapter_config.json names no base model; pass --base_model")
+        if base_model and is_missing_folder(base_model):
+            raise InferenceError(f"--base_model {base_model}: no such folder")
+        if not base_model and is_missing_folder(base):  # the folder training read, moved or on another machine
+            raise InferenceError(f"{model_name_or_path}: its base model {base} is not there (that path is the "
+                                 "adapter's adapter_config.json base_model_name_or_path); pass --base_model with the "
+                                 "base model's folder or hub id")
         tokenizer_source = model_name_or_path if has_tokenizer(model_name_or_path) else base
     else:
         if base_model:
@@ -133,7 +154,9 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         model = transformers.AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # a missing folder, an unknown hub id, no network; no model in the folder
-        raise InferenceError(f"cannot load {base}: {cli.first_line(e)}") from None
+        named_by = (f" (the base model in {os.path.join(model_name_or_path, 'adapter_config.json')}; pass "
+                    "--base_model to load another)" if adapter and not base_model else "")
+        raise InferenceError(f"cannot load {base}{named_by}: {cli.first_line(e)}") from None
     if adapter:
         import lora  # peft, with lora.py's filter of its transformers deprecation warning
 
@@ -233,35 +256,53 @@ class AnswerPrinter:
 # Modes
 
 
-def read_line(prompt):
-    """A line typed at the terminal (with line editing), or read from a pipe (no prompt shown); None at end of input."""
-    if sys.stdin.isatty():
-        try:
-            return input(prompt)
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
-
-
-def interactive(model, tokenizer, generation_config):
-    """Ask for an instruction and an optional input, stream the answer; until end of input (Ctrl-D)."""
-    if sys.stdin.isatty():
-        print("Type an instruction, then an input (Enter for none). Ctrl-D or Ctrl-C quits.", file=sys.stderr)
+def typed_tasks():
+    """(instruction, input) pairs typed at the terminal (with line editing): an instruction, then an input (Enter for
+    none); a blank instruction is asked again. Until end of input (Ctrl-D)."""
+    print("Type an instruction, then an input (Enter for none). Ctrl-D or Ctrl-C quits.", file=sys.stderr)
     while True:
-        instruction = read_line("Instruction: ")
-        if instruction is None:
-            break
-        if not instruction.strip():
-            continue
-        task_input = read_line("Input: ")
-        if task_input is None:
-            break
+        try:
+            instruction = input("Instruction: ")
+            if not instruction.strip():
+                continue
+            task_input = input("Input: ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        yield instruction, task_input
+
+
+def piped_tasks(stream):
+    """(instruction, input) pairs from the lines of a pipe, read as they come (a program can converse through it):
+    an instruction line, then its input line (an empty line for none). A blank instruction line is skipped, and a
+    last instruction without its input line has an empty input. Lines may end in CRLF, and the first may start with
+    a byte-order mark. InferenceError for bytes that are not text in the stream's encoding."""
+    lines = _piped_lines(stream)
+    for instruction in lines:
+        if instruction.strip():
+            yield instruction, next(lines, "")
+
+
+def _piped_lines(stream):
+    first = True
+    while stream is not None:  # None: the process was started without a standard input
+        try:
+            line = stream.readline()
+        except UnicodeDecodeError as e:
+            raise InferenceError(f"standard input is not {stream.encoding} text ({e.reason}); pipe {stream.encoding} "
+                                 "text, or set PYTHONIOENCODING to its encoding") from None
+        if not line:
+            return
+        yield (line.removeprefix("\ufeff") if first else line).rstrip("\r\n")
+        first = False
+
+
+def interactive(model, tokenizer, generation_config, tasks):
+    """Answer each (instruction, input) of `tasks` as it comes, streaming the answer, a blank line after each."""
+    for instruction, task_input in tasks:
         generate(model, tokenizer, [build_prompt(instruction, task_input)], generation_config,
                  streamer=AnswerPrinter(tokenizer))
-        print(flush=True)  # a blank line between answers
-    if sys.stdin.isatty():
-        print(file=sys.stderr)
+        print(flush=True)
 
 
 def prompt_lengths(tokenizer, prompts):
@@ -364,8 +405,11 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
 
 def default_generator(model_name_or_path):
     """The `generator` name of a model folder or hub id: its last part, "parent-merged" / "parent-checkpoint-N" for
-    the folders train.py writes inside its output folder (a judged file named "merged" says nothing)."""
-    path = os.path.normpath(model_name_or_path)
+    the folders train.py writes inside its output folder (a judged file named "merged" says nothing). ".", "..",
+    "./" and "~" are named by the folder they stand for."""
+    path = os.path.normpath(os.path.expanduser(model_name_or_path))
+    if os.path.basename(path) in ("", ".", ".."):
+        path = os.path.abspath(path)
     name = os.path.basename(path)
     parent = os.path.basename(os.path.dirname(path))
     if parent and (name == "merged" or re.fullmatch(r"checkpoint-\d+", name)):
@@ -398,7 +442,8 @@ def inference(
     """Answer instructions with an Alpaca model: interactively, one at a time, or a whole file.
 
     Modes: with neither --instruction nor --input_path, interactive (type an instruction, then an input or Enter;
-    the answer streams; Ctrl-D or Ctrl-C quits; from a pipe, lines are read in the same pairs). --instruction
+    the answer streams; Ctrl-D or Ctrl-C quits; from a pipe, lines are read in the same pairs, and a last
+    instruction without its input line has none; a pipe without an instruction is an error). --instruction
     answers one and prints it. --input_path answers every record of a file into --output_path, in the AlpacaEval
     format: a JSON list of {"instruction", "input", "output", "generator"} (plus `id` and `motivation_app` when the
     input has them), in the input's order, rewritten atomically after each batch. Rerunning the same command
@@ -508,6 +553,19 @@ def inference(
             raise InferenceError(f"{failed} prompt(s) failed after all retries; {output.where()}")
         return None
 
+    # -- interactive: from a pipe, the first instruction is read now, so that a pipe without one is refused at once
+    tasks = None
+    if instruction is None and output is None:
+        if sys.stdin is not None and sys.stdin.isatty():
+            tasks = typed_tasks()
+        else:
+            tasks = piped_tasks(sys.stdin)
+            first = next(tasks, None)
+            if first is None:
+                raise InferenceError("standard input holds no instruction: pipe lines in pairs, an instruction and "
+                                     "then its input (an empty line for none), or pass --instruction")
+            tasks = itertools.chain([first], tasks)
+
     # -- a local model
     import transformers
 
@@ -529,7 +587,7 @@ def inference(
         print(f"{output.path}: {len(output)} outputs", file=sys.stderr)
     else:
         check_context(model, [], max_new_tokens)
-        interactive(model, tokenizer, generation_config)
+        interactive(model, tokenizer, generation_config, tasks)
     return None
 
 

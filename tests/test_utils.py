@@ -434,3 +434,57 @@ def test_original_public_names_are_importable_where_the_original_defined_them(mo
         assert imported.PROMPT_DICT is PROMPT_DICT and imported.IGNORE_INDEX == -100
         assert (imported.DEFAULT_PAD_TOKEN, imported.DEFAULT_EOS_TOKEN, imported.DEFAULT_BOS_TOKEN,
                 imported.DEFAULT_UNK_TOKEN) == ("[PAD]", "</s>", "<s>", "<unk>")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `"input": null` (what `datasets` exports for an empty field) is an empty input in every stage that reads records
+
+
+def _null_input_readers():
+    """(stage, read(path) -> the input of each record) for every reader of records, each on its own file format."""
+    import data_report
+    import eval_data
+    import generate_instruction
+    import novelty_filter
+
+    def deduplicated_inputs(path):
+        out = path.parent / "deduplicated.json"
+        novelty_filter.deduplicate(str(path), str(out), quiet=True)
+        return [record["input"] for record in json.loads(out.read_text())]
+
+    def resumed_inputs(path):
+        records = utils.read_jsonl(path)
+        instructions = [{"instruction": r["instruction"], "input": r["input"] or ""} for r in records]
+        output = eval_data.OutputFile(path, instructions, "gen")
+        assert output.resume() == len(records)
+        output.write()
+        return [record["input"] for record in json.loads(path.read_text())]
+
+    alpaca, self_instruct, outputs = "alpaca", "self_instruct", "outputs"
+    return {
+        "train": (alpaca, lambda p: [r["input"] for r in utils.load_training_data(p)]),
+        "inference": (alpaca, lambda p: [r["input"] for r in eval_data.read_instructions(p)]),
+        "inference, self-instruct": (self_instruct, lambda p: [r["input"] for r in eval_data.read_instructions(p)]),
+        "inference resume": (outputs, resumed_inputs),
+        "judge": (outputs, lambda p: [r["input"] for r in eval_data.read_outputs(p)]),
+        "data_report": (alpaca, lambda p: [r["input"] for r in data_report.load_tasks(p)]),
+        "data_report, seed tasks": (self_instruct, lambda p: [r["input"] for r in data_report.load_tasks(p)]),
+        "seed tasks": (self_instruct,
+                       lambda p: [r["input"] for r in generate_instruction.load_seed_instruction_data(str(p))]),
+        "deduplicate": (alpaca, deduplicated_inputs),
+    }
+
+
+@pytest.mark.parametrize("stage", list(_null_input_readers()))
+def test_a_null_input_is_an_empty_input_in_every_stage(tmp_path, stage):
+    kind, read = _null_input_readers()[stage]
+    rows = [("Name a colour.", None), ("Translate the word into French.", "cat")]
+    if kind == "alpaca":
+        records = [{"instruction": i, "input": x, "output": "Blue."} for i, x in rows]
+    elif kind == "outputs":
+        records = [{"instruction": i, "input": x, "output": "Blue.", "generator": "gen"} for i, x in rows]
+    else:
+        records = [{"instruction": i, "instances": [{"input": x, "output": "Blue."}]} for i, x in rows]
+    path = tmp_path / "records.jsonl"
+    utils.write_jsonl(records, path)
+    assert read(path) == ["", "cat"]
