@@ -506,7 +506,10 @@ async def send(api, settings, prompts, request_seed, label):
             replies = [reply]
         return RequestResult(replies, usage, None, time.monotonic() - started)
     except RequestFailed as e:
-        return RequestResult([None] * len(prompts), Usage(requests=1, failed_requests=1), str(e),
+        # A server that takes one prompt per request was sent one request per prompt, and all of them failed.
+        one_by_one = settings.api == "completions" and len(prompts) > 1 and not api.quirks.prompt_lists
+        sent = len(prompts) if one_by_one else 1
+        return RequestResult([None] * len(prompts), Usage(requests=sent, failed_requests=sent), str(e),
                              time.monotonic() - started)
 
 
@@ -631,22 +634,38 @@ class Progress:
         return wanted
 
 
+# Why the tasks of empty rounds were lost, by the reason most of them were lost to (filter rules: see below).
+LOST_TASK_CAUSES = {
+    "malformed": "were malformed (their headers are not exactly N. Instruction: / N. Input: / N. Output:): a model "
+                 "that does not keep the prompt's format (try a better instruction-following model, or --api "
+                 "completions with a base model)",
+    "cut by max_tokens": "were cut by --max_tokens (the last task of a reply that stopped for length): raise "
+                         "--max_tokens, within the model's context",
+    "near-duplicates": "repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies the "
+                       "prompt's examples, or a low --temperature",
+}
+
+
 def empty_rounds_message(progress, regen, redact):
+    """The message that stops the run after --max_empty_rounds rounds kept nothing: their counts, the likely cause
+    (the reason that took the most of their tasks), and the longest reply of the last round."""
     tallies = progress.empty_rounds
     parsed = sum(t.parsed for t in tallies)
-    dropped = collections.Counter()
+    lost = collections.Counter()
     for tally in tallies:
-        dropped.update(tally.dropped)
+        lost.update(tally.dropped)
+        lost["near-duplicates"] += tally.near_duplicates
     if parsed == 0:
         causes = ("the replies hold no task in the prompt's format (N. Instruction: / N. Input: / N. Output:): a "
                   "model too small or not following the prompt, a chat model answering instead of continuing the "
                   "list (try a better instruction-following model, or --api completions with a base model), or "
                   "replies cut short by --max_tokens")
-    elif sum(t.near_duplicates for t in tallies) == 0:
-        causes = f"every task broke a filter rule ({', '.join(f'{n} {r}' for r, n in dropped.most_common())})"
     else:
-        causes = ("the tasks repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies "
-                  "the prompt's examples, or a low --temperature")
+        reason, count = lost.most_common(1)[0]
+        rules = ", ".join(f"{n} {r}" for r, n in lost.most_common() if r not in LOST_TASK_CAUSES and n)
+        why = LOST_TASK_CAUSES.get(reason, f"were dropped as {reason} (a filter rule of the original; all dropped: "
+                                           f"{rules})")
+        causes = f"{count} of the {parsed} tasks parsed {why}"
     sample = redact(progress.sample_reply)
     shown = json.dumps(sample[:600] + ("..." if len(sample) > 600 else ""), ensure_ascii=False)
     return (f"{len(tallies)} rounds in a row kept no instruction ({parsed} tasks parsed; last round: "
@@ -833,12 +852,13 @@ def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
     progress.kept += tally.kept
     bar.total = max(bar.total, len(regen))  # whole rounds may overshoot
     bar.update(tally.kept)
-    requests = f"{len(results)} request{'s' if len(results) > 1 else ''}"
+    # The HTTP requests sent, as the usage line counts them (one per prompt where the server refuses lists).
+    requests = f"{round_usage.requests} request{'' if round_usage.requests == 1 else 's'}"
     bar.write(f"Round {round_.index + 1}: {requests} took {max(r.seconds for r in results):.2f}s, processing took "
               f"{time.monotonic() - started:.2f}s: {tally.describe()}\n"
               f"Usage: round {budget.describe(round_usage)}; total {budget.describe(api.usage)}")
 
-    if round_usage.failed_requests == len(results):
+    if all(result.error is not None for result in results):
         progress.failed_rounds += 1
         if progress.failed_rounds >= MAX_FAILED_ROUNDS:
             raise GenerationError(f"every request of the last {MAX_FAILED_ROUNDS} rounds failed (last error: "
