@@ -104,8 +104,9 @@ _HEADER = (
     r"|(?P<number>{number})\.\s+(?P<field>Instruction|Input|Output):"
 )
 _ANY_HEADER = re.compile(_HEADER.format(number=r"\d{1,3}"), re.MULTILINE)
-_SEPARATOR_LINE = re.compile(r"^[ \t]*###[ \t]*$", re.MULTILINE)  # the prompt's separator between tasks
-_RULE_LINE = re.compile(r"^[ \t]*(?:-{3,}|\*{3,}|_{3,})[ \t]*$", re.MULTILINE)  # a markdown horizontal rule
+# (A "\r" before "\n" is part of the line's end: some servers answer with "\r\n".)
+_SEPARATOR_LINE = re.compile(r"^[ \t]*###[ \t\r]*$", re.MULTILINE)  # the prompt's separator between tasks
+_RULE_LINE = re.compile(r"^[ \t]*(?:-{3,}|\*{3,}|_{3,})[ \t\r]*$", re.MULTILINE)  # a markdown horizontal rule
 _INSTRUCTION_HEADER_NEXT = re.compile(r"\s*(?:#{1,6}[ \t]*)?[*_]{0,3}[ \t]*\d{1,3}\.[ \t]*[*_]{0,3}[ \t]*Instruction")
 _FENCE_LINE = re.compile(r"^[ \t]*```", re.MULTILINE)
 _INSTRUCTION_LABEL = re.compile(r"\A[ \t]*[*_]{0,3}Instruction[*_]{0,3}[ \t]*:[*_]{0,3}")
