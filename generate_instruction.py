@@ -95,8 +95,8 @@ def encode_prompt(prompt_instructions, prompt_path=PROMPT_PATH):
 
 FIELDS = ("Instruction", "Input", "Output")
 _HEADER = (
-    # dressed in markdown, at the start of a line, as chat models write it: "**5. Instruction:**", "### 5. Instruction:",
-    # "5. **Input**:", "_5. Output:_" (only with markdown: a bare header is matched as the original matched it)
+    # dressed in markdown, at the start of a line, as chat models write it: "**5. Instruction:**",
+    # "### 5. Instruction:", "5. **Input**:", "_5. Output:_" (only with markdown: a bare one is matched as below)
     r"^[ \t]*(?=#|[*_]|{number}\.[ \t]*[*_])(?:#{{1,6}}[ \t]*)?(?P<open>[*_]{{1,3}})?[ \t]*(?P<dressed_number>{number})"
     r"\.[ \t]*(?P<inner>[*_]{{1,3}})?[ \t]*(?P<dressed_field>Instruction|Input|Output)[ \t]*(?P<close>[*_]{{1,3}})?"
     r"[ \t]*:(?P<after>[ \t]*[*_]{{1,3}})?"
@@ -635,7 +635,7 @@ class Progress:
         return wanted
 
 
-# Why the tasks of empty rounds were lost, by the reason most of them were lost to (filter rules: see below).
+# The likely cause of empty rounds, by the reason most of their tasks were lost to (a filter rule's is built below).
 LOST_TASK_CAUSES = {
     "malformed": "were malformed (their headers are not exactly N. Instruction: / N. Input: / N. Output:): a model "
                  "that does not keep the prompt's format (try a better instruction-following model, or --api "
