@@ -82,89 +82,176 @@ def encode_prompt(prompt_instructions, prompt_path=PROMPT_PATH):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parsing a reply into tasks. A reply is split at its task headers only ("5. Instruction:", "5. Input:",
-# "5. Output:" at the start of a line), never at text an output may hold ("###" headings, "20.", numbered lists).
+# Parsing a reply into tasks.
+#
+# A reply that continues the prompt (it starts with task n+1's instruction, as completion models write it) is read as
+# the original read it: cut at its "###" lines, each piece one task, whose headers are "{number}. Instruction:",
+# "{number}. Input:" and "{number}. Output:" with that task's number, found where the original found them (anywhere in
+# the piece); text between them is the fields, stripped. Two differences: a piece ends only at a line that is "###"
+# alone (an output may hold "### Ingredients"), and a task's number is that of its own first header, not its position
+# (a missing or repeated number loses that task, not every later one).
+# A reply that starts over, restating the first header (after a preface or not), is a chat reply: its tasks also start
+# at each Instruction header at the start of a line, and the decoration chat models put around the list is removed.
 
-_EMPHASIS = r"[*_]{0,3}"
-# The prompt's header, or the markdown a chat model dresses it in: "**5. Instruction:**", "### 5. Instruction:",
-# "5. **Input**:", "_5. Output:_".
-TASK_HEADER = re.compile(
-    rf"^[ \t]*(?:#{{1,6}}[ \t]*)?{_EMPHASIS}[ \t]*(?P<number>\d{{1,3}})\.[ \t]*{_EMPHASIS}[ \t]*"
-    rf"(?P<field>Instruction|Input|Output)[ \t]*{_EMPHASIS}[ \t]*:[ \t]*{_EMPHASIS}",
-    re.MULTILINE,
+FIELDS = ("Instruction", "Input", "Output")
+_HEADER = (
+    # dressed in markdown, at the start of a line, as chat models write it: "**5. Instruction:**",
+    # "### 5. Instruction:", "5. **Input**:", "_5. Output:_" (only with markdown: a bare one is matched as below)
+    r"^[ \t]*(?=#|[*_]|{number}\.[ \t]*[*_])(?:#{{1,6}}[ \t]*)?(?P<open>[*_]{{1,3}})?[ \t]*(?P<dressed_number>{number})"
+    r"\.[ \t]*(?P<inner>[*_]{{1,3}})?[ \t]*(?P<dressed_field>Instruction|Input|Output)[ \t]*(?P<close>[*_]{{1,3}})?"
+    r"[ \t]*:(?P<after>[ \t]*[*_]{{1,3}})?"
+    # as the original matched it, anywhere: re.split(rf"{idx}\.\s+(Instruction|Input|Output):", piece)
+    r"|(?P<number>{number})\.\s+(?P<field>Instruction|Input|Output):"
 )
-_SEPARATOR_LINE = re.compile(r"^[ \t]*###[ \t]*$", re.MULTILINE)  # the prompt's separator between tasks
-_RULE_LINE = re.compile(r"^[ \t]*(?:-{3,}|\*{3,}|_{3,})[ \t]*$", re.MULTILINE)  # a markdown horizontal rule
-_FENCE_LINE = re.compile(r"^[ \t]*```")
-_INSTRUCTION_LABEL = re.compile(rf"\A\s*{_EMPHASIS}Instruction{_EMPHASIS}[ \t]*:{_EMPHASIS}")
+_ANY_HEADER = re.compile(_HEADER.format(number=r"\d{1,3}"), re.MULTILINE)
+# (A "\r" before "\n" is part of the line's end: some servers answer with "\r\n".)
+_SEPARATOR_LINE = re.compile(r"^[ \t]*###[ \t\r]*$", re.MULTILINE)  # the prompt's separator between tasks
+_RULE_LINE = re.compile(r"^[ \t]*(?:-{3,}|\*{3,}|_{3,})[ \t\r]*$", re.MULTILINE)  # a markdown horizontal rule
+_INSTRUCTION_HEADER_NEXT = re.compile(r"\s*(?:#{1,6}[ \t]*)?[*_]{0,3}[ \t]*\d{1,3}\.[ \t]*[*_]{0,3}[ \t]*Instruction")
+_FENCE_LINE = re.compile(r"^[ \t]*```", re.MULTILINE)
+_INSTRUCTION_LABEL = re.compile(r"\A[ \t]*[*_]{0,3}Instruction[*_]{0,3}[ \t]*:[*_]{0,3}")
 # How chat models start the remarks they add after the last task (only a last paragraph starting so is cut).
 CLOSING_REMARKS = ("I hope", "Hope this", "Let me know", "Feel free", "These tasks", "These instructions",
                    "I've ", "I have ", "Would you like", "If you need", "If you'd like", "Enjoy")
-FIELDS = ("Instruction", "Input", "Output")
+
+
+@dataclasses.dataclass
+class _Header:
+    number: int
+    field: str
+    start: int
+    end: int  # where the field's text starts
+    at_line_start: bool
+
+
+def _headers(text, number=None):
+    """The task headers in `text`, of task `number` (None: of any number), in order."""
+    headers = []
+    pattern = _ANY_HEADER if number is None else re.compile(_HEADER.format(number=number), re.MULTILINE)
+    for match in pattern.finditer(text):
+        if match["dressed_field"]:
+            # Emphasis after the colon closes the header's ("**5. Input:**"); any other starts the field's text.
+            opened = len(match["open"] or "") + len(match["inner"] or "")
+            closes_header = match["after"] and len(match["close"] or "") < opened
+            end = match.end() if closes_header or not match["after"] else match.start("after")
+            headers.append(_Header(int(match["dressed_number"]), match["dressed_field"], match.start(), end, True))
+        else:
+            line = text[text.rfind("\n", 0, match.start()) + 1: match.start()]
+            headers.append(_Header(int(match["number"]), match["field"], match.start(), match.end(),
+                                   not line.strip(" \t")))
+    return headers
+
+
+def _after_blank_line(text, position):
+    """Whether the line starting at `position` is the text's first or follows a blank line."""
+    lines_before = text[:position].split("\n")
+    return len(lines_before) < 2 or not lines_before[-2].strip()
+
+
+def _separators(text):
+    """[(start, end)] of the lines that separate tasks: "###" lines; in a reply that has none, markdown rules (a rule
+    line after a blank line, as markdown reads one) followed by an Instruction header, and then also one ending the
+    reply. (A rule under a line of text is that text's: a table's last line, a heading's underline.)"""
+    lines = [match.span() for match in _SEPARATOR_LINE.finditer(text)]
+    if lines:
+        return lines
+    rules = [match for match in _RULE_LINE.finditer(text) if _after_blank_line(text, match.start())]
+    between = [match.span() for match in rules if _INSTRUCTION_HEADER_NEXT.match(text, match.end())]
+    if between and not text[rules[-1].end():].strip():
+        between.append(rules[-1].span())
+    return between
+
+
+def _units(text, chat):
+    """[(text, closed)]: the reply cut at its separators, and a chat reply's pieces also at each Instruction header at
+    the start of a line; closed: followed by a separator or another task."""
+    pieces, start = [], 0
+    for separator_start, separator_end in _separators(text):
+        pieces.append((text[start:separator_start], True))
+        start = separator_end
+    pieces.append((text[start:], False))
+    if not chat:
+        return pieces
+    units = []
+    for piece, closed in pieces:
+        starts = [0] + [h.start for h in _headers(piece) if h.field == "Instruction" and h.at_line_start and h.start]
+        units += [(piece[a:b], True) for a, b in zip(starts, starts[1:])] + [(piece[starts[-1]:], closed)]
+    return units
+
+
+def _chat_reply_end(output, fenced):
+    """The last output of a chat reply without what follows the list: the code fence that closes the one opened before
+    the first task (fenced) and the text after it, the text after a markdown rule, a last paragraph of closing
+    remarks."""
+    fences = list(_FENCE_LINE.finditer(output)) if fenced else []
+    if fences:
+        output = output[:fences[-1].start()]
+    rules = [match for match in _RULE_LINE.finditer(output) if _after_blank_line(output, match.start())]
+    if rules and output[rules[-1].end():].strip():
+        output = output[:rules[-1].start()]
+    head, blank_line, last_paragraph = output.rstrip().rpartition("\n\n")
+    if blank_line and last_paragraph.lstrip().startswith(CLOSING_REMARKS):
+        output = head
+    return output
+
+
+def _without_stop_text(text):
+    """The reply without the stop sequence some servers leave at its end (`transformers serve` does)."""
+    stripped = text.rstrip()
+    for stop in STOP_SEQUENCES:
+        if stripped.endswith(stop):
+            return stripped[:-len(stop)]
+    return text
 
 
 def parse_reply(text, num_prompt_instructions, finish_reason=None):
-    """Split one reply into tasks by its numbered headers. Returns (tasks, dropped).
+    """Split one reply into tasks (see the comment above). Returns (tasks, dropped).
 
     tasks: [{"instruction", "input", "output"}] in reply order, before the rule filters (instruction_rejection_reason);
     "<noinput>" becomes "". dropped: Counter {reason: tasks} of the tasks found but not returned: "malformed" (its
     headers are not exactly N. Instruction, N. Input, N. Output) and "cut by max_tokens" (the last task of a reply that
-    stopped for length without closing it with "###", as the original dropped it).
+    stopped for length without closing it with "###", as the original dropped it). Text holding no header is no task.
 
     The reply continues the prompt after "{n+1}. Instruction:", so text before the first header is that task's
-    instruction when the first header is an Input; before an Instruction header it is a preface ("Sure! Here are..."),
-    and ignored. Tolerated around the tasks, as chat models write them: markdown emphasis on headers, a restated
-    header, a leading "Instruction:" label, code fences around the reply, "---" rules, and closing remarks.
+    instruction, unless the first header at the start of a line is an Instruction header: then the reply starts over
+    and what comes before is a preface, ignored. Tolerated as chat models write them: markdown on the headers, a
+    restated header, a leading "Instruction:" label, a code fence around the list, markdown rules instead of "###", and
+    closing remarks after the last task (after the fence or a rule, or a last paragraph starting like CLOSING_REMARKS).
     """
-    headers = list(TASK_HEADER.finditer(text))
+    text = _without_stop_text(text)
+    headers = _headers(text)
     if not headers:
         return [], collections.Counter()
-    groups = []  # [number, [(field, raw text)]] per task, in order
-    if headers[0]["field"] != "Instruction":
-        leading_text = _INSTRUCTION_LABEL.sub("", text[:headers[0].start()])
-        groups.append([num_prompt_instructions + 1, [("Instruction", leading_text)]])
-    for header, following in zip(headers, headers[1:] + [None]):
-        number, field = int(header["number"]), header["field"]
-        content = text[header.end(): following.start() if following else len(text)]
-        if field == "Instruction" or not groups or groups[-1][0] != number:
-            groups.append([number, []])
-        groups[-1][1].append((field, content))
+    line_headers = [header for header in headers if header.at_line_start]
+    chat_reply = bool(line_headers) and line_headers[0].field == "Instruction"  # it starts over
+    if chat_reply:
+        preface, text = text[:line_headers[0].start], text[line_headers[0].start:]
+    else:
+        first_line, _, rest = text.lstrip("\n").partition("\n")
+        chat_reply = bool(_FENCE_LINE.match(first_line))  # a code fence opened before the list
+        preface, text = (first_line, rest) if chat_reply else ("", text)
+        text = f"{num_prompt_instructions + 1}. Instruction:" + _INSTRUCTION_LABEL.sub("", text)
+    # The list is fenced when the preface opens a code fence and the list closes it.
+    fenced = len(_FENCE_LINE.findall(preface)) % 2 == 1 and len(_FENCE_LINE.findall(text)) % 2 == 1
 
+    units = [(unit, closed) for unit, closed in _units(text, chat_reply) if _headers(unit)]
     tasks, dropped = [], collections.Counter()
-    for index, (_, fields) in enumerate(groups):
-        last_in_reply = index == len(groups) - 1
-        names = tuple(name for name, _ in fields)
-        closed = bool(_SEPARATOR_LINE.search(fields[-1][1]))
-        if names != FIELDS:
-            dropped["malformed"] += 1
-        elif last_in_reply and finish_reason == "length" and not closed:
+    for index, (unit, closed) in enumerate(units):
+        last_in_reply = index == len(units) - 1
+        headers = _headers(unit, _headers(unit)[0].number)
+        if last_in_reply and finish_reason == "length" and not closed:
             dropped["cut by max_tokens"] += 1
+        elif tuple(header.field for header in headers) != FIELDS:
+            dropped["malformed"] += 1
         else:
-            instruction, task_input, output = (_field_text(content, last_in_reply and name == "Output")
-                                               for name, content in fields)
-            task_input = "" if task_input.lower() == "<noinput>" else task_input
-            tasks.append({"instruction": instruction, "input": task_input, "output": output})
+            instruction, task_input, output = (unit[header.end: following.start if following else len(unit)]
+                                               for header, following in zip(headers, headers[1:] + [None]))
+            if chat_reply and last_in_reply and not closed:
+                output = _chat_reply_end(output, fenced)
+            task_input = task_input.strip()
+            tasks.append({"instruction": instruction.strip(),
+                          "input": "" if task_input.lower() == "<noinput>" else task_input, "output": output.strip()})
     return tasks, dropped
-
-
-def _field_text(content, ends_reply):
-    """A field's text: up to a "###" line; after the reply's last field also up to a rule line or closing remarks;
-    a code fence left unbalanced at either edge (the fences around a whole reply) removed; stripped."""
-    content = _SEPARATOR_LINE.split(content, 1)[0]
-    if ends_reply:
-        content = _RULE_LINE.split(content, 1)[0]
-        head, blank_line, last_paragraph = content.rstrip().rpartition("\n\n")
-        if blank_line and last_paragraph.lstrip().startswith(CLOSING_REMARKS):
-            content = head
-    lines = content.strip("\n").split("\n")
-    while lines and (not lines[-1].strip() or _RULE_LINE.match(lines[-1])):
-        lines.pop()
-    if sum(bool(_FENCE_LINE.match(line)) for line in lines) % 2 == 1:
-        if _FENCE_LINE.match(lines[0]):
-            lines.pop(0)
-        elif _FENCE_LINE.match(lines[-1]):
-            lines.pop()
-    return "\n".join(lines).strip()
 
 
 def find_word_in_string(w, s):
@@ -198,7 +285,7 @@ def post_process_gpt3_response(num_prompt_instructions, response):
     """The tasks of one reply (a dict with "text" and "finish_reason", or None) that pass the original's filters.
 
     parse_reply, then instruction_rejection_reason. On a reply in the prompt's own format this keeps exactly what the
-    original post_process_gpt3_response kept (tests/test_generate.py checks both side by side).
+    original post_process_gpt3_response kept (tests/test_parse_reply.py checks both side by side).
     """
     if response is None:
         return []
@@ -420,7 +507,10 @@ async def send(api, settings, prompts, request_seed, label):
             replies = [reply]
         return RequestResult(replies, usage, None, time.monotonic() - started)
     except RequestFailed as e:
-        return RequestResult([None] * len(prompts), Usage(requests=1, failed_requests=1), str(e),
+        # A server that takes one prompt per request was sent one request per prompt, and all of them failed.
+        one_by_one = settings.api == "completions" and len(prompts) > 1 and not api.quirks.prompt_lists
+        sent = len(prompts) if one_by_one else 1
+        return RequestResult([None] * len(prompts), Usage(requests=sent, failed_requests=sent), str(e),
                              time.monotonic() - started)
 
 
@@ -545,22 +635,38 @@ class Progress:
         return wanted
 
 
+# The likely cause of empty rounds, by the reason most of their tasks were lost to (a filter rule's is built below).
+LOST_TASK_CAUSES = {
+    "malformed": "were malformed (their headers are not exactly N. Instruction: / N. Input: / N. Output:): a model "
+                 "that does not keep the prompt's format (try a better instruction-following model, or --api "
+                 "completions with a base model)",
+    "cut by max_tokens": "were cut by --max_tokens (the last task of a reply that stopped for length): raise "
+                         "--max_tokens, within the model's context",
+    "near-duplicates": "repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies the "
+                       "prompt's examples, or a low --temperature",
+}
+
+
 def empty_rounds_message(progress, regen, redact):
+    """The message that stops the run after --max_empty_rounds rounds kept nothing: their counts, the likely cause
+    (the reason that took the most of their tasks), and the longest reply of the last round."""
     tallies = progress.empty_rounds
     parsed = sum(t.parsed for t in tallies)
-    dropped = collections.Counter()
+    lost = collections.Counter()
     for tally in tallies:
-        dropped.update(tally.dropped)
+        lost.update(tally.dropped)
+        lost["near-duplicates"] += tally.near_duplicates
     if parsed == 0:
         causes = ("the replies hold no task in the prompt's format (N. Instruction: / N. Input: / N. Output:): a "
                   "model too small or not following the prompt, a chat model answering instead of continuing the "
                   "list (try a better instruction-following model, or --api completions with a base model), or "
                   "replies cut short by --max_tokens")
-    elif sum(t.near_duplicates for t in tallies) == 0:
-        causes = f"every task broke a filter rule ({', '.join(f'{n} {r}' for r, n in dropped.most_common())})"
     else:
-        causes = ("the tasks repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies "
-                  "the prompt's examples, or a low --temperature")
+        reason, count = lost.most_common(1)[0]
+        rules = ", ".join(f"{n} {r}" for r, n in lost.most_common() if r not in LOST_TASK_CAUSES and n)
+        why = LOST_TASK_CAUSES.get(reason, f"were dropped as {reason} (a filter rule of the original; all dropped: "
+                                           f"{rules})")
+        causes = f"{count} of the {parsed} tasks parsed {why}"
     sample = redact(progress.sample_reply)
     shown = json.dumps(sample[:600] + ("..." if len(sample) > 600 else ""), ensure_ascii=False)
     return (f"{len(tallies)} rounds in a row kept no instruction ({parsed} tasks parsed; last round: "
@@ -748,12 +854,13 @@ def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
     progress.kept += tally.kept
     bar.total = max(bar.total, len(regen))  # whole rounds may overshoot
     bar.update(tally.kept)
-    requests = f"{len(results)} request{'s' if len(results) > 1 else ''}"
+    # The HTTP requests sent, as the usage line counts them (one per prompt where the server refuses lists).
+    requests = f"{round_usage.requests} request{'' if round_usage.requests == 1 else 's'}"
     bar.write(f"Round {round_.index + 1}: {requests} took {max(r.seconds for r in results):.2f}s, processing took "
               f"{time.monotonic() - started:.2f}s: {tally.describe()}\n"
               f"Usage: round {budget.describe(round_usage)}; total {budget.describe(api.usage)}")
 
-    if round_usage.failed_requests == len(results):
+    if all(result.error is not None for result in results):
         progress.failed_rounds += 1
         if progress.failed_rounds >= MAX_FAILED_ROUNDS:
             raise GenerationError(f"every request of the last {MAX_FAILED_ROUNDS} rounds failed (last error: "

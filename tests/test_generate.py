@@ -760,3 +760,78 @@ def test_one_prompt_is_sent_as_a_string_and_a_server_refusing_lists_gets_one_pro
     err = capsys.readouterr().err
     assert err.count("warning: the server takes one prompt per request (prompt must be a string.); sending one "
                      "request per prompt from now on") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stop message's likely cause follows the counts; round and usage lines count the same requests
+
+
+def reply_of(copies, malformed, short):
+    """A reply to a self-instruct prompt of 3 tasks: `copies` of the prompt's own instructions (near-duplicates),
+    then `malformed` tasks without an Input header, then `short` tasks of 2 words."""
+    def respond(prompt, body):
+        shown = re.findall(r"^\d+\. Instruction: (.*)$", prompt, flags=re.MULTILINE)
+        tasks = [(shown[i % len(shown)], True) for i in range(copies)]
+        tasks += [(f"Explain how the tides work along coast number {i}.", False) for i in range(malformed)]
+        tasks += [("Name it.", True)] * short
+        text = ""
+        for number, (instruction, has_input) in enumerate(tasks, start=4):
+            header = f"{number}. Instruction: " if number > 4 else " "
+            text += (f"{header}{instruction}\n" + (f"{number}. Input:\n<noinput>\n" if has_input else "")
+                     + f"{number}. Output:\nAn answer of a few words.\n###\n")
+        return text
+    return respond
+
+
+@pytest.mark.parametrize("respond, max_tokens, cause", [
+    (reply_of(1, 4, 0), 3072, "60 of the 75 tasks parsed were malformed (their headers are not exactly N. "
+                              "Instruction: / N. Input: / N. Output:)"),
+    (reply_of(1, 0, 4), 3072, "60 of the 75 tasks parsed were dropped as too short (a filter rule of the original; "
+                              "all dropped: 60 too short)"),
+    (reply_of(3, 1, 1), 3072, "45 of the 75 tasks parsed repeat known instructions (ROUGE-L above "
+                              "--similarity_threshold)"),
+    (reply_of(0, 0, 0), 3072, "the replies hold no task in the prompt's format"),
+    (lambda prompt, body: " Describe the life of a lighthouse keeper in detail.\n4. Input:\n<noinput>\n4. Output:\n"
+                          + "And then the light turned. " * 50, 40,
+     "15 of the 15 tasks parsed were cut by --max_tokens (the last task of a reply that stopped for length)"),
+], ids=["malformed", "too short", "near-duplicates", "none parsed", "cut by max_tokens"])
+def test_the_stop_message_names_the_reason_most_tasks_were_lost_to(env, respond, max_tokens, cause):
+    """Most tasks malformed and a few repeating a prompt task once stopped with "Likely cause: the tasks repeat known
+    instructions"."""
+    with OpenAIServer(respond=respond) as server:
+        with pytest.raises(gen.GenerationError) as raised:
+            generate(server, env, num_instructions_to_generate=1_000, max_tokens=max_tokens)
+    assert f"Likely cause: {cause}" in str(raised.value)
+
+
+def round_and_usage_requests(out):
+    """[(requests in the round line, requests and failed ones in its usage line)] for every round printed."""
+    return [(int(a), int(b), int(c)) for a, b, c in re.findall(
+        r"^Round \d+: (\d+) requests? took .*\nUsage: round (\d+) requests? \((\d+) failed\)", out, flags=re.MULTILINE)]
+
+
+@pytest.mark.parametrize("server_options, options, script, first_round", [
+    (dict(prompt_lists=False), dict(api="completions"), [], (5, 5, 0)),
+    # the first request's 5 prompts all fail, one request each
+    (dict(prompt_lists=False), dict(api="completions", max_retries=0), ["ok"] + ["500"] * 5, (5, 5, 5)),
+    (dict(prompt_lists=False, faults={"500": 0.3}, fault_seed=3), dict(api="completions", max_retries=0), [], None),
+    (dict(faults={"500": 0.3}, fault_seed=3), dict(api="chat", max_retries=0), [], None),
+], ids=["one prompt per request", "one prompt per request, all failed", "with failures", "chat with failures"])
+def test_round_lines_and_usage_lines_count_the_same_requests(env, capsys, server_options, options, script,
+                                                             first_round):
+    """A server taking one prompt per request: the round line said "1 request", its usage line "5 requests"; and when
+    all 5 failed, both said 1."""
+    with OpenAIServer(**server_options) as server:
+        server.script = list(script)
+        generate(server, env, num_instructions_to_generate=100, concurrency=1, **options)
+    out = capsys.readouterr().out
+    counts = round_and_usage_requests(out)
+    assert len(counts) > 1 and all(in_round == in_usage for in_round, in_usage, _ in counts), counts
+    assert first_round is None or counts[0] == first_round
+    answered = [r for r in server.requests if r["outcome"] in ("ok", "500")]
+    # (rounds still in flight when the target is reached are not printed, but their requests are in the total)
+    total_requests, total_failed, *_ = total_usage_line(out)
+    assert sum(in_usage for _, in_usage, _ in counts) <= len(answered) == total_requests
+    failed_on_server = sum(r["outcome"] == "500" for r in server.requests)
+    assert sum(failed for *_, failed in counts) <= total_failed == failed_on_server
+    assert (failed_on_server > 0) == bool(script or "faults" in server_options)

@@ -5,7 +5,9 @@ tests/original_alpaca.original_post_process, on hand-written and on thousands of
 original failed on real replies is written out below, with what the original made of it and what we make of it.
 """
 
+import json
 import random
+import re
 
 import pytest
 
@@ -192,6 +194,32 @@ def test_the_stop_sequences_name_only_the_header_of_task_20():
         assert apply_stop(f"5. Output:\nok\n###\n{dressed}", gen.STOP_SEQUENCES)[1], dressed
 
 
+def test_a_field_ending_in_a_markdown_rule_keeps_it():
+    """A text table ends in a line of dashes, a pattern holds a line of stars, a last output ends in a rule: in the
+    prompt's format these are the fields' text, as the original kept them (they were cut as chat decoration)."""
+    table = "Name   | Age\n-------------\nAda    | 36\n-------------"
+    text = (" Show the ages of the guests as a text table.\n4. Input:\nAda, 36\n4. Output:\n" + table + "\n###\n"
+            "5. Instruction: Write the code that prints this star pattern.\n5. Input:\n*\n**\n***\n****\n5. Output:\n"
+            "for i in range(1, 5):\n    print('*' * i)\n###\n"
+            "6. Instruction: Write a short report with two sections.\n6. Input:\n<noinput>\n6. Output:\n"
+            "Sales rose.\n\n---\n\nCosts fell.\n\n---")
+    tasks = ours(text)
+    assert tasks == original(text)
+    assert [task["output"] for task in tasks][::2] == [table, "Sales rose.\n\n---\n\nCosts fell.\n\n---"]
+    assert tasks[1]["input"] == "*\n**\n***\n****"
+
+
+def test_rules_instead_of_separators_between_tasks():
+    """A reply that puts markdown rules where the prompt has "###": the rules separate its tasks."""
+    text = (" Describe the water cycle to a ten-year-old.\n4. Input:\n<noinput>\n4. Output:\nWater evaporates, "
+            "forms clouds, falls as rain and flows back to the sea.\n\n---\n\n5. Instruction: Classify the email as "
+            "spam or not spam.\n5. Input:\nYou have WON a free cruise! Click now.\n5. Output:\nSpam\n\n---\n")
+    assert ours(text) == CHAT_TASKS
+    [merged] = original(text)  # the original read one task, its output holding the next
+    assert merged["output"].endswith("5. Output:\nSpam\n\n---")
+    assert ours(text, "length") == CHAT_TASKS  # closed by its last rule
+
+
 CHAT_TASKS = [
     {"instruction": "Describe the water cycle to a ten-year-old.", "input": "",
      "output": "Water evaporates, forms clouds, falls as rain and flows back to the sea."},
@@ -256,15 +284,43 @@ def test_chat_replies_where_the_original_failed():
         "Instruction: Describe the water cycle to a ten-year-old.")
 
 
+def test_a_fence_around_the_list_goes_but_a_code_block_in_the_last_output_stays():
+    code = "```python\nprint('Hello!')\n```"
+    tasks = ("4. Instruction: Describe the water cycle to a ten-year-old.\n4. Input:\n<noinput>\n4. Output:\nWater "
+             "evaporates, forms clouds, falls as rain and flows back to the sea.\n###\n5. Instruction: Show a line of "
+             "Python that greets the reader.\n5. Input:\n<noinput>\n5. Output:\n" + code)
+    for reply in ("```\n" + tasks + "\n```\n\nI hope these help!",  # a fenced list, then remarks
+                  "Here they are:\n```\n" + tasks,  # the list's fence never closed
+                  "```\n" + tasks[len("4. Instruction:"):]):  # a fence, then the prompt continued
+        assert [task["output"] for task in ours(reply)] == [CHAT_TASKS[0]["output"], code], reply
+
+
 def test_text_that_merely_looks_like_a_header_stays_in_the_output():
+    """Header-like text of another task's number, or without a number, and "###" inside a line are the output's."""
     text = (" Explain how to label the fields of a form.\n4. Input:\n<noinput>\n4. Output:\nEvery form has an "
-            "Instruction: line, then 4. Input: and 4. Output: fields, and a code block:\n```python\nprint('###')\n```\n"
+            "Instruction: line, then 7. Input: and 7. Output: fields, and a code block:\n```python\nprint('###')\n```\n"
             "###\n5. Instruction: Give an example of a haiku about rain.\n5. Input:\n<noinput>\n5. Output:\n"
             "Soft rain on the roof")
     tasks = ours(text)
     assert instructions(tasks) == ["Explain how to label the fields of a form.",
                                    "Give an example of a haiku about rain."]
     assert tasks[0]["output"].endswith("a code block:\n```python\nprint('###')\n```")
+    # The original cut the output at the "###" in print(), and lost the next task to the misnumbering that followed.
+    [cut] = original(text)
+    assert cut["instruction"] == tasks[0]["instruction"] and cut["output"].endswith("a code block:\n```python\nprint('")
+
+
+def test_a_header_of_the_tasks_own_number_inside_its_text_counts_where_the_original_counted_it():
+    """The original split each piece at "{its number}. Input:" (and Instruction, Output) anywhere, even inside "14.":
+    a fourth such header drops the task. Text written so is a leaked task the model did not separate (text-davinci-003
+    wrote 37 of the 52K outputs so); the decisions stay the original's."""
+    for inside in ("then 4. Input: and 4. Output: fields", "leaked\n14. Instruction: Name a colour.\n14. Input:\n"
+                   "<noinput>\n14. Output:\nRed"):
+        text = (f" Explain how to label the fields of a form.\n4. Input:\n<noinput>\n4. Output:\nEvery form, {inside}"
+                "\n###\n5. Instruction: Give an example of a haiku about rain.\n5. Input:\n<noinput>\n5. Output:\n"
+                "Soft rain on the roof\n###\n")
+        assert ours(text) == original(text) and instructions(ours(text)) == ["Give an example of a haiku about rain."]
+        assert gen.parse_reply(text, 3, "stop")[1] == {"malformed": 1}
 
 
 def test_the_stop_text_a_server_leaves_in_the_reply_is_ignored():
@@ -275,3 +331,73 @@ def test_the_stop_text_a_server_leaves_in_the_reply_is_ignored():
 def test_a_reply_with_no_header_has_no_task():
     assert gen.parse_reply("Sure! I can help with that. What kind of tasks would you like?", 3, "stop") == ([], {})
     assert gen.parse_reply("", 3, "length") == ([], {})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Replies made of real Alpaca tasks, joined as the prompt joins them: exactly the original's decisions
+
+# Field text that a parser may take for structure: markdown rules, fences and headings, header-like "N. Output:" or
+# "Instruction:" text, "<noinput>", and last paragraphs that read like a chat model's closing remarks.
+STRUCTURE_LIKE = re.compile(r"(?im)^[ \t]*(?:[-*_]{3,}[ \t]*$|```|#|[*_]*\d+\.\s*[*_]*(?:instruction|input|output))"
+                            r"|(?:instruction|input|output)\s*:|noinput|\n\s*\n\s*(?:i hope|hope this|let me know|"
+                            r"feel free|these |i've |i have |would you|if you|enjoy)")
+
+
+@pytest.fixture(scope="module")
+def alpaca_records(shared_data_dir):
+    return json.loads((shared_data_dir / "alpaca_data.json").read_text(encoding="utf-8"))
+
+
+def alpaca_reply(rng, prompt_tasks, reply_tasks):
+    """The reply a model in the prompt's format writes after encode_prompt(prompt_tasks), holding reply_tasks: the
+    same encoding (each task "N. Instruction: ...\\nN. Input:\\n...\\nN. Output:\\n...\\n", "###" between them), ended
+    as replies end: stopped before task 20 (the stop text left out, or left in as `transformers serve` does),
+    stopped early (the model's end of text, after a "###" or right after an output), or cut for length at a random
+    token or character. Returns (text, finish_reason)."""
+    prompt = gen.encode_prompt(prompt_tasks, prompt_path=__file__)
+    text = gen.encode_prompt(prompt_tasks + reply_tasks, prompt_path=__file__)[len(prompt):]
+    ending = rng.choice(["stop", "stop", "stop text left", "end of text", "end of text after output", "length",
+                         "length at a character"])
+    if len(prompt_tasks) + len(reply_tasks) == gen.LAST_TASK_NUMBER - 1 and ending in ("stop", "stop text left"):
+        cut, _ = apply_stop(text, gen.STOP_SEQUENCES)
+        return (text if ending == "stop text left" and cut == text[:-1] else cut), "stop"
+    text = text[:text.rindex("###\n")]  # the model's end of text after the last output
+    if ending == "end of text":
+        return text + "###\n", "stop"
+    if ending == "length":
+        return cut_to_tokens(text, rng.randint(1, len(text.split())))[0], "length"
+    if ending == "length at a character":
+        return text[:rng.randint(0, len(text))], "length"
+    return text, "stop"
+
+
+def compare_on_alpaca_replies(rng, records, tricky, replies):
+    """Build `replies` replies (0 to 18 prompt tasks, then tasks up to 19; half of them from `tricky` when given),
+    and check that ours and the original make the same tasks of each. Returns (tasks kept, tricky tasks used)."""
+    kept = tricky_used = 0
+    for _ in range(replies):
+        n = rng.randint(0, gen.LAST_TASK_NUMBER - 2)
+        count = gen.LAST_TASK_NUMBER - 1 - n if rng.random() < 0.7 else rng.randint(1, gen.LAST_TASK_NUMBER - 1 - n)
+        reply_tasks = [rng.choice(tricky if tricky and rng.random() < 0.5 else records) for _ in range(count)]
+        tricky_used += sum(STRUCTURE_LIKE.search(" ".join(task.values())) is not None for task in reply_tasks)
+        text, finish_reason = alpaca_reply(rng, rng.sample(records, n), reply_tasks)
+        if rng.random() < 0.1:
+            text = text.replace("\n", "\r\n")  # as some servers end their lines
+        expected = original(text, finish_reason, n)
+        assert ours(text, finish_reason, n) == expected, (n, finish_reason, text)
+        kept += len(expected)
+    return kept, tricky_used
+
+
+def test_replies_of_random_alpaca_tasks_give_the_original_decisions(alpaca_records):
+    kept, _ = compare_on_alpaca_replies(random.Random(18), alpaca_records, None, 600)
+    assert kept > 3_000
+
+
+def test_replies_of_structure_like_alpaca_tasks_give_the_original_decisions(alpaca_records):
+    """Half of each reply's tasks are the real tasks whose text looks like structure (rules, fences, headings,
+    header-like text, closing remarks): 1,000 replies."""
+    tricky = [task for task in alpaca_records if STRUCTURE_LIKE.search(" ".join(task.values()))]
+    assert len(tricky) > 700
+    kept, tricky_used = compare_on_alpaca_replies(random.Random(19), alpaca_records, tricky, 1_000)
+    assert kept > 5_000 and tricky_used > 3_000
