@@ -522,3 +522,22 @@ def test_the_prompt_ids_are_those_of_the_training_row_in_every_mode(family, toke
         monkeypatch.setattr(sys, "stdin", stdin)
         inference.inference(model_name_or_path=str(folder), max_new_tokens=1, device="cpu")
     assert prompts_fed_to_generate == [expected[SAMPLE_RECORDS[1]["instruction"], SAMPLE_RECORDS[1]["input"]]]
+
+
+def test_a_prompt_is_never_cut_whatever_the_tokenizers_truncation_side(tokenizer_matrix, tmp_path,
+                                                                       prompts_fed_to_generate, capsys):
+    """inference.py never truncates a prompt: past the model's context it warns (check_context). A tokenizer config
+    with truncation_side "left" and a short model_max_length changes nothing."""
+    import shutil
+
+    folder = tmp_path / "left"
+    shutil.copytree(tokenizer_matrix["llama1"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "truncation_side": "left",
+                                                              "model_max_length": 16}))
+    record = SAMPLE_RECORDS[1]
+    expected = training_prompt_ids(tokenizer_matrix["llama1"], [record])[record["instruction"], record["input"]]
+    assert len(expected) > 16
+    inference.inference(model_name_or_path=str(folder), instruction=record["instruction"], input=record["input"],
+                        max_new_tokens=1, device="cpu")
+    assert prompts_fed_to_generate == [expected]
