@@ -151,7 +151,7 @@ def parse_args(argv=None):
                          "`python utils.py download alpaca_data`)")
     if not namespace.output_dir:
         raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
-    check_values(namespace)
+    notices += check_values(namespace)
     load_training_data(namespace.data_path, keep=True)  # every record, now: loading a 7B model takes minutes
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
@@ -178,19 +178,26 @@ def check_config_files(namespace):
 
 def check_values(namespace):
     """UsageError for a flag value that transformers or torch would only refuse with a traceback once the model is
-    loaded: sizes below 1, a negative (or NaN) learning rate, a --resume_from_checkpoint folder that does not exist."""
+    loaded: sizes below 1, a negative (or NaN) learning rate, a --resume_from_checkpoint folder that does not exist.
+
+    `--resume_from_checkpoint last` (or True) becomes the path of the newest checkpoint-* in --output_dir; returns the
+    notice that names it (a list of 0 or 1 lines)."""
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length"):
         cli.check_number(flag, getattr(namespace, flag), 1, int)
     cli.check_number("learning_rate", namespace.learning_rate, 0)
     resume = namespace.resume_from_checkpoint
     if resume and resume.lower() in ("true", "last"):
-        if not (os.path.isdir(namespace.output_dir)
-                and transformers.trainer_utils.get_last_checkpoint(namespace.output_dir)):
+        checkpoint = os.path.isdir(namespace.output_dir) and transformers.trainer_utils.get_last_checkpoint(
+            namespace.output_dir)
+        if not checkpoint:
             raise UsageError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in --output_dir "
                              f"{namespace.output_dir}")
-    elif resume and not os.path.isdir(resume):
+        namespace.resume_from_checkpoint = checkpoint
+        return [f"--resume_from_checkpoint {resume}: resuming from {checkpoint}, the newest checkpoint in --output_dir"]
+    if resume and not os.path.isdir(resume):
         raise UsageError(f"--resume_from_checkpoint {resume}: no such folder (or pass last for the newest checkpoint "
                          "in --output_dir)")
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -451,9 +458,10 @@ def load_model_and_tokenizer(model_args, training_args):
                         **lora.quantization_kwargs(model_args, training_args))
     if model_args.attn_implementation:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
+    # No weights, an unknown architecture, or a missing flash-attn or quantized model's library (bitsandbytes):
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
-    except (OSError, ValueError) as e:  # no weights, an unknown architecture, flash-attn not installed
+    except (ImportError, OSError, ValueError) as e:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model: "
                          f"{cli.first_line(e)}") from None
     rows = model.get_input_embeddings().num_embeddings
@@ -500,6 +508,10 @@ def train(argv=None):
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
+    # Before anything loads: read from config.json and the checkpoint's adapter_config.json only.
+    lora.check_quantized_base(model_args, training_args.cache_dir)
+    if training_args.resume_from_checkpoint:
+        lora.check_resume(model_args, training_args.resume_from_checkpoint, training_args.cache_dir)
     # Seeded before loading, not only by the Trainer after: LoRA draws its A matrices when the adapters are added.
     transformers.set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
