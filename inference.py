@@ -201,12 +201,19 @@ class Decoding:
         return params
 
 
+def prompt_batch(tokenizer, prompts):
+    """input_ids and attention_mask of `prompts`, padded on the tokenizer's (left) side: each prompt's ids exactly as
+    train.py starts a training row (utils.prompt_token_ids), never with what the tokenizer appends (add_eos_token's
+    EOS) and never cut, whatever the tokenizer's truncation_side and model_max_length (check_context warns instead)."""
+    return tokenizer.pad({"input_ids": utils.prompt_token_ids(tokenizer, prompts)}, padding=True, return_tensors="pt")
+
+
 def generate(model, tokenizer, prompts, generation_config, streamer=None):
     """The cleaned answers to `prompts`, generated as one left-padded batch; and the number of tokens generated
     (up to each row's end: EOS, stop sequence or max_new_tokens)."""
     import torch
 
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    inputs = prompt_batch(tokenizer, prompts).to(model.device)
     with torch.inference_mode():
         sequences = model.generate(**inputs, generation_config=generation_config, tokenizer=tokenizer,
                                    streamer=streamer)
@@ -307,7 +314,7 @@ def interactive(model, tokenizer, generation_config, tasks):
 
 def prompt_lengths(tokenizer, prompts):
     """The token count of each prompt, as generate tokenizes it."""
-    return [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+    return [len(ids) for ids in utils.prompt_token_ids(tokenizer, prompts)] if prompts else []
 
 
 def length_sorted_batches(lengths, batch_size):

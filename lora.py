@@ -59,6 +59,47 @@ def check_args(args):
             raise UsageError("--load_in_4bit True (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
 
 
+def model_config_json(name_or_path, cache_dir=None):
+    """The config.json of a model folder or hub id as a dict; {} when there is none or it cannot be read (loading the
+    model then says why)."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name_or_path, "config.json", cache_dir=cache_dir,
+                           _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if not path:
+            return {}
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def describe_quantization(quantization_config):
+    """"bitsandbytes 4-bit", "gptq 4-bit", "fp8": a config.json quantization_config in a few words."""
+    method = quantization_config.get("quant_method", "unknown method")
+    bits = quantization_config.get("bits")
+    if quantization_config.get("load_in_4bit") or quantization_config.get("load_in_8bit"):
+        bits = 4 if quantization_config.get("load_in_4bit") else 8
+    return f"{method} {bits}-bit" if bits else str(method)
+
+
+def check_quantized_base(args, cache_dir=None):
+    """UsageError for full fine-tuning (--lora_r 0) of a model whose config.json carries a quantization_config (a
+    GPTQ, AWQ, bitsandbytes or FP8 export): its weights cannot be trained, only adapters over them. Reads config.json
+    only."""
+    quantization = model_config_json(args.model_name_or_path, cache_dir).get("quantization_config")
+    if args.lora_r == 0 and isinstance(quantization, dict):
+        raise UsageError(f"--model_name_or_path {args.model_name_or_path}: the model is quantized (quantization_config "
+                         f"in its config.json: {describe_quantization(quantization)}), and full fine-tuning cannot "
+                         "train quantized weights: train LoRA adapters over it (--lora_r 8), or give a de-quantized "
+                         "copy of the model")
+
+
 def linear_layer_names(model):
     """{full module name: leaf name} of the model's linear layers (nn.Linear, GPT-2's Conv1D), output embedding
     excluded (it is the vocabulary projection, not a layer LoRA adapts by default)."""
@@ -81,11 +122,9 @@ def attention_projections(model):
     return fused or sorted(n for n in names & linear if QUERY_VALUE.match(n))
 
 
-def target_modules(model_args, cache_dir=None):
-    """The modules LoRA adapts: --lora_target_modules checked against the model, or the model's attention query and
-    value projections. Read from the model's config (an empty model on the meta device), so a wrong name is a
-    UsageError, listing the model's linear layers, before any weight is loaded. Returns a list of names or "all-linear".
-    """
+def empty_model(model_args, cache_dir=None):
+    """The model of --model_name_or_path built from its config on the meta device: its modules, no weights. A config
+    that cannot be read is a UsageError."""
     import accelerate
     import transformers
 
@@ -94,10 +133,67 @@ def target_modules(model_args, cache_dir=None):
         config = transformers.AutoConfig.from_pretrained(path, cache_dir=cache_dir,
                                                          trust_remote_code=model_args.trust_remote_code)
         with accelerate.init_empty_weights():
-            model = transformers.AutoModelForCausalLM.from_config(config,
-                                                                  trust_remote_code=model_args.trust_remote_code)
+            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model_name_or_path {path}: cannot read its config: {cli.first_line(e)}") from None
+
+
+def adapted_modules(model, targets):
+    """The full names of the linear layers of `model` that LoRA adapts for `targets` (a list of names, matched as peft
+    matches them against the end of a module's name; a regular expression string; or all-linear)."""
+    linear = linear_layer_names(model)
+    if targets == ALL_LINEAR:
+        return set(linear)
+    if isinstance(targets, str):
+        return {full for full in linear if re.fullmatch(targets, full)}
+    return {full for full in linear if any(full == name or full.endswith("." + name) for name in targets)}
+
+
+def check_resume(model_args, checkpoint, cache_dir=None):
+    """UsageError when the LoRA flags differ from what the checkpoint holds: an adapter (adapter_config.json) resumed
+    without --lora_r or with another r, lora_alpha or set of adapted layers; a fully fine-tuned model resumed with
+    --lora_r. The message names both values. Reads adapter_config.json, and the model's config for the layers."""
+    import json
+
+    path = os.path.join(checkpoint, "adapter_config.json")
+    prefix = f"--resume_from_checkpoint {checkpoint}: "
+    if not os.path.isfile(path):
+        if model_args.lora_r:
+            raise UsageError(f"{prefix}--lora_r {model_args.lora_r}, but the checkpoint holds a fully fine-tuned model "
+                             "(no adapter_config.json): drop --lora_r to resume it")
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    where = "(its adapter_config.json)"
+    if not model_args.lora_r:
+        raise UsageError(f"{prefix}--lora_r 0 (full fine-tuning), but the checkpoint holds a LoRA adapter with "
+                         f"r={saved.get('r')} {where}: pass --lora_r {saved.get('r')} to resume it")
+    for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        ours, theirs = getattr(model_args, flag), saved.get(key)
+        if theirs is not None and ours != theirs:
+            raise UsageError(f"{prefix}--{flag} {ours:g}, but the checkpoint's adapter has {key}={theirs:g} {where}: "
+                             f"pass --{flag} {theirs:g} to resume it")
+    model = empty_model(model_args, cache_dir)
+    ours, theirs = target_modules(model_args, cache_dir), saved.get("target_modules")
+    if not theirs or adapted_modules(model, ours) == adapted_modules(model, theirs):
+        return
+    every_linear = adapted_modules(model, ALL_LINEAR)
+
+    def describe(targets):  # peft saves all-linear as the full name of every layer it matched
+        if adapted_modules(model, targets) == every_linear:
+            return ALL_LINEAR
+        return targets if isinstance(targets, str) else ",".join(sorted(set(targets)))
+
+    raise UsageError(f"{prefix}--lora_target_modules {describe(ours)}, but the checkpoint's adapter adapts "
+                     f"{describe(theirs)} {where}: pass --lora_target_modules {describe(theirs)} to resume it")
+
+
+def target_modules(model_args, cache_dir=None):
+    """The modules LoRA adapts: --lora_target_modules checked against the model, or the model's attention query and
+    value projections. Read from the model's config (an empty model on the meta device), so a wrong name is a
+    UsageError, listing the model's linear layers, before any weight is loaded. Returns a list of names or "all-linear".
+    """
+    model = empty_model(model_args, cache_dir)
     linear = linear_layer_names(model)
     known = f"its linear layers are {', '.join(sorted(set(linear.values())))} (or {ALL_LINEAR})"
     requested = model_args.lora_target_modules

@@ -159,7 +159,7 @@ def parse_args(argv=None):
     if not namespace.output_dir:
         raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
     cli.check_writable("output_dir", namespace.output_dir)  # before the data is tokenized and the model loaded
-    check_values(namespace)
+    notices += check_values(namespace)
     load_training_data(namespace.data_path, keep=True)  # every record, now: loading a 7B model takes minutes
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
@@ -186,19 +186,26 @@ def check_config_files(namespace):
 
 def check_values(namespace):
     """UsageError for a flag value that transformers or torch would only refuse with a traceback once the model is
-    loaded: sizes below 1, a negative (or NaN) learning rate, a --resume_from_checkpoint folder that does not exist."""
+    loaded: sizes below 1, a negative (or NaN) learning rate, a --resume_from_checkpoint folder that does not exist.
+
+    `--resume_from_checkpoint last` (or True) becomes the path of the newest checkpoint-* in --output_dir; returns the
+    notice that names it (a list of 0 or 1 lines)."""
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length"):
         cli.check_number(flag, getattr(namespace, flag), 1, int)
     cli.check_number("learning_rate", namespace.learning_rate, 0)
     resume = namespace.resume_from_checkpoint
     if resume and resume.lower() in ("true", "last"):
-        if not (os.path.isdir(namespace.output_dir)
-                and transformers.trainer_utils.get_last_checkpoint(namespace.output_dir)):
+        checkpoint = os.path.isdir(namespace.output_dir) and transformers.trainer_utils.get_last_checkpoint(
+            namespace.output_dir)
+        if not checkpoint:
             raise UsageError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in --output_dir "
                              f"{namespace.output_dir}")
-    elif resume and not os.path.isdir(resume):
+        namespace.resume_from_checkpoint = checkpoint
+        return [f"--resume_from_checkpoint {resume}: resuming from {checkpoint}, the newest checkpoint in --output_dir"]
+    if resume and not os.path.isdir(resume):
         raise UsageError(f"--resume_from_checkpoint {resume}: no such folder (or pass last for the newest checkpoint "
                          "in --output_dir)")
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -251,33 +258,19 @@ def missing_special_tokens(tokenizer):
     return special_tokens_dict
 
 
-def leading_special_tokens(tokenizer: transformers.PreTrainedTokenizerBase):
-    """The ids a tokenizer puts before every text: [bos] for LLaMA and Llama-3, OPT's [</s>], [] for Qwen and GPT-2.
-
-    Found by encoding a probe with and without special tokens, so it holds for any tokenizer. (What a tokenizer puts
-    after a text, e.g. the EOS of `add_eos_token=True`, is left out of training rows: the target brings its own EOS.)
-    """
-    probe = "Below is an instruction."
-    with_special = tokenizer(probe)["input_ids"]
-    text = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(text) + 1):
-        if with_special[start : start + len(text)] == text:
-            return with_special[:start]
-    raise ValueError(f"{type(tokenizer).__name__}: cannot find the text's tokens inside its tokens with special "
-                     f"tokens ({with_special} vs {text})")
+leading_special_tokens = utils.leading_special_tokens  # where it was defined before utils shared it with inference.py
 
 
 def _tokenize_fn(strings: Sequence[str], tokenizer: transformers.PreTrainedTokenizerBase, max_length=None) -> Dict:
-    """Token ids of each string, without special tokens, truncated to max_length; batched calls to the tokenizer.
+    """Token ids of each string as a training row starts (utils.prompt_token_ids: the tokens the tokenizer puts
+    before a text, then the string's), cut to the first max_length; batched calls to the tokenizer.
 
     Returns dict(input_ids=[ids per string], input_ids_lens=[number of ids per string]).
     """
-    truncation = dict(truncation=True, max_length=max_length) if max_length is not None else {}
     quiet = os.environ.get("LOCAL_RANK", "0") != "0" or len(strings) <= TOKENIZE_CHUNK_SIZE
     input_ids = []
     for start in tqdm(range(0, len(strings), TOKENIZE_CHUNK_SIZE), desc="Tokenizing", unit="chunk", disable=quiet):
-        chunk = list(strings[start : start + TOKENIZE_CHUNK_SIZE])
-        input_ids += tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, **truncation)["input_ids"]
+        input_ids += utils.prompt_token_ids(tokenizer, strings[start : start + TOKENIZE_CHUNK_SIZE], max_length)
     return dict(input_ids=input_ids, input_ids_lens=[len(ids) for ids in input_ids])
 
 
@@ -289,11 +282,12 @@ def preprocess(
     """Tokenize source + target; the labels are the ids with the source's positions set to IGNORE_INDEX.
 
     ids = the special tokens the tokenizer puts before a text (leading_special_tokens: BOS, OPT's </s>, or none), then
-    the tokens of source + target, truncated at model_max_length. The target ends with the EOS (SupervisedDataset), and
+    the tokens of source + target, cut to the first model_max_length ids (whatever the tokenizer's truncation_side: a
+    row cut at its start would train without its prompt). The target ends with the EOS (SupervisedDataset), and
     what a tokenizer appends itself (an add_eos_token=True LLaMA's </s>) is left out, so the labels are exactly the
-    response tokens plus one EOS, whatever the tokenizer adds. The source covers the first len(leading) + len(tokens of
-    source) positions: for LLaMA-1 exactly the original's len(tokenizer(source)), so the ids and labels are the
-    original's.
+    response tokens plus one EOS, whatever the tokenizer adds. The source covers its utils.prompt_token_ids, the very
+    ids inference.py feeds as the prompt: for LLaMA-1 exactly the original's tokenizer(source), so the ids and labels
+    are the original's.
 
     Where the source's last token merges with the target's first in the joint tokenization (":[" or ':"' after
     "### Response:"), the original's count is kept, so the merged token is masked, and those rows are counted in a
@@ -302,11 +296,10 @@ def preprocess(
     """
     if len(sources) != len(targets):
         raise ValueError(f"preprocess: {len(sources)} sources but {len(targets)} targets")
-    leading = leading_special_tokens(tokenizer)
-    max_length = tokenizer.model_max_length - len(leading) if tokenizer.model_max_length < 2**31 else None
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else None
     examples = [s + t for s, t in zip(sources, targets)]
     examples_tokenized = _tokenize_fn(examples, tokenizer, max_length)
-    sources_tokenized = _tokenize_fn(sources, tokenizer, max_length)
+    sources_tokenized = _tokenize_fn(sources, tokenizer, max_length)  # what inference.py feeds as the prompt
     input_ids, labels, dropped, merged = [], [], [], []
     for index, (ids, source_ids) in enumerate(zip(examples_tokenized["input_ids"], sources_tokenized["input_ids"])):
         source_len = len(source_ids)
@@ -315,9 +308,9 @@ def preprocess(
             continue
         if ids[:source_len] != source_ids:
             merged.append(index)
-        ids = torch.tensor(leading + ids, dtype=torch.long)
+        ids = torch.tensor(ids, dtype=torch.long)
         label = ids.clone()
-        label[: len(leading) + source_len].fill_(IGNORE_INDEX)  # fill_: half the cost of item assignment
+        label[:source_len].fill_(IGNORE_INDEX)  # fill_: half the cost of item assignment
         input_ids.append(ids)
         labels.append(label)
     if dropped:
@@ -436,7 +429,8 @@ def make_supervised_data_module(
 
 
 def load_tokenizer(model_args, training_args):
-    """The tokenizer with the original's settings (model_max_length, right padding).
+    """The tokenizer with the original's settings (model_max_length, right padding), truncating on the right
+    whatever its config says (preprocess keeps the start of a row in any case; the saved tokenizer says so too).
 
     transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
     per-example calls). compat.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
@@ -450,6 +444,7 @@ def load_tokenizer(model_args, training_args):
     try:
         return compat.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
                                      model_max_length=training_args.model_max_length, padding_side="right",
+                                     truncation_side="right",
                                      trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:  # no such folder or hub model, no tokenizer files, a wrong added-token id
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its tokenizer: "
@@ -471,9 +466,10 @@ def load_model_and_tokenizer(model_args, training_args):
                         **lora.quantization_kwargs(model_args, training_args))
     if model_args.attn_implementation:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
+    # No weights, an unknown architecture, or a missing flash-attn or quantized model's library (bitsandbytes):
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
-    except (OSError, ValueError) as e:  # no weights, an unknown architecture, flash-attn not installed
+    except (ImportError, OSError, ValueError) as e:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model: "
                          f"{cli.first_line(e)}") from None
     rows = model.get_input_embeddings().num_embeddings
@@ -520,6 +516,10 @@ def train(argv=None):
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
+    # Before anything loads: read from config.json and the checkpoint's adapter_config.json only.
+    lora.check_quantized_base(model_args, training_args.cache_dir)
+    if training_args.resume_from_checkpoint:
+        lora.check_resume(model_args, training_args.resume_from_checkpoint, training_args.cache_dir)
     # Seeded before loading, not only by the Trainer after: LoRA draws its A matrices when the adapters are added.
     transformers.set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)

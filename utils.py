@@ -369,6 +369,43 @@ def load_tokenizer(name_or_path, **kwargs):
     return compat.load_tokenizer(name_or_path, **kwargs)
 
 
+def leading_special_tokens(tokenizer):
+    """The ids a tokenizer puts before every text: [bos] for LLaMA and Llama-3, OPT's [</s>], [] for Qwen and GPT-2.
+
+    Found by encoding a probe with and without special tokens, so it holds for any tokenizer. (What a tokenizer puts
+    after a text, e.g. the EOS of `add_eos_token=True`, is no part of a prompt: a training target brings its own EOS.)
+    """
+    probe = "Below is an instruction."
+    with_special = tokenizer(probe)["input_ids"]
+    text = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(text) + 1):
+        if with_special[start : start + len(text)] == text:
+            return with_special[:start]
+    raise ValueError(f"{type(tokenizer).__name__}: cannot find the text's tokens inside its tokens with special "
+                     f"tokens ({with_special} vs {text})")
+
+
+def prompt_token_ids(tokenizer, texts, max_length=None):
+    """The token ids of each text as the start of a training row (train.py) and as a prompt (inference.py): the
+    special tokens the tokenizer puts before a text (leading_special_tokens), then the text's tokens, and nothing the
+    tokenizer appends (add_eos_token's EOS, which training never shows at the end of a prompt).
+
+    With max_length, a row is cut to its first max_length ids whatever the tokenizer's truncation_side says: a row
+    cut at its start would lose its prompt. One batched tokenizer call; returns a list of lists of ints.
+    """
+    leading = leading_special_tokens(tokenizer)
+    truncation = {}
+    if max_length is not None:
+        truncation = dict(truncation=True, max_length=max(max_length - len(leading), 0))
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "right"  # restored below: the caller's tokenizer is left as it was
+    try:
+        rows = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, **truncation)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+    return [(leading + row)[:max_length] if max_length is not None else leading + row for row in rows]
+
+
 def mean_row(weight):
     """The mean of the rows of a 2-D `weight`, shape [1, columns], in its dtype: the embedding (and lm_head) row of a
     token train.py adds, as the original smart_tokenizer_and_embedding_resize computed it. weight_diff.py applies the

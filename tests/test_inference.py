@@ -15,7 +15,7 @@ import pytest
 import cli
 import inference
 import utils
-from conftest import REPO_ROOT, SAMPLE_RECORDS, make_tiny_llama_config
+from conftest import REPO_ROOT, SAMPLE_RECORDS, TOKENIZER_MATRIX, make_tiny_llama_config
 from eval_data import EvalDataError
 from openai_server import OpenAIServer
 from test_train import _model_folder
@@ -559,3 +559,86 @@ def test_weight_diff_on_an_adapter_folder_says_to_use_the_merged_model(adapters,
     assert str(raised.value) == (
         f"tuned model: {adapters['with_rows']} holds a LoRA adapter (adapter_config.json), not a whole model: give "
         "the merged model (train.py --merge_lora True writes it to <output_dir>/merged)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt ids: exactly the prompt part of a training row, for every tokenizer family
+
+
+@pytest.fixture
+def prompts_fed_to_generate(monkeypatch):
+    """The unpadded prompt ids (attention mask 1) of every row that any model.generate call receives."""
+    import transformers
+
+    seen = []
+    generate = transformers.GenerationMixin.generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen.extend(row[mask.bool()].tolist() for row, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", recording_generate)
+    return seen
+
+
+def training_prompt_ids(folder, records, **tokenizer_kwargs):
+    """{(instruction, input): the masked (prompt) part of the row train.preprocess builds for the record}."""
+    import train
+    from test_train import sources_and_targets
+
+    tokenizer = train.load_tokenizer(train.ModelArguments(model_name_or_path=str(folder)),
+                                     train.TrainingArguments(output_dir="unused", **tokenizer_kwargs))
+    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    sources, targets = sources_and_targets(records, tokenizer)
+    rows = train.preprocess(sources, targets, tokenizer)
+    assert len(rows["input_ids"]) == len(records)
+    prompts = [ids[labels == utils.IGNORE_INDEX].tolist() for ids, labels in zip(rows["input_ids"], rows["labels"])]
+    assert [utils.prompt_token_ids(tokenizer, [source])[0] for source in sources] == prompts  # the shared function
+    return {(r["instruction"], r.get("input", "")): ids for r, ids in zip(records, prompts)}
+
+
+@pytest.mark.parametrize("family", TOKENIZER_MATRIX)
+def test_the_prompt_ids_are_those_of_the_training_row_in_every_mode(family, tokenizer_matrix, alpaca_sample_path,
+                                                                    tmp_path, monkeypatch, prompts_fed_to_generate):
+    """An add_eos_token=True tokenizer put </s> at the end of every prompt, which training never shows the model."""
+    from test_train import records_without_merges  # no prompt/response token merge: the masked part is the prompt
+
+    folder = tokenizer_matrix[family]
+    expected = training_prompt_ids(folder, records_without_merges())
+    # file mode: left-padded batches of different lengths
+    run_batch(folder, alpaca_sample_path, tmp_path / "out.json", batch_size=5, max_new_tokens=1)
+    assert sorted(prompts_fed_to_generate) == sorted(expected[r["instruction"], r["input"]] for r in SAMPLE_RECORDS)
+    # one instruction, with and without an input
+    for record in SAMPLE_RECORDS[:2]:
+        prompts_fed_to_generate.clear()
+        inference.inference(model_name_or_path=str(folder), instruction=record["instruction"],
+                            input=record["input"], max_new_tokens=1, device="cpu")
+        assert prompts_fed_to_generate == [expected[record["instruction"], record["input"]]]
+    # interactive, through a pipe
+    prompts_fed_to_generate.clear()
+    read_end, write_end = os.pipe()
+    os.write(write_end, f"{SAMPLE_RECORDS[1]['instruction']}\n{SAMPLE_RECORDS[1]['input']}\n".encode())
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        inference.inference(model_name_or_path=str(folder), max_new_tokens=1, device="cpu")
+    assert prompts_fed_to_generate == [expected[SAMPLE_RECORDS[1]["instruction"], SAMPLE_RECORDS[1]["input"]]]
+
+
+def test_a_prompt_is_never_cut_whatever_the_tokenizers_truncation_side(tokenizer_matrix, tmp_path,
+                                                                       prompts_fed_to_generate, capsys):
+    """inference.py never truncates a prompt: past the model's context it warns (check_context). A tokenizer config
+    with truncation_side "left" and a short model_max_length changes nothing."""
+    import shutil
+
+    folder = tmp_path / "left"
+    shutil.copytree(tokenizer_matrix["llama1"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "truncation_side": "left",
+                                                              "model_max_length": 16}))
+    record = SAMPLE_RECORDS[1]
+    expected = training_prompt_ids(tokenizer_matrix["llama1"], [record])[record["instruction"], record["input"]]
+    assert len(expected) > 16
+    inference.inference(model_name_or_path=str(folder), instruction=record["instruction"], input=record["input"],
+                        max_new_tokens=1, device="cpu")
+    assert prompts_fed_to_generate == [expected]

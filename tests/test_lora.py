@@ -2,6 +2,7 @@
 the trained model's outputs, that only the adapters train, resume, 2-process DDP on CPU, and the errors that come
 before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA GPU: only its refusal is tested.)"""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -325,3 +326,98 @@ def test_help_lists_the_lora_flags():
     for flag in ("--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules", "--load_in_4bit",
                  "--merge_lora"):
         assert flag in text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quantized models, and resuming with other LoRA flags
+
+
+def test_a_quantized_model_is_refused_for_full_fine_tuning_in_one_line(tmp_path, capsys, llama_dir,
+                                                                       alpaca_sample_path):
+    """A folder whose config.json carries a quantization_config (a GPTQ, AWQ or bitsandbytes export) cannot be fully
+    fine-tuned: the run stopped with a transformers or Trainer traceback."""
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    for path in llama_dir.iterdir():
+        (quantized / path.name).write_bytes(path.read_bytes())
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    argv = ["--model_name_or_path", str(quantized), "--data_path", str(alpaca_sample_path),
+            "--output_dir", str(tmp_path / "out")]
+    assert run_main(argv, capsys) == (
+        f"train.py: error: --model_name_or_path {quantized}: the model is quantized (quantization_config in its "
+        "config.json: bitsandbytes 4-bit), and full fine-tuning cannot train quantized weights: train LoRA adapters "
+        "over it (--lora_r 8), or give a de-quantized copy of the model")
+    if importlib.util.find_spec("bitsandbytes") is None:  # LoRA over it loads it, which needs bitsandbytes
+        assert run_main(argv + ["--lora_r", "8"], capsys).startswith(
+            f"train.py: error: --model_name_or_path {quantized}: cannot load the model: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, llama_dir, alpaca_sample_path):
+    """{"lora": checkpoint-2 of a --lora_r 8 run (default targets q_proj,v_proj, alpha 16), "full": checkpoint-2 of a
+    full fine-tuning run, "all_linear": checkpoint-2 of a --lora_r 8 --lora_target_modules all-linear run}."""
+    found = {}
+    for kind, extra in (("lora", LORA_ARGS[:-2]), ("full", ["--per_device_train_batch_size", "4"]),
+                        ("all_linear", [*LORA_ARGS[:-2], "--lora_target_modules", "all-linear"])):
+        output_dir = tmp_path_factory.mktemp(f"resume_{kind}") / "out"
+        train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "2", "--save_strategy",
+                              "steps", "--save_steps", "2", *extra))
+        found[kind] = output_dir / "checkpoint-2"
+    return found
+
+
+def test_resuming_with_other_lora_flags_than_the_checkpoints_is_one_line_before_loading(tmp_path, capsys, llama_dir,
+                                                                                        alpaca_sample_path,
+                                                                                        checkpoints):
+    no_weights = tmp_path / "config_and_tokenizer_only"  # any error about weights would mean they were being loaded
+    no_weights.mkdir()
+    for path in llama_dir.iterdir():
+        if not path.name.startswith("model"):
+            (no_weights / path.name).write_bytes(path.read_bytes())
+    lora_checkpoint, full_checkpoint = checkpoints["lora"], checkpoints["full"]
+    argv = ["--model_name_or_path", str(no_weights), "--data_path", str(alpaca_sample_path),
+            "--output_dir", str(tmp_path / "out")]
+    cases = [
+        ([str(lora_checkpoint), "--lora_r", "16"],
+         f"--resume_from_checkpoint {lora_checkpoint}: --lora_r 16, but the checkpoint's adapter has r=8 (its "
+         "adapter_config.json): pass --lora_r 8 to resume it"),
+        ([str(lora_checkpoint)],
+         f"--resume_from_checkpoint {lora_checkpoint}: --lora_r 0 (full fine-tuning), but the checkpoint holds a LoRA "
+         "adapter with r=8 (its adapter_config.json): pass --lora_r 8 to resume it"),
+        ([str(full_checkpoint), "--lora_r", "8"],
+         f"--resume_from_checkpoint {full_checkpoint}: --lora_r 8, but the checkpoint holds a fully fine-tuned model "
+         "(no adapter_config.json): drop --lora_r to resume it"),
+        ([str(lora_checkpoint), "--lora_r", "8", "--lora_alpha", "32"],
+         f"--resume_from_checkpoint {lora_checkpoint}: --lora_alpha 32, but the checkpoint's adapter has "
+         "lora_alpha=16 (its adapter_config.json): pass --lora_alpha 16 to resume it"),
+        ([str(lora_checkpoint), "--lora_r", "8", "--lora_target_modules", "all-linear"],
+         f"--resume_from_checkpoint {lora_checkpoint}: --lora_target_modules all-linear, but the checkpoint's adapter "
+         "adapts q_proj,v_proj (its adapter_config.json): pass --lora_target_modules q_proj,v_proj to resume it"),
+        ([str(checkpoints["all_linear"]), "--lora_r", "8"],  # peft saved all-linear as 14 full layer names
+         f"--resume_from_checkpoint {checkpoints['all_linear']}: --lora_target_modules q_proj,v_proj, but the "
+         "checkpoint's adapter adapts all-linear (its adapter_config.json): pass --lora_target_modules all-linear to "
+         "resume it"),
+    ]
+    for extra, message in cases:
+        assert run_main(argv + ["--resume_from_checkpoint", *extra], capsys) == f"train.py: error: {message}", extra
+    # The same adapter named another way is the same adapter: these flags pass the check, and the weights load next.
+    for checkpoint, extra in ((lora_checkpoint, ["--lora_target_modules", "q_proj, v_proj"]),
+                              (lora_checkpoint, ["--lora_target_modules", "self_attn.v_proj,q_proj"]),
+                              (lora_checkpoint, ["--lora_alpha", "16.0"]),
+                              (checkpoints["all_linear"], ["--lora_target_modules", "all-linear"])):
+        line = run_main(argv + ["--resume_from_checkpoint", str(checkpoint), "--lora_r", "8", *extra], capsys)
+        assert line.startswith(f"train.py: error: --model_name_or_path {no_weights}: cannot load the model"), extra
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_last_says_which_checkpoint(tmp_path, capsys, alpaca_sample_path, checkpoints):
+    output_dir = checkpoints["lora"].parent
+    for last in ("last", "True"):
+        _, _, training_args = train.parse_args(["--data_path", str(alpaca_sample_path), "--output_dir",
+                                                str(output_dir), "--lora_r", "8", "--resume_from_checkpoint", last])
+        assert training_args.resume_from_checkpoint == str(checkpoints["lora"])
+        assert (f"train.py: --resume_from_checkpoint {last}: resuming from {checkpoints['lora']}, the newest "
+                "checkpoint in --output_dir") in capsys.readouterr().err.splitlines()

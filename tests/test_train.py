@@ -708,3 +708,31 @@ trainer.train()
     result = torchrun([str(script)], cwd=tmp_path)
     assert result.returncode != 0
     assert "torchrun started 2 processes but the Trainer is not training one distributed model" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A tokenizer whose config truncates on the left
+
+
+def test_rows_keep_their_start_whatever_the_tokenizers_truncation_side(tmp_path, llama_tokenizer_dir):
+    """A tokenizer saved with truncation_side "left" (some chat and reward-model tokenizers ship it) cut the prompt of
+    every over-long row: the labels covered the end of the story and the model never saw the instruction."""
+    folder = tmp_path / "left"
+    transformers.AutoTokenizer.from_pretrained(str(llama_tokenizer_dir), truncation_side="left").save_pretrained(folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["truncation_side"] == "left"
+    loaded = train.load_tokenizer(train.ModelArguments(model_name_or_path=str(folder)),
+                                  train.TrainingArguments(output_dir=str(tmp_path / "out"), model_max_length=128))
+    loaded.add_special_tokens(train.missing_special_tokens(loaded))
+    given = load_tokenizer(llama_tokenizer_dir, 128)  # the side set on a tokenizer handed to preprocess directly
+    given.truncation_side = "left"
+    records = SAMPLE_RECORDS + long_records()
+    reference = load_tokenizer(llama_tokenizer_dir, 128)  # right truncation
+    expected = train.preprocess(*sources_and_targets(records, reference), reference)
+    assert any(len(ids) == 128 for ids in expected["input_ids"])  # some rows are cut
+    for tokenizer in (loaded, given):
+        out = train.preprocess(*sources_and_targets(records, tokenizer), tokenizer)
+        assert [x.tolist() for x in out["input_ids"]] == [x.tolist() for x in expected["input_ids"]]
+        assert [x.tolist() for x in out["labels"]] == [x.tolist() for x in expected["labels"]]
+    assert given.truncation_side == "left"  # preprocess leaves the tokenizer as it was given
+    start = reference("Below is an instruction that describes a task")["input_ids"][:-1]  # every template's start
+    assert start[0] == reference.bos_token_id and all(ids.tolist()[:len(start)] == start for ids in out["input_ids"])
