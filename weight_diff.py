@@ -539,11 +539,12 @@ def _test_inference(path_tuned, config, kept, tokenizer, device):
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
             None, config=config, state_dict=kept, dtype=torch.float32, device_map={"": device})
     prompt = utils.format_prompt({"instruction": INFERENCE_INSTRUCTION, "input": ""})
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    output = model.generate(**inputs, max_new_tokens=100, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
-                            tokenizer.eos_token_id)
-    completion = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    # The prompt's ids as training built them (utils.prompt_token_ids): no EOS appended by an add_eos_token tokenizer.
+    input_ids = torch.tensor(utils.prompt_token_ids(tokenizer, [prompt]), device=device)
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=100,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                            else tokenizer.eos_token_id)
+    completion = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
     print(f"Input: {prompt}\nCompletion: {completion}")
     return completion
 

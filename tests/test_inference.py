@@ -642,3 +642,21 @@ def test_a_prompt_is_never_cut_whatever_the_tokenizers_truncation_side(tokenizer
     inference.inference(model_name_or_path=str(folder), instruction=record["instruction"], input=record["input"],
                         max_new_tokens=1, device="cpu")
     assert prompts_fed_to_generate == [expected]
+
+
+@pytest.mark.parametrize("family", TOKENIZER_MATRIX)
+def test_weight_diff_test_inference_feeds_the_training_prompt_ids(family, tokenizer_matrix, prompts_fed_to_generate,
+                                                                  capsys):
+    """weight_diff.py recover --test_inference prompted with the tokenizer's own call: </s> after the prompt for an
+    add_eos_token=True tokenizer. It builds the ids as training does (utils.prompt_token_ids)."""
+    import transformers
+
+    import weight_diff
+
+    folder = tokenizer_matrix[family]
+    weight_diff._test_inference(str(folder), None, None, None, "cpu")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = utils.format_prompt({"instruction": weight_diff.INFERENCE_INSTRUCTION, "input": ""})
+    expected = utils.prompt_token_ids(tokenizer, [prompt])[0]
+    assert prompts_fed_to_generate == [expected]
+    assert expected[-1] != tokenizer.eos_token_id
