@@ -185,6 +185,12 @@ def cut_to_tokens(text, max_tokens):
     return text[: matches[max_tokens - 1].end()] if max_tokens > 0 else "", True
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 overflows when a client opens many connections at once (judge.py at
+    # concurrency 16 on a busy machine), and the kernel then resets some of them.
+    request_queue_size = 128
+
+
 class OpenAIServer:
     """Start with `with OpenAIServer(...) as server:`; point the client at `server.base_url`.
 
@@ -253,7 +259,7 @@ class OpenAIServer:
                 else:
                     server._send_json(self, 404, {"detail": "Not Found"})
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
