@@ -304,3 +304,50 @@ def test_a_key_long_enough_to_be_a_secret_is_masked_only_where_it_stands_alone(m
     assert api.redact("passwords: password, 'password' and apassword") == "passwords: ***, '***' and apassword"
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
     assert APIClient().redact("Bearer sk-secret-123.") == "Bearer ***."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1 through this client
+
+def test_stage_1_against_a_model_without_a_chat_template_stops_at_once_with_the_servers_words(tmp_path, monkeypatch):
+    import generate_instruction as gen
+    from test_generate import PROMPT_HEADER, write_seed_tasks
+    from conftest import SAMPLE_RECORDS
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server
+    (tmp_path / "prompt.txt").write_text(PROMPT_HEADER, encoding="utf-8")
+    with OpenAIServer(chat_internal_error="Internal Server Error") as server:
+        with pytest.raises(gen.GenerationError) as raised:
+            gen.generate_instruction_following_data(
+                output_dir=str(tmp_path / "out"), seed_tasks_path=write_seed_tasks(tmp_path / "seeds.jsonl",
+                                                                                   SAMPLE_RECORDS),
+                prompt_path=str(tmp_path / "prompt.txt"), model_name="base-model", api="chat",
+                api_base=server.base_url, num_instructions_to_generate=20, concurrency=1, max_retries=8)
+        message, url = str(raised.value), server.base_url
+    assert message.startswith(f"{url} answered HTTP 500")
+    assert ("answered HTTP 500: Internal Server Error (the same answer to 2 requests, and none was answered) -- a "
+            "model without a chat template (a base model) answers chat requests so: send it plain prompts on "
+            "/v1/completions instead (generate_instruction.py: --api completions)") in message
+    # 3 for the first request, 1 for the second (and perhaps one that got its turn as the run stopped); not 9 per
+    # request for 3 rounds
+    assert 3 + 1 <= len(server.requests) <= 3 + 2
+
+
+def test_stage_1_default_max_tokens_is_capped_to_the_context_the_server_reports(tmp_path, monkeypatch, capsys):
+    import generate_instruction as gen
+    from test_generate import PROMPT_HEADER, write_seed_tasks
+    from conftest import SAMPLE_RECORDS
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    (tmp_path / "prompt.txt").write_text(PROMPT_HEADER, encoding="utf-8")
+    with OpenAIServer(context_window=2048, max_model_len=2048) as server:
+        gen.generate_instruction_following_data(
+            output_dir=str(tmp_path / "out"), seed_tasks_path=write_seed_tasks(tmp_path / "seeds.jsonl",
+                                                                               SAMPLE_RECORDS),
+            prompt_path=str(tmp_path / "prompt.txt"), model_name="test-model", api="completions",
+            api_base=server.base_url, num_instructions_to_generate=20, request_batch_size=1, concurrency=1)
+    sent = [r["body"]["max_tokens"] for r in server.requests]
+    assert sent[:2] == [2047, 1637] and set(sent) == {2047, 1637}  # never 3072
+    err = capsys.readouterr().err
+    assert err.count("note: max_tokens 3072 does not fit the context of test-model (2048 tokens, max_model_len from "
+                     "GET /models); sending at most 2047") == 1
