@@ -342,7 +342,8 @@ def markdown_report(results, judge_model, seed, bootstrap_samples):
         "",
         "Orders: " + (", ".join(f"{kind}: {count}" for kind, count in sorted(results["consistency"].items()))
                       or "none judged") + f". Malformed judge replies (retried): {results['malformed_replies']}; "
-        f"judgments still without a verdict (their pairs left out): {results['judgments_without_verdict']}. "
+        f"judgments still without a verdict (their pairs left out): {results['judgments_without_verdict']}"
+        f"{' (--retry_without_verdict asks them again)' if results['judgments_without_verdict'] else ''}. "
         "Pairs not in the results (not judged yet, without a verdict, or refused): "
         f"{results['pairs'] - results['judged']}.",
     ]

@@ -204,8 +204,8 @@ def test_malformed_replies_are_retried_counted_and_reported(server, tmp_path, ca
     assert all(m["content"] == judge.CORRECTION for r in follow_ups for m in r["body"]["messages"][2::2])
     assert len(server.completed_requests()) == 14 + 4 + 2 * 2
     captured = capsys.readouterr()
-    assert "Malformed judge replies (retried): 10; judgments still without a verdict (their pairs left out): 2" in \
-        captured.out
+    assert ("Malformed judge replies (retried): 10; judgments still without a verdict (their pairs left out): 2 "
+            "(--retry_without_verdict asks them again).") in captured.out
     assert ("warning: 2 judgment(s) without a verdict line after 2 follow-up(s), their pairs left out (a reply: "
             "'Both responses have merits; the first one is more detailed.'); at temperature 0 the judge would answer "
             "the same again: rerun with --retry_without_verdict to ask them again (with a larger --max_tokens if the "
