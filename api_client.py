@@ -15,7 +15,7 @@ What it adds to `openai.AsyncOpenAI` (which does the HTTP, the retries with back
     number (from the client's own `openai` log records), and a heartbeat when nothing has finished for 30 s;
   * the server's own message in every fatal error (`error.message`, FastAPI's `detail`, or the body's text); a 500
     whose body comes back identical is the server's answer, not a passing fault: not retried further, and the run's
-    error once it answered two requests so and none other (a model without a chat template answers so);
+    error once two requests ended so and none was ever answered (a model without a chat template answers so);
   * what a server turns out to refuse, learnt once and applied to every later request: a list of prompts (one request
     per prompt instead), `max_tokens` (OpenAI's reasoning models take `max_completion_tokens`), `logit_bias`; and a
     prompt + max_tokens too long for the context, retried with max_tokens x 0.8 (the original Alpaca rule);
@@ -579,8 +579,8 @@ class APIClient:
         if requests >= 2 and not self._answered:
             raise APIError(self.redact(f"{self.url} answered HTTP 500: {message} (the same answer to {requests} "
                                        f"requests, and none was answered){hint}")) from None
-        raise RequestFailed(self.redact(f"HTTP 500: {message} (the same answer {max(times, 2)} times: not a passing "
-                                        f"fault){hint}")) from None
+        same = f"the same answer {times} times" if times > 1 else "the answer earlier requests got"
+        raise RequestFailed(self.redact(f"HTTP 500: {message} ({same}: not a passing fault){hint}")) from None
 
     def _adapted(self, params, max_tokens):
         kwargs = dict(params)

@@ -452,7 +452,8 @@ def inference(
         concurrency: requests in flight at once with --api_base.
         request_timeout: seconds to wait for a reply before the attempt is abandoned and retried (--api_base).
         max_retries: retries per request for rate limits, 5xx errors, timeouts and broken connections (--api_base);
-            a prompt whose request still fails is skipped, and a rerun fills it in.
+            a prompt whose request still fails is skipped, and a rerun fills it in. A prompt the server refuses
+            (longer than its context, or a content filter) is left out, named in a warning and in the last line.
     """
     # -- check the command line before anything is loaded or sent
     if instruction is not None and input_path is not None:

@@ -255,6 +255,27 @@ def test_a_500_that_repeats_identically_is_not_retried_and_shows_the_servers_wor
     assert sum("retry" in line for line in lines) == 2
 
 
+def test_a_repeated_500_after_a_request_was_answered_fails_requests_not_the_run():
+    with OpenAIServer(respond=lambda prompt, body: "fine") as server:
+        server.script = ["ok"] + ["500"] * 4 + ["ok"]  # a scripted 500 has the same body each time
+        async def main():
+            async with APIClient(server.base_url, request_timeout=10, log=lambda text: None, max_retries=8,
+                                 concurrency=1) as api:
+                results = []
+                for _ in range(4):
+                    try:
+                        results.append((await api.chat([{"role": "user", "content": "hi"}], model="m"))[0].text)
+                    except RequestFailed as e:
+                        results.append(str(e))
+                return results
+        results = asyncio.run(main())
+    assert results == [
+        "fine", "HTTP 500: The server had an error while processing your request. (the same answer 3 times: not a "
+        "passing fault)", "HTTP 500: The server had an error while processing your request. (the answer earlier "
+        "requests got: not a passing fault)", "fine"]
+    assert len(server.requests) == 1 + 3 + 1 + 1
+
+
 def test_a_500_with_a_new_body_each_time_is_retried():
     with OpenAIServer(faults={"500": 1.0}) as server:
         failed = ask(server, "hi", max_retries=3)
