@@ -7,21 +7,30 @@
     api.usage.describe(prices)                                  # every request, tokens, cost
 
 What it adds to `openai.AsyncOpenAI` (which does the HTTP, the retries with backoff and Retry-After):
-  * the key from the environment only, never printed (`redact`); a placeholder key for local servers;
+  * the key from the environment only, never printed (`redact`: whole occurrences of a key long enough to be a
+    secret; a placeholder such as "x" or "EMPTY" is left alone); a placeholder key for local servers;
   * the base URL checked before anything is sent (scheme, host), a hint when a 404 comes from a URL without /v1, and a
     refused connection or an unknown host reported at once with the URL and the cause, instead of after every retry;
   * at most `concurrency` requests in flight (a semaphore); every retry and timeout said at once with its attempt
     number (from the client's own `openai` log records), and a heartbeat when nothing has finished for 30 s;
-  * the server's own message in every fatal error (`error.message`, FastAPI's `detail`, or the body's text);
+  * the server's own message in every fatal error (`error.message`, FastAPI's `detail`, or the body's text); a 500
+    whose body comes back identical is the server's answer, not a passing fault: not retried further, and the run's
+    error once two requests ended so and none was ever answered (a model without a chat template answers so);
   * what a server turns out to refuse, learnt once and applied to every later request: a list of prompts (one request
     per prompt instead), `max_tokens` (OpenAI's reasoning models take `max_completion_tokens`), `logit_bias`; and a
-    prompt too long for the context, retried with max_tokens x 0.8 (the original Alpaca rule);
+    prompt + max_tokens too long for the context, retried with max_tokens x 0.8 (the original Alpaca rule);
+    max_tokens capped below the model's context where GET /models reports it (vLLM's max_model_len), and a note in
+    the first heartbeat where it does not;
+  * a request that can never succeed (a prompt alone longer than the context, content a filter refuses) is
+    `RequestRefused`: that request's failure, not the run's;
   * token usage, cost and budgets (`Usage`, `Budget`).
 Errors: `APIError` for what the user must fix (stop, show it), `RequestFailed` for a request that failed after all its
-retries (skip it, or stop).
+retries (skip it, or stop), and its kind `RequestRefused` for one the server refuses for what it asks (skip it and
+report it; sending it again does not help).
 """
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -42,6 +51,16 @@ HEARTBEAT_SECONDS = 30.0
 CONNECTION_CHECK_TIMEOUT = 15.0
 # HTTP statuses the openai client retries: if one comes back, it kept failing through every retry.
 RETRIED_STATUSES = (408, 409, 429)
+# A 500 whose body comes back this many times within one request is the server's answer, not a passing fault (502,
+# 503 and 504 are left to the client's retries: a proxy or a loading server answers those identically, and recovers).
+REPEATED_500_LIMIT = 3
+# A key shorter than this is a placeholder (local servers take "x", "none", "EMPTY"), not a secret: masking it would
+# cut into words ("ma***imum").
+MIN_SECRET_LENGTH = 8
+# What a server says when a model has no chat template (transformers serve: a 500, Starlette's body "Internal Server
+# Error" or the ValueError's text).
+CHAT_TEMPLATE_HINT = ("a model without a chat template (a base model) answers chat requests so: send it plain prompts "
+                      "on /v1/completions instead (generate_instruction.py: --api completions)")
 
 
 class APIError(RuntimeError):
@@ -50,6 +69,16 @@ class APIError(RuntimeError):
 
 class RequestFailed(RuntimeError):
     """A request that still failed (timeout, lost connection, 429, 5xx) after the client's retries."""
+
+
+class RequestRefused(RequestFailed):
+    """A request the server refuses for what it asks: `reason` "context too long" (the prompt alone does not fit the
+    model's context) or "content refused" (a content filter). Sending it again cannot succeed: it is the failure of
+    that one record, not of the run."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,8 +221,33 @@ def is_context_length_error(error):
     message = str(getattr(error, "message", error)).lower()
     return getattr(error, "code", None) == "context_length_exceeded" or any(
         phrase in message for phrase in ("please reduce your prompt", "maximum context length", "context length",
-                                         "reduce the length")
+                                         "reduce the length", "maximum model length")
     )
+
+
+# The numbers in a context-length error, as OpenAI, vLLM (old and new wordings) and servers copying them state them.
+_CONTEXT_WINDOW = re.compile(r"maximum (?:context|model) length (?:is |of )?(\d+)|(\d+) maximum context length",
+                             re.IGNORECASE)
+_PROMPT_TOKENS = re.compile(r"\((\d+) in (?:the|your) (?:messages|prompt)|request has (\d+) input tokens|"
+                            r"messages resulted in (\d+) tokens|prompt \(length (\d+)\)|"
+                            r"prompt contains (?:at least )?(\d+) (?:input )?tokens", re.IGNORECASE)
+
+
+def context_numbers(message):
+    """(the model's context, the prompt's tokens) as a context-length error states them; None for what it omits."""
+    numbers = []
+    for pattern in (_CONTEXT_WINDOW, _PROMPT_TOKENS):
+        match = pattern.search(message)
+        numbers.append(int(next(group for group in match.groups() if group)) if match else None)
+    return tuple(numbers)
+
+
+def is_content_refusal(error):
+    """A 400 saying a content filter refused the prompt (Azure OpenAI's content_filter, OpenAI's invalid_prompt)."""
+    message = server_message(error).lower()
+    return getattr(error, "code", None) in ("content_filter", "content_policy_violation", "invalid_prompt") or any(
+        phrase in message for phrase in ("content management policy", "content filter", "content policy",
+                                         "usage policy", "safety system"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,7 +270,10 @@ class _RequestInFlight:
     client: "APIClient"
     task: asyncio.Task
     started: float
+    model: str | None = None
+    max_tokens: int | None = None
     cause: str = "failed"
+    error_bodies: list = dataclasses.field(default_factory=list)  # the body of each HTTP 500 answered to it
 
 
 class _RetryObserver(logging.Filter):
@@ -278,11 +335,13 @@ class APIClient:
                                "pass the base URL of a local OpenAI-compatible server (vLLM, Ollama, transformers "
                                "serve) that needs no key")
             api_key = "EMPTY"  # local servers ignore it, but the client requires one
-        self._secrets = [api_key] if api_key != "EMPTY" else []
+        self._secrets = [api_key] if len(api_key) >= MIN_SECRET_LENGTH else []
         self.request_timeout = float(request_timeout)
         self.max_retries = int(max_retries)
+        # The response hook reads each 500's body while the client can still decide not to retry it.
+        http_client = openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._on_response]})
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=self.max_retries,
-                                         timeout=self.request_timeout)
+                                         timeout=self.request_timeout, http_client=http_client)
         self.url = re.sub(r"//[^/@]*@", "//", str(self.client.base_url)).rstrip("/")  # no user:password@ in logs
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.quirks = ServerQuirks()
@@ -293,13 +352,18 @@ class APIClient:
         self._in_flight = set()
         self._last_progress = time.monotonic()
         self._heartbeat = None
+        self.reported_context = {}  # model -> its context in tokens, where GET /models reports it (max_model_len)
+        self._capped_models = set()
+        self._told_unknown_context = False
+        self._answered = False  # some request got a reply
+        self._repeated_500s = collections.Counter()  # a 500 body that repeated -> requests it ended
         _observe_openai_retries()
 
     def redact(self, text):
-        """`text` with the API key masked."""
+        """`text` with the API key masked where it stands alone (not inside a longer word or key)."""
         text = str(text)
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
         return text
 
     async def __aenter__(self):
@@ -317,10 +381,15 @@ class APIClient:
     async def check_connection(self):
         """GET /models once, without retries: a refused connection, an unknown host or a wrong scheme (and a refused
         key, where /models needs one) is an APIError within seconds. Any other answer, even an error, means the
-        server is reachable (some servers have no /models)."""
+        server is reachable (some servers have no /models). Records each model's context where the answer gives it
+        (vLLM: `max_model_len`)."""
         timeout = min(self.request_timeout, CONNECTION_CHECK_TIMEOUT)
         try:
-            await self.client.with_options(max_retries=0, timeout=timeout).models.list()
+            page = await self.client.with_options(max_retries=0, timeout=timeout).models.list()
+            for model in getattr(page, "data", None) or []:
+                context = getattr(model, "max_model_len", None)
+                if isinstance(context, int) and not isinstance(context, bool) and context > 1:
+                    self.reported_context[model.id] = context
         except openai.APITimeoutError as e:
             if "ConnectTimeout" in repr(e.__cause__) or "ConnectTimeout" in repr(e.__context__):
                 raise APIError(f"cannot connect to {self.url}: {connection_failure_cause(e)}") from None
@@ -403,14 +472,16 @@ class APIClient:
 
     async def _create(self, create, label, params):
         """One request through the semaphore, adapted to what the server refused so far; (response, Usage)."""
-        max_tokens = params.pop("max_tokens", None)
+        max_tokens = self._within_reported_context(params.get("model"), params.pop("max_tokens", None))
+        chat = "messages" in params
         while True:
             try:
                 async with self._semaphore:
                     if self._stopped:
                         raise RequestFailed("not sent: the run is over")
                     kwargs = self._adapted(params, max_tokens)  # with what was learnt while this one waited
-                    request = _RequestInFlight(label, self, asyncio.current_task(), time.monotonic())
+                    request = _RequestInFlight(label, self, asyncio.current_task(), time.monotonic(),
+                                               params.get("model"), max_tokens)
                     self._in_flight.add(request)
                     token = _current_request.set(request)
                     try:
@@ -420,10 +491,11 @@ class APIClient:
                         self._in_flight.discard(request)
                         self._last_progress = time.monotonic()
             except openai.BadRequestError as e:
-                if is_context_length_error(e) and max_tokens is not None and max_tokens > 1:
-                    max_tokens = int(max_tokens * 0.8)
-                    self.log(f"warning: {label}: context too long; reducing max_tokens to {max_tokens} and retrying")
+                if is_context_length_error(e):
+                    max_tokens = self._fit_context(e, label, max_tokens)  # or RequestRefused
                     continue
+                if is_content_refusal(e):
+                    raise self._refused(e, label, "content refused") from None
                 if self._learn_refusal(e, kwargs, label):
                     continue
                 raise self._fatal(e) from None
@@ -434,6 +506,8 @@ class APIClient:
             except openai.APIStatusError as e:
                 if e.status_code in RETRIED_STATUSES or e.status_code >= 500:
                     self.usage.add(Usage(requests=1, failed_requests=1))
+                    if e.status_code == 500 and request.error_bodies:
+                        self._raise_if_repeated(e, request, chat)
                     raise RequestFailed(self.redact(f"HTTP {e.status_code}: {server_message(e)}")) from None
                 raise self._fatal(e) from None
             except openai.APIConnectionError as e:  # includes APITimeoutError
@@ -441,12 +515,72 @@ class APIClient:
                 what = (f"no reply within {self.request_timeout:g} s" if isinstance(e, openai.APITimeoutError)
                         else connection_failure_cause(e))
                 raise RequestFailed(self.redact(f"{type(e).__name__}: {what}")) from None
+            self._answered = True
             usage = Usage(requests=1)
             if response.usage is not None:
                 usage.prompt_tokens = response.usage.prompt_tokens or 0
                 usage.completion_tokens = response.usage.completion_tokens or 0
             self.usage.add(usage)
             return response, usage
+
+    def _within_reported_context(self, model, max_tokens):
+        """max_tokens, capped below the model's context where the server reported it (one line per model)."""
+        context = self.reported_context.get(model)
+        if context is None or max_tokens is None or max_tokens < context:
+            return max_tokens
+        if model not in self._capped_models:
+            self._capped_models.add(model)
+            self.log(f"note: max_tokens {max_tokens} does not fit the context of {model} ({context} tokens, "
+                     f"max_model_len from GET /models); sending at most {context - 1}")
+        return context - 1
+
+    def _fit_context(self, error, label, max_tokens):
+        """The max_tokens to send again after a context-length 400: max_tokens x 0.8 (the original's rule);
+        RequestRefused when the server says the prompt alone fills the context, or max_tokens is down to 1."""
+        context, prompt_tokens = context_numbers(server_message(error))
+        if context is not None and prompt_tokens is not None and prompt_tokens >= context:
+            raise self._refused(error, label, "context too long")
+        if max_tokens is None or max_tokens <= 1:
+            raise self._refused(error, label, "context too long")
+        max_tokens = int(max_tokens * 0.8) or 1
+        self.log(f"warning: {label}: context too long; reducing max_tokens to {max_tokens} and retrying")
+        return max_tokens
+
+    def _refused(self, error, label, reason):
+        self.usage.add(Usage(requests=1, failed_requests=1))
+        return RequestRefused(self.redact(f"{label}: refused by the server ({reason}): HTTP {error.status_code}: "
+                                          f"{server_message(error)}"), reason)
+
+    async def _on_response(self, response):
+        """The http client's response hook: a 500 whose body this request (or an earlier one, to its end) already got
+        is marked not to be retried (the openai client obeys `x-should-retry`)."""
+        request = _current_request.get()
+        if response.status_code != 500 or request is None or request.client is not self:
+            return
+        await response.aread()
+        body = response.text.strip()
+        request.error_bodies.append(body)
+        if body in self._repeated_500s or request.error_bodies.count(body) >= REPEATED_500_LIMIT:
+            response.headers["x-should-retry"] = "false"
+
+    def _raise_if_repeated(self, error, request, chat):
+        """For a 500 that ended `request` with a body that repeated: RequestFailed saying so, or APIError once it
+        ended two requests and no request was ever answered (the server's state, not one request's)."""
+        body = request.error_bodies[-1]
+        times = request.error_bodies.count(body)
+        if body not in self._repeated_500s and times < REPEATED_500_LIMIT:
+            return
+        self._repeated_500s[body] += 1
+        requests = self._repeated_500s[body]
+        generic = body.lower() in ("", "internal server error") or "chat template" in body.lower() or \
+            "chat_template" in body.lower()
+        hint = f" -- {CHAT_TEMPLATE_HINT}" if chat and generic else ""
+        message = server_message(error)
+        if requests >= 2 and not self._answered:
+            raise APIError(self.redact(f"{self.url} answered HTTP 500: {message} (the same answer to {requests} "
+                                       f"requests, and none was answered){hint}")) from None
+        same = f"the same answer {times} times" if times > 1 else "the answer earlier requests got"
+        raise RequestFailed(self.redact(f"HTTP 500: {message} ({same}: not a passing fault){hint}")) from None
 
     def _adapted(self, params, max_tokens):
         kwargs = dict(params)
@@ -520,9 +654,16 @@ class APIClient:
                     self._last_progress = now
                 continue
             oldest = max(now - request.started for request in self._in_flight)
+            note = ""
+            unknown = [r.max_tokens for r in self._in_flight
+                       if r.max_tokens is not None and r.model not in self.reported_context]
+            if unknown and not self._told_unknown_context:  # a slow first round: maybe generating past the context
+                self._told_unknown_context = True
+                note = (f"; the server does not report the model's context: if max_tokens {max(unknown)} exceeds "
+                        "it, a request can run long or fail (a smaller max_tokens helps)")
             self.log(f"waiting: {len(self._in_flight)} request{'s' if len(self._in_flight) > 1 else ''} in flight, "
                      f"the oldest for {oldest:.0f} s (timeout {self.request_timeout:g} s, up to {self.max_retries} "
-                     f"retries); nothing finished in the last {now - self._last_progress:.0f} s")
+                     f"retries); nothing finished in the last {now - self._last_progress:.0f} s{note}")
             self._last_progress = now
 
 

@@ -360,9 +360,18 @@ def answer_file_locally(model, tokenizer, output, generation_config, batch_size)
         bar.close()
 
 
+class _RecordFailed(Exception):
+    """The request for record `index` failed (`error`: api_client.RequestFailed or RequestRefused)."""
+
+    def __init__(self, index, error):
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
 async def answer_file_with_api(api, output, decoding, model_name, batch_size):
     """Send every missing prompt (one request each, `api.concurrency` in flight); write the file after every
-    `batch_size` answers and when stopped. Returns the number of prompts whose request failed after its retries."""
+    `batch_size` answers and when stopped. Returns (the number of prompts whose request failed after its retries,
+    {record index: api_client.RequestRefused} for those the server refused: they can never succeed as they are)."""
     pending = [i for i in range(len(output.instructions)) if not output.done(i)]
     params = decoding.api_params(model_name)
     bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
@@ -370,10 +379,14 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
 
     async def ask(index):
         record = output.instructions[index]
-        replies, _ = await api.complete([build_prompt(record["instruction"], record["input"])],
-                                        label=f"record {index}", **params)
+        try:
+            replies, _ = await api.complete([build_prompt(record["instruction"], record["input"])],
+                                            label=f"record {index}", **params)
+        except api_client.RequestFailed as e:
+            raise _RecordFailed(index, e) from None
         return index, replies[0]
 
+    refused = {}
     failed = failures_in_a_row = unwritten = 0
     async with api:
         await api.check_connection()
@@ -384,14 +397,18 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
                 for request in asyncio.as_completed(requests):
                     try:
                         index, reply = await request
-                    except api_client.RequestFailed as e:
+                    except _RecordFailed as e:
+                        if isinstance(e.error, api_client.RequestRefused):  # this record's failure, not the server's
+                            refused[e.index] = e.error
+                            bar.write(f"warning: {e.error}; left out", file=sys.stderr)
+                            continue
                         failed += 1
                         failures_in_a_row += 1
-                        bar.write(f"warning: a request failed after all retries ({e}); its prompt is skipped",
-                                  file=sys.stderr)
+                        bar.write(f"warning: record {e.index}: failed after all retries ({e.error}); its prompt is "
+                                  "skipped", file=sys.stderr)
                         if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                             raise InferenceError(f"{failures_in_a_row} requests in a row failed after all retries "
-                                                 f"(last: {e}). {output.where()}") from None
+                                                 f"(last: record {e.index}: {e.error}). {output.where()}") from None
                         continue
                     failures_in_a_row = 0
                     output.add(index, clean_output(reply.text if reply is not None else ""))
@@ -403,7 +420,7 @@ async def answer_file_with_api(api, output, decoding, model_name, batch_size):
         finally:
             bar.close()
             output.write()
-    return failed
+    return failed, refused
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -487,7 +504,8 @@ def inference(
         concurrency: requests in flight at once with --api_base.
         request_timeout: seconds to wait for a reply before the attempt is abandoned and retried (--api_base).
         max_retries: retries per request for rate limits, 5xx errors, timeouts and broken connections (--api_base);
-            a prompt whose request still fails is skipped, and a rerun fills it in.
+            a prompt whose request still fails is skipped, and a rerun fills it in. A prompt the server refuses
+            (longer than its context, or a content filter) is left out, named in a warning and in the last line.
     """
     # -- check the command line before anything is loaded or sent
     if instruction is not None and input_path is not None:
@@ -549,13 +567,19 @@ def inference(
         api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
                                    request_timeout=request_timeout)
         try:
-            failed = asyncio.run(answer_file_with_api(api, output, decoding, model_name, batch_size))
+            failed, refused = asyncio.run(answer_file_with_api(api, output, decoding, model_name, batch_size))
         except KeyboardInterrupt:
             raise KeyboardInterrupt(output.where()) from None
         except APIError as e:
             raise InferenceError(f"{e}. {output.where()}") from None
-        print(f"{output.path}: {len(output)} of {len(output.instructions)} outputs. Usage: {api.usage.describe()}",
-              file=sys.stderr)
+        left_out = ""
+        if refused:
+            reasons = [error.reason for error in refused.values()]
+            counts = ", ".join(f"{reason}: {reasons.count(reason)}" for reason in sorted(set(reasons)))
+            left_out = (f"; {len(refused)} left out, refused by the server ({counts}): records "
+                        f"{', '.join(map(str, sorted(refused)))}")
+        print(f"{output.path}: {len(output)} of {len(output.instructions)} outputs{left_out}. Usage: "
+              f"{api.usage.describe()}", file=sys.stderr)
         if failed:
             raise InferenceError(f"{failed} prompt(s) failed after all retries; {output.where()}")
         return None

@@ -60,8 +60,13 @@ NO_INPUT = "(none)"
 # Sent after a reply without a verdict line, in the same conversation.
 CORRECTION = ("Your reply did not end with a verdict line. Answer with one line only: \"Verdict: A\", "
               "\"Verdict: B\" or \"Verdict: tie\".")
-# The last line of the form "Verdict: A|B|tie", tolerating markdown emphasis and case ("**Verdict:** Tie").
-VERDICT_LINE = re.compile(r"^[\W_]*verdict[\W_]*:[\W_]*(a|b|tie)\b[\W_]*$", re.IGNORECASE | re.MULTILINE)
+# A line that is only a verdict: "Verdict: A|B|tie" and the forms judges write besides it ("**Final Verdict: B**",
+# "Verdict - Response A", "Verdict: Assistant A", "Verdict: it's a tie", a line "It's a tie."), in any case, with
+# markdown emphasis or brackets. A line that says more than the verdict ("Verdict: A is better") is not one.
+_TIE = r"it['’]?s\s+a\s+tie|it\s+is\s+a\s+tie"
+VERDICT_LINE = re.compile(
+    rf"^[\W_]*(?:final\s+)?verdict[\W_]*?[:\-–—][\W_]*(?:(?:response|assistant|answer)\s+)?(a|b|tie|{_TIE})\b"
+    rf"[\W_]*$|^[\W_]*({_TIE})[\W_]*$", re.IGNORECASE | re.MULTILINE)
 
 # The two orders in which each pair is shown: which side is Response A.
 ORDERS = ("model_first", "reference_first")
@@ -77,8 +82,8 @@ def parse_verdict(reply):
     matches = VERDICT_LINE.findall(reply or "")
     if not matches:
         return None
-    verdict = matches[-1].lower()
-    return "tie" if verdict == "tie" else verdict.upper()
+    verdict = "".join(matches[-1]).lower()
+    return "tie" if verdict.endswith("tie") else verdict.upper()
 
 
 def preferred_side(order, verdict):
@@ -142,10 +147,16 @@ class JudgmentCache:
                 raise JudgeError(f"{self.path}: line {number} is not a judgment (JSON with a key); fix or remove "
                                  "it") from None
         if last.strip():
-            print(f"{self.path}: dropping its last line, cut off by an interruption ({len(last)} bytes); that "
-                  "judgment is asked again", file=sys.stderr)
-            with utils.atomic_open(self.path, "wb") as f:
-                f.write(data[:len(data) - len(last)])
+            try:  # a whole judgment, only without its newline (a file edited by hand): kept
+                entry = json.loads(last)
+                self.entries[entry["key"]] = entry
+                with open(self.path, "ab") as f:  # so that the next append starts a line of its own
+                    f.write(b"\n")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                print(f"{self.path}: dropping its last line, cut off by an interruption ({len(last)} bytes); that "
+                      "judgment is asked again", file=sys.stderr)
+                with utils.atomic_open(self.path, "wb") as f:
+                    f.write(data[:len(data) - len(last)])
         return len(self.entries)
 
     def append(self, entry):
@@ -167,6 +178,13 @@ class JudgmentCache:
 class Pair:
     model: dict  # a record of read_outputs
     reference: dict
+    record: int  # the model record's index in its file
+
+    def describe(self, model_outputs):
+        """How a warning names the pair: its record in the model file, and its instruction."""
+        instruction = " ".join(self.model["instruction"].split())
+        return (f"record {self.record} of {os.path.basename(model_outputs)}, "
+                f"{instruction[:60] + ('...' if len(instruction) > 60 else '')!r}")
 
     @property
     def category(self):
@@ -184,7 +202,7 @@ class Judgment:
 def pair_records(model_records, reference_records):
     """Pairs in the model file's order, matched on the stripped (instruction, input); and the unmatched counts."""
     reference_by_key = {record_key(record): record for record in reference_records}
-    pairs = [Pair(record, reference_by_key[record_key(record)]) for record in model_records
+    pairs = [Pair(record, reference_by_key[record_key(record)], index) for index, record in enumerate(model_records)
              if record_key(record) in reference_by_key]
     return pairs, len(model_records) - len(pairs), len(reference_records) - len(pairs)
 
@@ -237,8 +255,9 @@ def mean_length(texts):
             "words": sum(len(t.split()) for t in texts) / len(texts)}
 
 
-def compute_results(pairs, judgments, cache, seed, bootstrap_samples):
-    """Everything the report shows, from the cached judgments of these pairs."""
+def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()):
+    """Everything the report shows, from the cached judgments of these pairs (and the judgments the server refused
+    in this run: [Refusal])."""
     sides = collections.defaultdict(dict)  # pair index -> {order: preferred side or None}
     malformed = unanswered = 0
     for judgment in judgments:
@@ -281,6 +300,10 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples):
         "mean_length": {"model": mean_length(pairs[i].model["output"] for i in judged),
                         "reference": mean_length(pairs[i].reference["output"] for i in judged)},
         "by_motivation_app": categories,
+        "refused": [{"pair": r.judgment.pair_index, "record": pairs[r.judgment.pair_index].record,
+                     "order": r.judgment.order, "instruction": pairs[r.judgment.pair_index].model["instruction"],
+                     "reason": r.reason, "message": r.message} for r in sorted(
+            refused, key=lambda r: (r.judgment.pair_index, ORDERS.index(r.judgment.order)))],
         "outcomes": [{"instruction": pairs[i].model["instruction"], "input": pairs[i].model["input"],
                       "outcome": outcomes[i]} for i in judged],
     }
@@ -319,9 +342,20 @@ def markdown_report(results, judge_model, seed, bootstrap_samples):
         "",
         "Orders: " + (", ".join(f"{kind}: {count}" for kind, count in sorted(results["consistency"].items()))
                       or "none judged") + f". Malformed judge replies (retried): {results['malformed_replies']}; "
-        f"judgments still without a verdict (their pairs left out): {results['judgments_without_verdict']}. "
-        f"Pairs not in the results (not judged yet, or without a verdict): {results['pairs'] - results['judged']}.",
+        f"judgments still without a verdict (their pairs left out): {results['judgments_without_verdict']}"
+        f"{' (--retry_without_verdict asks them again)' if results['judgments_without_verdict'] else ''}. "
+        "Pairs not in the results (not judged yet, without a verdict, or refused): "
+        f"{results['pairs'] - results['judged']}.",
     ]
+    if results["refused"]:
+        reasons = collections.Counter(r["reason"] for r in results["refused"])
+        records = sorted({r["record"] for r in results["refused"]})
+        advice = {"context too long": "a judge with a longer context, or shorter outputs, would take them",
+                  "content refused": "another judge may take them"}
+        lines += ["", f"Left out, refused by the judge's server (sending them again cannot succeed): {len(records)} "
+                  f"pair(s) ({len(results['refused'])} judgment(s): "
+                  f"{', '.join(f'{reason} {count}' for reason, count in sorted(reasons.items()))}), records "
+                  f"{', '.join(map(str, records))}; {'; '.join(advice[reason] for reason in sorted(reasons))}."]
     if results["by_motivation_app"]:
         lines += ["", "## By motivation_app", "", "| motivation_app | pairs | wins | ties | losses | win rate |",
                   "|---|---|---|---|---|---|"]
@@ -364,13 +398,34 @@ def draw_chart(results, path):
 # Asking the judge
 
 
+@dataclasses.dataclass
+class Refusal:
+    """A judgment the server refused (api_client.RequestRefused): its pair is left out of this run's results."""
+
+    judgment: Judgment
+    reason: str  # "context too long", "content refused"
+    message: str
+
+
+class _JudgmentFailed(Exception):
+    """A judgment's request failed (`error`: RequestFailed or RequestRefused)."""
+
+    def __init__(self, judgment, error):
+        super().__init__(str(error))
+        self.judgment, self.error = judgment, error
+
+
 async def ask_judge(api, judgment, pairs, cache, settings):
-    """Ask one judgment, with up to `max_malformed_retries` follow-ups for a reply without a verdict line; cache it."""
+    """Ask one judgment, with up to `max_malformed_retries` follow-ups for a reply without a verdict line; cache it.
+    A request that failed is a _JudgmentFailed naming the judgment."""
     messages, usage, malformed = list(judgment.messages), Usage(), 0
     label = f"pair {judgment.pair_index} ({judgment.order.replace('_', ' ')})"
     for attempt in range(settings["max_malformed_retries"] + 1):
-        reply, request_usage = await api.chat(messages, label=label, model=settings["judge_model"], temperature=0,
-                                              max_tokens=settings["max_tokens"])
+        try:
+            reply, request_usage = await api.chat(messages, label=label, model=settings["judge_model"],
+                                                  temperature=0, max_tokens=settings["max_tokens"])
+        except RequestFailed as e:
+            raise _JudgmentFailed(judgment, e) from None
         usage.add(request_usage)
         verdict = parse_verdict(reply.text)
         if verdict is not None:
@@ -389,8 +444,9 @@ async def ask_judge(api, judgment, pairs, cache, settings):
 
 async def ask_missing(api, missing, pairs, cache, settings, budget):
     """Ask every missing judgment (api.concurrency in flight); stop sending once the budget is reached. Returns
-    (judgments that failed after their retries, judgments not sent because of the budget)."""
+    (judgments that failed after their retries, judgments not sent because of the budget, [Refusal])."""
     failed = not_sent = 0
+    refused = []
     bar = tqdm.tqdm(total=len(missing), unit="judgment", dynamic_ncols=True)
     api.log = lambda text: bar.write(text, file=sys.stderr)
     async with api:
@@ -403,12 +459,19 @@ async def ask_missing(api, missing, pairs, cache, settings, budget):
                 for request in asyncio.as_completed(requests):
                     try:
                         await request
-                    except RequestFailed as e:
+                    except _JudgmentFailed as e:
+                        where = (f"pair {e.judgment.pair_index} "
+                                 f"({pairs[e.judgment.pair_index].describe(settings['model_outputs'])}), "
+                                 f"{e.judgment.order.replace('_', ' ')}")
+                        if isinstance(e.error, api_client.RequestRefused):
+                            refused.append(Refusal(e.judgment, e.error.reason, str(e.error)))
+                            bar.write(f"warning: {where}: {e.error}; its pair is left out", file=sys.stderr)
+                            continue
                         if budget.reached(api.usage):
                             not_sent += 1
                             continue
                         failed += 1
-                        bar.write(f"warning: a judgment failed after all retries ({e}); a rerun asks it again",
+                        bar.write(f"warning: {where}: failed after all retries ({e.error}); a rerun asks it again",
                                   file=sys.stderr)
                         continue
                     bar.update(1)
@@ -417,7 +480,7 @@ async def ask_missing(api, missing, pairs, cache, settings, budget):
                         api.stop_sending()  # those waiting fail at once as "not sent"; those in flight are kept
         finally:
             bar.close()
-    return failed, not_sent
+    return failed, not_sent, refused
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -442,6 +505,7 @@ def judge(
     completion_price_per_million=None,
     budget_usd=None,
     budget_tokens=None,
+    retry_without_verdict=False,
 ):
     """Compare two models' outputs on the same instructions with an LLM judge; report wins, ties and losses.
 
@@ -451,7 +515,10 @@ def judge(
     model, a loss when both prefer the reference, and a tie otherwise (both ties, one tie, or the two orders
     disagreeing, which is position bias, not a preference). A reply without a verdict line gets a follow-up asking
     for one, up to --max_malformed_retries times; those replies are counted, and a pair still missing a verdict is
-    left out, reported and asked again by a rerun (no verdict at all is an error). Win rate = (wins + ties / 2) / pairs, with a 95% bootstrap interval.
+    left out and reported (no verdict at all is an error); at temperature 0 the judge would write the same again, so
+    a rerun asks it again only with --retry_without_verdict. A judgment the server refuses (an output past the
+    judge's context, a content filter) leaves its pair out: the run goes on, and the report counts and lists them.
+    Win rate = (wins + ties / 2) / pairs, with a 95% bootstrap interval.
 
     Writes OUTPUT_DIR/results.md (printed too), results.json and results.png (shares by motivation_app when the
     outputs carry it, as inference.py's outputs on the user-oriented set do). Every judgment is cached in
@@ -481,6 +548,8 @@ def judge(
         budget_usd: stop sending once the spend of this run reaches this (the judgments in flight are kept; a rerun
             continues). Needs the prices.
         budget_tokens: the same, in prompt + completion tokens.
+        retry_without_verdict: ask again the cached judgments whose replies never gave a verdict (by default they
+            are kept: at temperature 0 the same prompt gets the same reply).
     """
     for flag, value, low, kind in (("concurrency", concurrency, 1, int), ("max_tokens", max_tokens, 1, int),
                                    ("max_malformed_retries", max_malformed_retries, 0, int),
@@ -508,21 +577,32 @@ def judge(
     cache = JudgmentCache(cache_path or os.path.join(output_dir, "judgments.jsonl"))
     cache.load()
     judgments = make_judgments(pairs, judge_model)
-    # A cached judgment without a verdict (the judge never wrote one) is asked again: a rerun is the way to retry it.
-    missing = [judgment for judgment in judgments if cache.entries.get(judgment.key, {}).get("verdict") is None]
-    again = sum(judgment.key in cache.entries for judgment in missing)
-    print(f"{len(pairs)} pairs, {len(judgments)} judgments: {len(judgments) - len(missing)} cached in {cache.path}, "
-          f"{len(missing)} to ask" + (f" ({again} cached without a verdict, asked again)" if again else ""),
+    # A cached judgment without a verdict (the judge never wrote one) is asked again only when asked for: at
+    # temperature 0 the same prompt would get the same reply, paid for again on every rerun.
+    without_verdict = [j for j in judgments if j.key in cache.entries and cache.entries[j.key]["verdict"] is None]
+    missing = [j for j in judgments if j.key not in cache.entries] + (without_verdict if retry_without_verdict else [])
+    cached = len(judgments) - len(missing)
+    if without_verdict and retry_without_verdict:
+        note = f" ({len(without_verdict)} cached without a verdict, asked again)"
+    elif without_verdict:
+        note = (f", {len(without_verdict)} cached without a verdict (not asked again: --retry_without_verdict asks "
+                "them)")
+        cached -= len(without_verdict)
+    else:
+        note = ""
+    print(f"{len(pairs)} pairs, {len(judgments)} judgments: {cached} cached in {cache.path}"
+          + (f"{note}, {len(missing)} to ask" if not retry_without_verdict else f", {len(missing)} to ask{note}"),
           file=sys.stderr)
 
     failed = not_sent = 0
+    refused = []
     if missing:  # (the key is needed only now: a report from a complete cache asks nothing)
         api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
                                    request_timeout=request_timeout)
         settings = {"judge_model": judge_model, "max_tokens": max_tokens,
-                    "max_malformed_retries": max_malformed_retries}
+                    "max_malformed_retries": max_malformed_retries, "model_outputs": str(model_outputs)}
         try:
-            failed, not_sent = asyncio.run(ask_missing(api, missing, pairs, cache, settings, budget))
+            failed, not_sent, refused = asyncio.run(ask_missing(api, missing, pairs, cache, settings, budget))
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"{len(cache.entries)} judgments are in {cache.path}; rerun the same command "
                                     "to ask the rest") from None
@@ -531,7 +611,7 @@ def judge(
         print(f"Usage this run: {budget.describe(api.usage)}", file=sys.stderr)
 
     # -- results
-    results = compute_results(pairs, judgments, cache, seed, bootstrap_samples)
+    results = compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused)
     results.update(judge_model=judge_model, unmatched={"model": unmatched_model, "reference": unmatched_reference})
     report = markdown_report(results, judge_model, seed, bootstrap_samples)
     with utils.atomic_open(os.path.join(output_dir, "results.md")) as f:
@@ -548,11 +628,19 @@ def judge(
     if unanswered:
         reply = " ".join(str(unanswered[-1].get("reply") or "").split())
         message = (f"{len(unanswered)} judgment(s) without a verdict line after {max_malformed_retries} follow-up(s), "
-                   f"their pairs left out (a reply: {reply[:160]!r}{'...' if len(reply) > 160 else ''}); a rerun asks "
-                   "them again")
+                   f"their pairs left out (a reply: {reply[:160]!r}{'...' if len(reply) > 160 else ''}); at "
+                   "temperature 0 the judge would answer the same again: rerun with --retry_without_verdict to ask "
+                   "them again (with a larger --max_tokens if the replies were cut off)")
         if results["judged"] == 0:
             raise JudgeError(f"no pair was judged: {message}. Is --judge_model {judge_model} an instruction-following "
-                             "chat model? Try a larger --max_tokens if the replies are cut off")
+                             "chat model?")
+        print(f"warning: {message}", file=sys.stderr)
+    if refused:
+        message = (f"{len({r.judgment.pair_index for r in refused})} pair(s) left out: the judge's server refused "
+                   f"{len(refused)} judgment(s) ({', '.join(sorted({r.reason for r in refused}))}); see "
+                   f"{os.path.join(output_dir, 'results.json')} `refused`")
+        if results["judged"] == 0:
+            raise JudgeError(f"no pair was judged: {message}")
         print(f"warning: {message}", file=sys.stderr)
     if failed:
         raise JudgeError(f"{failed} judgment(s) failed after all retries and are left out; rerun the same command "

@@ -31,8 +31,16 @@ Faults, for the tests:
   * FastAPI-style servers (vLLM, `transformers serve`): only paths under /v1 exist (others: 404 {"detail": "Not
     Found"}); with `prompt_lists=False` a list `prompt` gets 400 {"detail": "prompt must be a string."}, as
     `transformers serve` answers.
-  * context too long: with `context_window` set, a request whose prompt tokens + max_tokens exceed it gets the HTTP
-    400 error OpenAI sends ("code": "context_length_exceeded").
+  * context too long: with `context_window` set, a request whose prompt tokens + max_tokens exceed it gets an HTTP
+    400, worded as `context_error` says: "openai" (OpenAI's message, "code": "context_length_exceeded"), "vllm"
+    (vLLM's: "'max_tokens' ... is too large", or "your request has N input tokens" when the prompt alone does not
+    fit) or "bare" (no numbers). `max_model_len` is reported on each model of GET /v1/models, as vLLM does.
+  * content refused: a prompt containing `refuse_content` gets the HTTP 400 Azure OpenAI sends for a prompt its
+    content filter blocks ("code": "content_filter").
+  * a model without a chat template: with `chat_internal_error` set, every chat request gets HTTP 500 with that text
+    as a plain-text body (`transformers serve` answers so; Starlette's default body is "Internal Server Error").
+  * a drawn (not scripted) "500" says "(request id req_N)", as OpenAI's do, so its retries see different bodies;
+    a scripted "500" is the same body each time.
   * `script`: a list of fault names consumed in order by the next requests, for exact tests ("429", "500", "hang",
     "garbage", "length", "ok").
   * `latency`: seconds every request waits before answering (the benchmark uses 0.2 s).
@@ -177,6 +185,12 @@ def cut_to_tokens(text, max_tokens):
     return text[: matches[max_tokens - 1].end()] if max_tokens > 0 else "", True
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 overflows when a client opens many connections at once (judge.py at
+    # concurrency 16 on a busy machine), and the kernel then resets some of them.
+    request_queue_size = 128
+
+
 class OpenAIServer:
     """Start with `with OpenAIServer(...) as server:`; point the client at `server.base_url`.
 
@@ -186,7 +200,8 @@ class OpenAIServer:
     """
 
     def __init__(self, *, latency=0.0, faults=None, content_faults=None, task_mix=None, chat_restate_header=0.5,
-                 chat_dressing=None, retry_after="1", hang_seconds=5.0, context_window=None, fault_seed=0, models=None,
+                 chat_dressing=None, retry_after="1", hang_seconds=5.0, context_window=None, context_error="openai",
+                 max_model_len=None, refuse_content=None, chat_internal_error=None, fault_seed=0, models=None,
                  api_key=None, reject_logit_bias=False, reject_max_tokens=False, prompt_lists=True, respond=None):
         self.latency = latency
         self.faults = dict(faults or {})
@@ -199,6 +214,10 @@ class OpenAIServer:
         self.retry_after = retry_after
         self.hang_seconds = hang_seconds
         self.context_window = context_window
+        self.context_error = context_error  # "openai", "vllm" or "bare": how the context-length 400 is worded
+        self.max_model_len = max_model_len  # reported by GET /v1/models (vLLM); None: not reported
+        self.refuse_content = refuse_content  # prompts containing this text get a content-filter 400
+        self.chat_internal_error = chat_internal_error  # every chat request: HTTP 500 with this plain-text body
         self.models = models  # None: any model name is accepted; else others get a 404 model_not_found
         self.api_key = api_key  # None: any key is accepted; else others get a 401
         self.reject_logit_bias = reject_logit_bias  # a 400 for any request with logit_bias, as some servers do
@@ -233,12 +252,14 @@ class OpenAIServer:
                     server._send_error(self, 401, "Incorrect API key provided.", "invalid_request_error",
                                        "invalid_api_key")
                 elif self.path.rstrip("/") == "/v1/models":
+                    extra = {} if server.max_model_len is None else {"max_model_len": server.max_model_len}
                     server._send_json(self, 200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "owned_by": "test"} for m in (server.models or ["test-model"])]})
+                        {"id": m, "object": "model", "owned_by": "test", **extra}
+                        for m in (server.models or ["test-model"])]})
                 else:
                     server._send_json(self, 404, {"detail": "Not Found"})
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -280,7 +301,7 @@ class OpenAIServer:
             draw = self._fault_rng.random()
         for fault, probability in self.faults.items():
             if draw < probability:
-                return fault
+                return fault if fault != "500" else "500 drawn"
             draw -= probability
         return "ok"
 
@@ -307,8 +328,10 @@ class OpenAIServer:
         if fault == "429":
             return self._send_error(handler, 429, "Rate limit reached for requests. Please try again later.",
                                     "requests", "rate_limit_exceeded", headers={"Retry-After": str(self.retry_after)})
-        if fault == "500":
-            return self._send_error(handler, 500, "The server had an error while processing your request.",
+        if fault in ("500", "500 drawn"):
+            record["outcome"] = "500"
+            request_id = f" (request id req_{len(self.requests)})" if fault == "500 drawn" else ""
+            return self._send_error(handler, 500, f"The server had an error while processing your request.{request_id}",
                                     "server_error", None)
         if fault == "hang":
             # Hold the connection past the client's timeout, then drop it without a reply.
@@ -346,6 +369,9 @@ class OpenAIServer:
                 record["outcome"] = "400"
                 return self._send_error(handler, 400, "'messages' is a required property", "invalid_request_error",
                                         None)
+            if self.chat_internal_error is not None:
+                record["outcome"] = "500"
+                return self._send_text(handler, 500, self.chat_internal_error)
             prompts = ["\n".join(str(m.get("content", "")) for m in messages)]
             chat = True
         elif path == "/v1/completions":
@@ -363,18 +389,18 @@ class OpenAIServer:
             record["outcome"] = "404"
             return self._send_json(handler, 404, {"detail": "Not Found"})
 
+        if self.refuse_content is not None and any(self.refuse_content in p for p in prompts):
+            record["outcome"] = "content_filter"
+            return self._send_error(handler, 400, "The response was filtered due to the prompt triggering Azure "
+                                    "OpenAI's content management policy. Please modify your prompt and retry.",
+                                    "invalid_request_error", "content_filter", param="prompt")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         prompt_tokens = sum(count_tokens(p) for p in prompts)
-        if self.context_window is not None and max_tokens is not None:
+        if self.context_window is not None:
             longest = max(count_tokens(p) for p in prompts)
-            if longest + max_tokens > self.context_window:
+            if longest + (max_tokens or 1) > self.context_window:
                 record["outcome"] = "context"
-                return self._send_error(
-                    handler, 400,
-                    f"This model's maximum context length is {self.context_window} tokens, however you requested "
-                    f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion). "
-                    "Please reduce your prompt; or completion length.",
-                    "invalid_request_error", "context_length_exceeded", param="max_tokens")
+                return self._send_context_error(handler, longest, max_tokens)
 
         choices = []
         completion_tokens = 0
@@ -446,6 +472,37 @@ class OpenAIServer:
         text, stopped = apply_stop(text, body.get("stop"))
         text, cut = cut_to_tokens(text, max_tokens)
         return text, ("length" if cut else "stop"), (None if cut else clean_text)
+
+    def _send_context_error(self, handler, prompt_tokens, max_tokens):
+        window = self.context_window
+        if self.context_error == "bare":
+            return self._send_error(handler, 400, "Input is too long for this model: maximum context length "
+                                    "exceeded.", "invalid_request_error", None)
+        if self.context_error == "vllm":
+            if prompt_tokens >= window or max_tokens is None:
+                message = (f"This model's maximum context length is {window} tokens. However, your request has "
+                           f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+            else:
+                message = (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+                           f"context length is {window} tokens and your request has {prompt_tokens} input tokens "
+                           f"({max_tokens} > {window} - {prompt_tokens}).")
+            return self._send_error(handler, 400, message, "BadRequestError", 400)
+        requested = prompt_tokens + (max_tokens or 0)
+        return self._send_error(
+            handler, 400,
+            f"This model's maximum context length is {window} tokens, however you requested {requested} tokens "
+            f"({prompt_tokens} in your prompt; {max_tokens or 0} for the completion). Please reduce your prompt; or "
+            "completion length.", "invalid_request_error", "context_length_exceeded", param="max_tokens")
+
+    @staticmethod
+    def _send_text(handler, status, text):
+        data = text.encode("utf-8")
+        handler.send_response(status)
+        handler.send_header("Content-Type", "text/plain; charset=utf-8")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+        handler.wfile.flush()
 
     @staticmethod
     def _send_json(handler, status, obj, headers=None):

@@ -660,3 +660,29 @@ def test_weight_diff_test_inference_feeds_the_training_prompt_ids(family, tokeni
     expected = utils.prompt_token_ids(tokenizer, [prompt])[0]
     assert prompts_fed_to_generate == [expected]
     assert expected[-1] != tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("long_records", [[3], list(range(9))])  # 9 in a row: more than the failures allowed in a row
+def test_api_base_a_prompt_past_the_servers_context_is_that_records_failure(api_env, tmp_path, capsys, long_records):
+    records = [dict(record) for record in SAMPLE_RECORDS]
+    for index in long_records:
+        records[index]["input"] = "word " * 3000
+    input_path = tmp_path / "instructions.json"
+    utils.jdump(records, input_path)
+    output_path = tmp_path / "out.json"
+    with OpenAIServer(respond=echo_answer, context_window=1000) as server:
+        for run in range(2):  # a rerun asks only those again, and ends the same way
+            asked = len(server.requests)
+            inference.inference(api_base=server.base_url, model_name="m", input_path=str(input_path),
+                                output_path=str(output_path), concurrency=1)
+            assert len(server.requests) - asked == (16 if run == 0 else len(long_records))
+            err = capsys.readouterr().err
+            for index in long_records:
+                assert re.search(rf"(^|\r)warning: record {index}: refused by the server \(context too long\): HTTP "
+                                 r"400: This model's maximum context length is 1000 tokens[^\n]*; left out$", err,
+                                 re.MULTILINE)
+            assert (f"{output_path}: {16 - len(long_records)} of 16 outputs; {len(long_records)} left out, refused by "
+                    f"the server (context too long: {len(long_records)}): records "
+                    f"{', '.join(map(str, long_records))}. Usage: ") in err
+    assert [r["instruction"] for r in json.loads(output_path.read_text())] == [
+        r["instruction"] for i, r in enumerate(records) if i not in long_records]

@@ -93,6 +93,14 @@ def chat_prompts(server):
     ("Verdict: **B**", "B"), ("Verdict: A\n\nOn reflection:\nVerdict: B", "B"), ("A is better.", None),
     ("The verdict: A is better", None), ("Verdict: A or B", None), ("", None), (None, None),
     ("Verdict: Alpha", None),
+    # The forms judges write besides the one asked for.
+    ("Reasons.\nFinal verdict: A", "A"), ("**Final Verdict: B**", "B"), ("Verdict: Response A", "A"),
+    ("Verdict - A", "A"), ("Verdict: Assistant A", "A"), ("Verdict — Response B.", "B"), ("It's a tie.", "tie"),
+    ("Both do the task.\n**it’s a tie**", "tie"), ("Verdict: It is a tie", "tie"), ("Final verdict: [[B]]", "B"),
+    # Text that names a side without deciding: no verdict.
+    ("Verdict: Response A and Response B are equally good", None), ("Final verdict: neither", None),
+    ("It's a tie between speed and accuracy, but A is correct.", None), ("Verdict - Assistant", None),
+    ("The final verdict: B is better", None), ("Verdict: A's answer is longer", None),
 ])
 def test_parse_verdict(reply, verdict):
     assert judge.parse_verdict(reply) == verdict
@@ -118,6 +126,16 @@ def test_bootstrap_interval_is_reproducible_with_a_seed():
     low, high = first
     assert low < sum(scores) / len(scores) < high and 0.2 < high - low < 0.3  # about +-1.96 standard errors
     assert judge.bootstrap_interval([1.0] * 8, samples=100, seed=0) == (1.0, 1.0)
+
+
+def test_a_last_line_that_is_whole_but_has_no_newline_is_kept(tmp_path, capsys):
+    path = tmp_path / "judgments.jsonl"
+    path.write_bytes(b'{"key": "a", "verdict": "A"}\n{"key": "b", "verdict": "tie"}')  # e.g. edited by hand
+    cache = judge.JudgmentCache(path)
+    assert cache.load() == 2 and cache.entries["b"]["verdict"] == "tie"
+    assert "dropping" not in capsys.readouterr().err
+    cache.append({"key": "c", "verdict": "B"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
 
 
 def test_the_cache_drops_a_torn_last_line_and_appends_after_it(tmp_path):
@@ -186,14 +204,22 @@ def test_malformed_replies_are_retried_counted_and_reported(server, tmp_path, ca
     assert all(m["content"] == judge.CORRECTION for r in follow_ups for m in r["body"]["messages"][2::2])
     assert len(server.completed_requests()) == 14 + 4 + 2 * 2
     captured = capsys.readouterr()
-    assert "Malformed judge replies (retried): 10; judgments still without a verdict (their pairs left out): 2" in \
-        captured.out
+    assert ("Malformed judge replies (retried): 10; judgments still without a verdict (their pairs left out): 2 "
+            "(--retry_without_verdict asks them again).") in captured.out
     assert ("warning: 2 judgment(s) without a verdict line after 2 follow-up(s), their pairs left out (a reply: "
-            "'Both responses have merits; the first one is more detailed.'); a rerun asks them again") in captured.err
+            "'Both responses have merits; the first one is more detailed.'); at temperature 0 the judge would answer "
+            "the same again: rerun with --retry_without_verdict to ask them again (with a larger --max_tokens if the "
+            "replies were cut off)") in captured.err
 
-    # A rerun asks again only the two judgments without a verdict (3 requests each), nothing else.
+    # A rerun does not pay for the same answers again: it asks nothing, and reports the same.
     asked = len(server.completed_requests())
-    run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=2)
+    again = run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=2)
+    assert len(server.completed_requests()) == asked and again == results
+    assert ("14 judgments: 12 cached in {}, 2 cached without a verdict (not asked again: --retry_without_verdict "
+            "asks them), 0 to ask").format(tmp_path / "out" / "judgments.jsonl") in capsys.readouterr().err
+    # Asked for, it asks again only the two judgments without a verdict (3 requests each), nothing else.
+    run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=2,
+              retry_without_verdict=True)
     assert len(server.completed_requests()) == asked + 2 * 3
     assert "14 judgments: 12 cached in" in capsys.readouterr().err
 
@@ -204,8 +230,9 @@ def test_a_judge_that_never_gives_a_verdict_is_an_error(server, tmp_path, capsys
         run_judge(server, model_path, reference_path, tmp_path / "out", max_malformed_retries=0)
     assert str(raised.value) == (
         "no pair was judged: 4 judgment(s) without a verdict line after 0 follow-up(s), their pairs left out (a reply: "
-        "'Both responses have merits; the first one is more detailed.'); a rerun asks them again. Is --judge_model "
-        "judge-1 an instruction-following chat model? Try a larger --max_tokens if the replies are cut off")
+        "'Both responses have merits; the first one is more detailed.'); at temperature 0 the judge would answer the "
+        "same again: rerun with --retry_without_verdict to ask them again (with a larger --max_tokens if the replies "
+        "were cut off). Is --judge_model judge-1 an instruction-following chat model?")
 
 
 def test_budget_stops_sending_and_a_rerun_asks_only_the_rest(server, tmp_path, capsys):
@@ -310,3 +337,32 @@ def test_the_252_user_oriented_instructions_against_text_davinci_003(server, sha
     assert set(results["by_motivation_app"]) == apps
     assert sum(t["n"] for t in results["by_motivation_app"].values()) == 252
     assert results["reference"] == "text-davinci-003_predictions"
+
+
+@pytest.mark.parametrize("style", ["openai", "bare"])
+def test_an_output_past_the_judges_context_is_that_pairs_failure_not_the_runs(server, tmp_path, capsys, style):
+    kinds = ["win", "loss", "win", "tie", "win"]
+    model_path, reference_path = make_files(tmp_path, kinds)
+    records = json.loads(open(model_path).read())
+    records[2]["output"] = "GOOD " + "very " * 3000 + "long answer"
+    utils.jdump(records, model_path)
+    server.context_window, server.context_error = 1200, style
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    # The other pairs are judged and reported; the long one is left out, with its record, instruction and reason.
+    assert (results["overall"]["win"], results["overall"]["tie"], results["overall"]["loss"]) == (2, 1, 1)
+    assert (results["pairs"], results["judged"]) == (5, 4)
+    assert [(r["pair"], r["record"], r["order"], r["instruction"], r["reason"]) for r in results["refused"]] == [
+        (2, 2, order, "Task 2: win.", "context too long") for order in judge.ORDERS]
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "refused by the server" in line]
+    assert len(warnings) == 2 and all(line.startswith("warning: pair 2 (record 2 of model.json, 'Task 2: win.'), ")
+                                      and "context too long" in line for line in warnings)
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert ("Left out, refused by the judge's server (sending them again cannot succeed): 1 pair(s) (2 judgment(s): "
+            "context too long 2), records 2; a judge with a longer context, or shorter outputs, would take them.") \
+        in report
+    # A rerun asks only those two again, and ends the same way, with its report.
+    asked = len(server.requests)
+    assert run_judge(server, model_path, reference_path, tmp_path / "out") == results
+    # (a message without numbers costs the original's max_tokens x 0.8 steps, 512 down to 1: 24 requests)
+    assert len(server.requests) - asked == (2 if style == "openai" else 2 * 24)
