@@ -29,9 +29,10 @@ import time
 import numpy as np
 import tqdm
 
-import cli
+from alpaca_lib import cli, tokenization
+from alpaca_lib.errors import UserError
+from alpaca_lib.novelty_filter import NoveltyFilter, available_cpus, load_instructions
 import utils
-from novelty_filter import NoveltyFilter, available_cpus, load_instructions
 
 # The instruction's verb and object: the root verb of its first sentence and that verb's direct noun object (the
 # self-instruct paper's Figure 2, which the Alpaca release redrew). See verb_object() for the whole rule.
@@ -64,7 +65,7 @@ REPORT_FILES = {"html": "report.html", "json": "report.json", "verb_noun": "verb
                 "rouge_to_seeds": "rouge_to_seeds.png", "lengths": "lengths.png"}
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A bad flag value, a missing spaCy model or tokenizer, an output folder that cannot be written."""
 
 
@@ -342,7 +343,7 @@ def length_counter(tokenizer=None):
     if str(tokenizer).startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(tokenizer)):
         raise ReportError(f"--tokenizer {tokenizer}: no such folder")  # transformers would call it a bad hub id
     try:
-        hf_tokenizer = utils.load_tokenizer(tokenizer)
+        hf_tokenizer = tokenization.load_tokenizer(tokenizer)
     except (OSError, ValueError) as e:
         raise ReportError(f"--tokenizer {tokenizer}: cannot load it ({cli.first_line(e)})") from None
 
@@ -746,6 +747,6 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
 
 
 if __name__ == "__main__":
-    import cli
+    from alpaca_lib import cli
 
-    cli.main(data_report, user_errors=(ReportError, utils.AlpacaDataError))
+    cli.main(data_report)

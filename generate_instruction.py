@@ -3,8 +3,8 @@
 Each round puts 3 sampled seed tasks into each of 5 prompts (prompt.txt, then the tasks as "N. Instruction / N. Input /
 N. Output", ending with the header of the next task), asks an LLM to continue the list up to task 20, parses the
 replies into tasks, drops those that break a rule or whose ROUGE-L to a known instruction is above 0.7
-(novelty_filter.py), and atomically rewrites regen.json. Any OpenAI-compatible server, completion or chat models
-(api_client.py). Kill it at any moment and rerun the same command: it resumes.
+(alpaca_lib/novelty_filter.py), and atomically rewrites regen.json. Any OpenAI-compatible server, completion or chat
+models (alpaca_lib/api_client.py). Kill it at any moment and rerun the same command: it resumes.
 
     python -m generate_instruction generate_instruction_following_data --output_dir ./ \
         --num_instructions_to_generate 100 [--model_name gpt-3.5-turbo-instruct] [--api_base http://localhost:8000/v1]
@@ -25,11 +25,11 @@ import time
 
 import tqdm
 
-import api_client
-import cli
+from alpaca_lib import api_client, cli, data_files
+from alpaca_lib.api_client import APIError, RequestFailed, Usage, is_context_length_error  # noqa: F401 (public names)
+from alpaca_lib.errors import UserError
+from alpaca_lib.novelty_filter import NoveltyFilter, deduplicate, load_instructions  # noqa: F401 (public names)
 import utils
-from api_client import APIError, RequestFailed, Usage, is_context_length_error  # noqa: F401 (public names)
-from novelty_filter import NoveltyFilter, deduplicate, load_instructions  # noqa: F401 (public names)
 
 # Beside this file, so the command works from any folder (the original read ./prompt.txt and ./seed_tasks.jsonl).
 PROMPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt.txt")
@@ -51,7 +51,7 @@ BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file"
 MAX_FAILED_ROUNDS = 3
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError, RuntimeError):
     """A run that cannot go on (bad input, or an API error that retrying cannot fix). regen.json is left intact."""
 
 
@@ -383,12 +383,12 @@ def check_numbers(**values):
 # regen.json: every accepted record, rewritten atomically after every round
 
 
-regen_record_json = utils.jdump_item  # one regen.json record, serialized once
+regen_record_json = data_files.jdump_item  # one regen.json record, serialized once
 
 
 def write_regen_json(path, record_texts):
-    """Atomically write regen.json from records serialized by regen_record_json (utils.jdump_items)."""
-    utils.jdump_items(record_texts, path)
+    """Atomically write regen.json from records serialized by regen_record_json (data_files.jdump_items)."""
+    data_files.jdump_items(record_texts, path)
 
 
 @dataclasses.dataclass
@@ -405,7 +405,7 @@ class RegenFile:
         have left beside it. A file that is not valid Alpaca data is a GenerationError, and left alone."""
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "regen.json")
-        utils.remove_stale_temp_files(path)
+        data_files.remove_stale_temp_files(path)
         records = []
         if os.path.exists(path):
             try:
@@ -878,5 +878,4 @@ def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
 
 
 if __name__ == "__main__":
-    cli.main({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data},
-             user_errors=(GenerationError, APIError, utils.AlpacaDataError))
+    cli.main({"deduplicate": deduplicate, "generate_instruction_following_data": generate_instruction_following_data})

@@ -23,11 +23,11 @@ import time
 
 import tqdm
 
-import api_client
-import cli
+from alpaca_lib import api_client, cli, tokenization
+from alpaca_lib.api_client import APIError
+from alpaca_lib.errors import UserError
+from alpaca_lib.eval_files import OutputFile, read_instructions
 import utils
-from api_client import APIError
-from eval_data import EvalDataError, OutputFile, read_instructions
 
 # Where the model starts a new example after its answer: generation stops there and the text is cut before it.
 STOP_SEQUENCES = ["### Instruction:"]
@@ -36,7 +36,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_FAILURES_IN_A_ROW = 8
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """A command line, model folder or server that cannot work; the message says what to fix."""
 
 
@@ -68,7 +68,7 @@ def has_tokenizer(name_or_path):
 
     return any(cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
                            _raise_exceptions_for_connection_errors=False) is not None
-               for name in utils.TOKENIZER_FILES)
+               for name in tokenization.TOKENIZER_FILES)
 
 
 def is_missing_folder(name_or_path):
@@ -113,8 +113,8 @@ def grow_embeddings(model, num_rows):
         return 0
     model.resize_token_embeddings(num_rows, mean_resizing=False)
     with torch.no_grad():
-        for weight in utils.embedding_weights(model):
-            weight[old_rows:] = utils.mean_row(weight[:old_rows])
+        for weight in tokenization.embedding_weights(model):
+            weight[old_rows:] = tokenization.mean_row(weight[:old_rows])
     return num_rows - old_rows
 
 
@@ -150,7 +150,8 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
                                  "adapter_config.json")
         base = tokenizer_source = model_name_or_path
     try:
-        tokenizer = utils.load_tokenizer(tokenizer_source, padding_side="left", trust_remote_code=trust_remote_code)
+        tokenizer = tokenization.load_tokenizer(tokenizer_source, padding_side="left",
+                                                trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # a missing folder, an unknown hub id, no network; no model in the folder
@@ -158,7 +159,7 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
                     "--base_model to load another)" if adapter and not base_model else "")
         raise InferenceError(f"cannot load {base}{named_by}: {cli.first_line(e)}") from None
     if adapter:
-        import lora  # peft, with lora.py's filter of its transformers deprecation warning
+        from alpaca_lib import lora  # peft, with alpaca_lib/lora.py's filter of its transformers deprecation warning
 
         added = grow_embeddings(model, len(tokenizer))
         if added:
@@ -203,9 +204,11 @@ class Decoding:
 
 def prompt_batch(tokenizer, prompts):
     """input_ids and attention_mask of `prompts`, padded on the tokenizer's (left) side: each prompt's ids exactly as
-    train.py starts a training row (utils.prompt_token_ids), never with what the tokenizer appends (add_eos_token's
-    EOS) and never cut, whatever the tokenizer's truncation_side and model_max_length (check_context warns instead)."""
-    return tokenizer.pad({"input_ids": utils.prompt_token_ids(tokenizer, prompts)}, padding=True, return_tensors="pt")
+    train.py starts a training row (tokenization.prompt_token_ids), never with what the tokenizer appends
+    (add_eos_token's EOS) and never cut, whatever the tokenizer's truncation_side and model_max_length (check_context
+    warns instead)."""
+    ids = tokenization.prompt_token_ids(tokenizer, prompts)
+    return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
 
 
 def generate(model, tokenizer, prompts, generation_config, streamer=None):
@@ -314,7 +317,7 @@ def interactive(model, tokenizer, generation_config, tasks):
 
 def prompt_lengths(tokenizer, prompts):
     """The token count of each prompt, as generate tokenizes it."""
-    return [len(ids) for ids in utils.prompt_token_ids(tokenizer, prompts)] if prompts else []
+    return [len(ids) for ids in tokenization.prompt_token_ids(tokenizer, prompts)] if prompts else []
 
 
 def length_sorted_batches(lengths, batch_size):
@@ -623,4 +626,4 @@ def inference(
 
 
 if __name__ == "__main__":
-    cli.main(inference, user_errors=(InferenceError, EvalDataError, APIError, utils.AlpacaDataError))
+    cli.main(inference)

@@ -20,11 +20,11 @@ import sys
 
 import tqdm
 
-import api_client
-import cli
+from alpaca_lib import api_client, cli
+from alpaca_lib.api_client import APIError, RequestFailed, Usage
+from alpaca_lib.errors import UserError
+from alpaca_lib.eval_files import read_outputs, record_key
 import utils
-from api_client import APIError, RequestFailed, Usage
-from eval_data import EvalDataError, read_outputs, record_key
 
 DEFAULT_JUDGE_MODEL = "gpt-4o"
 
@@ -73,7 +73,7 @@ ORDERS = ("model_first", "reference_first")
 OUTCOMES = ("win", "tie", "loss")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A command line, file or server that cannot work; the message says what to fix."""
 
 
@@ -649,4 +649,4 @@ def judge(
 
 
 if __name__ == "__main__":
-    cli.main(judge, user_errors=(JudgeError, EvalDataError, APIError, utils.AlpacaDataError))
+    cli.main(judge)

@@ -23,12 +23,10 @@ import transformers
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import cli
-import compat
-import lora
-import utils
-from cli import UsageError
+from alpaca_lib import cli, hardware, legacy_flags, lora, tokenization
+from alpaca_lib.cli import UsageError
 from utils import IGNORE_INDEX, PROMPT_DICT  # noqa: F401 -- PROMPT_DICT: the original defined it here; forks import it
+import utils
 
 logger = logging.getLogger("train")
 
@@ -124,11 +122,11 @@ def parse_args(argv=None):
 
     Everything a user can get wrong is checked here, before a model is loaded: unknown flags (the closest valid flag
     is named), bad values, and every record of --data_path. The original README's transformers-4 flags are translated
-    (compat.translate_legacy_args) and GPU-only requests adapted to the machine (compat.adapt_to_hardware), each with a
-    one-line notice. Raises cli.UsageError or utils.AlpacaDataError.
+    (legacy_flags.translate_legacy_args) and GPU-only requests adapted to the machine (hardware.adapt_to_hardware),
+    each with a one-line notice. Raises cli.UsageError or utils.AlpacaDataError.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    argv, notices = compat.translate_legacy_args(argv)
+    argv, notices = legacy_flags.translate_legacy_args(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
 
     def error(message):  # argparse would print its 300-line usage, then the message
@@ -152,7 +150,7 @@ def parse_args(argv=None):
     lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
     check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    notices += compat.adapt_to_hardware(namespace, world_size)
+    notices += hardware.adapt_to_hardware(namespace, world_size)
     if not namespace.data_path:
         raise UsageError("--data_path is required (an Alpaca-format .json or .jsonl file, e.g. alpaca_data.json from "
                          "`python utils.py download alpaca_data`)")
@@ -223,8 +221,8 @@ def smart_tokenizer_and_embedding_resize(
     The embeddings only grow, to len(tokenizer), when the new tokens need more rows than the model has. A padded
     vocabulary (Qwen2, Pythia: more rows than tokens) keeps every row, and a new token takes the first row past the
     tokenizer's. The mean is over rows [0, n), n = len(tokenizer) before adding: the rows of real tokens, never the
-    untrained padding rows, computed in the weight's dtype (utils.mean_row). For a model with exactly n rows (LLaMA)
-    this is the original's rule bit for bit: the new rows are the last ones, each the mean of all the others.
+    untrained padding rows, computed in the weight's dtype (tokenization.mean_row). For a model with exactly n rows
+    (LLaMA) this is the original's rule bit for bit: the new rows are the last ones, each the mean of all the others.
     (transformers 5's own `mean_resizing` samples the new rows around that mean; here they are exact.)
     """
     num_old_tokens = len(tokenizer)
@@ -234,10 +232,10 @@ def smart_tokenizer_and_embedding_resize(
     if num_new_tokens <= 0:
         return num_new_tokens
 
-    weights = utils.embedding_weights(model)
-    with compat.gathered_parameters(weights), torch.no_grad():
+    weights = tokenization.embedding_weights(model)
+    with hardware.gathered_parameters(weights), torch.no_grad():
         for weight in weights:
-            weight.data[num_old_tokens:len(tokenizer)] = utils.mean_row(weight.data[:num_old_tokens])
+            weight.data[num_old_tokens:len(tokenizer)] = tokenization.mean_row(weight.data[:num_old_tokens])
     return num_new_tokens
 
 
@@ -258,11 +256,11 @@ def missing_special_tokens(tokenizer):
     return special_tokens_dict
 
 
-leading_special_tokens = utils.leading_special_tokens  # where it was defined before utils shared it with inference.py
+leading_special_tokens = tokenization.leading_special_tokens  # defined here before inference.py shared it
 
 
 def _tokenize_fn(strings: Sequence[str], tokenizer: transformers.PreTrainedTokenizerBase, max_length=None) -> Dict:
-    """Token ids of each string as a training row starts (utils.prompt_token_ids: the tokens the tokenizer puts
+    """Token ids of each string as a training row starts (tokenization.prompt_token_ids: the tokens the tokenizer puts
     before a text, then the string's), cut to the first max_length; batched calls to the tokenizer.
 
     Returns dict(input_ids=[ids per string], input_ids_lens=[number of ids per string]).
@@ -270,7 +268,7 @@ def _tokenize_fn(strings: Sequence[str], tokenizer: transformers.PreTrainedToken
     quiet = os.environ.get("LOCAL_RANK", "0") != "0" or len(strings) <= TOKENIZE_CHUNK_SIZE
     input_ids = []
     for start in tqdm(range(0, len(strings), TOKENIZE_CHUNK_SIZE), desc="Tokenizing", unit="chunk", disable=quiet):
-        input_ids += utils.prompt_token_ids(tokenizer, strings[start : start + TOKENIZE_CHUNK_SIZE], max_length)
+        input_ids += tokenization.prompt_token_ids(tokenizer, strings[start : start + TOKENIZE_CHUNK_SIZE], max_length)
     return dict(input_ids=input_ids, input_ids_lens=[len(ids) for ids in input_ids])
 
 
@@ -285,9 +283,9 @@ def preprocess(
     the tokens of source + target, cut to the first model_max_length ids (whatever the tokenizer's truncation_side: a
     row cut at its start would train without its prompt). The target ends with the EOS (SupervisedDataset), and
     what a tokenizer appends itself (an add_eos_token=True LLaMA's </s>) is left out, so the labels are exactly the
-    response tokens plus one EOS, whatever the tokenizer adds. The source covers its utils.prompt_token_ids, the very
-    ids inference.py feeds as the prompt: for LLaMA-1 exactly the original's tokenizer(source), so the ids and labels
-    are the original's.
+    response tokens plus one EOS, whatever the tokenizer adds. The source covers its tokenization.prompt_token_ids, the
+    very ids inference.py feeds as the prompt: for LLaMA-1 exactly the original's tokenizer(source), so the ids and
+    labels are the original's.
 
     Where the source's last token merges with the target's first in the joint tokenization (":[" or ':"' after
     "### Response:"), the original's count is kept, so the merged token is masked, and those rows are counted in a
@@ -433,16 +431,17 @@ def load_tokenizer(model_args, training_args):
     whatever its config says (preprocess keeps the start of a row in any case; the saved tokenizer says so too).
 
     transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
-    per-example calls). compat.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
+    per-example calls). tokenization.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
     """
     path = model_args.model_name_or_path
     if path.startswith((os.sep, ".")) and not os.path.isdir(path):
         raise UsageError(f"--model_name_or_path {path}: no such folder")
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in utils.TOKENIZER_FILES):
+    tokenizer_files = tokenization.TOKENIZER_FILES
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in tokenizer_files):
         raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of "
-                         f"{', '.join(utils.TOKENIZER_FILES)}); save the base model's tokenizer beside the weights")
+                         f"{', '.join(tokenizer_files)}); save the base model's tokenizer beside the weights")
     try:
-        return compat.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+        return tokenization.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
                                      model_max_length=training_args.model_max_length, padding_side="right",
                                      truncation_side="right",
                                      trust_remote_code=model_args.trust_remote_code)
@@ -453,7 +452,7 @@ def load_tokenizer(model_args, training_args):
 
 def load_model_and_tokenizer(model_args, training_args):
     """The base model (fp32 by default) and its tokenizer, with the original's special tokens added; with --lora_r,
-    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (lora.py).
+    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (alpaca_lib/lora.py).
 
     The tokenizer is loaded first, and LoRA's target modules are checked against the model's config: a wrong
     --model_name_or_path or module name fails in a second, not after the model has loaded.
@@ -492,13 +491,13 @@ def load_model_and_tokenizer(model_args, training_args):
 
 class DistributedCheck(transformers.TrainerCallback):
     """Stops at the first step when torchrun started several processes but the model is not wrapped for them
-    (compat.check_distributed: HF Trainer on CPU would otherwise train one independent copy per process)."""
+    (hardware.check_distributed: HF Trainer on CPU would otherwise train one independent copy per process)."""
 
     def __init__(self, trainer, world_size):
         self.trainer, self.world_size = trainer, world_size
 
     def on_train_begin(self, args, state, control, **kwargs):
-        compat.check_distributed(self.trainer, self.world_size, args)
+        hardware.check_distributed(self.trainer, self.world_size, args)
 
 
 def safe_save_model_for_hf_trainer(trainer: transformers.Trainer, output_dir: str):
@@ -523,10 +522,10 @@ def train(argv=None):
     # Seeded before loading, not only by the Trainer after: LoRA draws its A matrices when the adapters are added.
     transformers.set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    compat.resolve_fsdp_wrap_class(training_args, model)
+    hardware.resolve_fsdp_wrap_class(training_args, model)
     attn_implementation = model.config._attn_implementation
     if data_args.padding_free and not attn_implementation.startswith("flash"):
-        compat.check_padding_free(model)
+        hardware.check_padding_free(model)
         logger.info("padding-free with %s attention: transformers builds a block-diagonal causal mask from the "
                     "position_ids (checked; flash_attention_2 on GPU is faster)", attn_implementation)
     if data_args.padding_free and training_args.use_cache:
@@ -549,7 +548,7 @@ def train(argv=None):
                     training_args.output_dir)
     if model_args.merge_lora and training_args.should_save:
         # The base as training loaded it (unquantized), plus the adapter just saved: proof that the adapter is whole.
-        with compat.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
+        with hardware.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
             base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args)
             merged_dir = os.path.join(training_args.output_dir, "merged")
             lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir)
@@ -567,7 +566,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ntrain.py: interrupted", file=sys.stderr)
         sys.exit(130)
-    compat.end_distributed(trainer)
+    hardware.end_distributed(trainer)
 
 
 if __name__ == "__main__":

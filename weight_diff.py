@@ -7,7 +7,7 @@ Anyone with the raw weights adds them back.
     python weight_diff.py make_diff --path_raw R --path_tuned T --path_diff D
     python weight_diff.py recover --path_raw R --path_diff D --path_tuned OUT [--device cuda] [--test_inference False]
 
-Tensors stream through memory allocated once (checkpoint_io.Workspace), whatever the model's size. make_diff also
+Tensors stream through memory allocated once (checkpoint_tensors.Workspace), whatever the model's size. make_diff also
 writes the sha256 of every tuned tensor and the ulp corrections that make recover bit-exact; recover checks both, and
 the original's naive sum. What differs from the original, and why, is in docs/differences.md (stage 3).
 """
@@ -23,12 +23,12 @@ import shutil
 import torch
 from tqdm import tqdm
 
-import cli
-import compat
+from alpaca_lib import cli, legacy_checkpoints, tokenization
+from alpaca_lib.checkpoint_tensors import (CHUNK_ELEMENTS, Checkpoint, CorrectionsWriter, ShardedSafetensorsWriter,
+                                           Workspace, atomic_output_folder, prefetched, read_bytes_into,
+                                           read_safetensors_header, tensor_sha256)
+from alpaca_lib.errors import UserError
 import utils
-from checkpoint_io import (CHUNK_ELEMENTS, Checkpoint, CheckpointError, CorrectionsWriter, ShardedSafetensorsWriter,
-                           Workspace, atomic_output_folder, prefetched, read_bytes_into, read_safetensors_header,
-                           tensor_sha256)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ TOKEN_ROW_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "em
 INFERENCE_INSTRUCTION = "List three technologies that make life easier."
 
 
-class WeightDiffError(ValueError):
+class WeightDiffError(UserError, ValueError):
     """Inconsistent input (a missing/extra/mis-shaped tensor, a wrong raw model) or a failed integrity check."""
 
 
@@ -79,8 +79,8 @@ def plan_tensor_pairs(raw, other, other_role, raw_token_count=None, kept_rows=No
     `kept_rows` ({name: rows}, from a make_diff manifest) overrides both. Any other mismatch, or a missing or extra
     tensor, is a WeightDiffError naming it.
     """
-    raw_names = [n for n in raw.entries if not compat.is_inv_freq(n)]
-    other_names = [n for n in other.entries if not compat.is_inv_freq(n)]
+    raw_names = [n for n in raw.entries if not legacy_checkpoints.is_inv_freq(n)]
+    other_names = [n for n in other.entries if not legacy_checkpoints.is_inv_freq(n)]
     missing = [n for n in other_names if n not in raw.entries]
     extra = [n for n in raw_names if n not in other.entries]
     if missing:
@@ -114,7 +114,7 @@ def raw_token_counter(path_raw, shrunk_to):
     @functools.cache
     def count():
         try:
-            return len(compat.load_tokenizer(os.fspath(path_raw)))
+            return len(tokenization.load_tokenizer(os.fspath(path_raw)))
         except (OSError, ValueError) as e:
             raise WeightDiffError(
                 f"the {shrunk_to} has fewer embedding rows than the raw model ({path_raw}): its vocabulary was cut to "
@@ -126,12 +126,12 @@ def raw_token_counter(path_raw, shrunk_to):
 
 def read_raw(raw, pair, out, workspace):
     """Raw's tensor for `pair` as float32, with the mean rows where train.py added rows: the first numel(pair.shape)
-    elements of `out` (pair.numel elements: raw is read whole first). The mean is utils.mean_row over the kept rows,
-    in float32 on CPU, as training computed it."""
+    elements of `out` (pair.numel elements: raw is read whole first). The mean is tokenization.mean_row over the kept
+    rows, in float32 on CPU, as training computed it."""
     raw.read_into(pair.name, out[: math.prod(pair.raw_shape)], workspace)
     if pair.kept_rows is not None:
         rows = out[: math.prod(pair.shape)].view(pair.shape)
-        rows[pair.kept_rows:] = utils.mean_row(out[: pair.kept_rows * pair.shape[1]].view(pair.kept_rows, -1))
+        rows[pair.kept_rows:] = tokenization.mean_row(out[: pair.kept_rows * pair.shape[1]].view(pair.kept_rows, -1))
     return out[: math.prod(pair.shape)]
 
 
@@ -156,8 +156,8 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         overwrite: replace path_diff if it already exists (the old folder is kept until the new one is complete).
     """
     cli.check_writable("path_diff", path_diff)
-    raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
-    tuned = Checkpoint(path_tuned, "tuned", skip=compat.is_inv_freq)  # its errors say "tuned model: ..."
+    raw = Checkpoint(path_raw, "raw", skip=legacy_checkpoints.is_inv_freq)
+    tuned = Checkpoint(path_tuned, "tuned", skip=legacy_checkpoints.is_inv_freq)  # its errors say "tuned model: ..."
     plan = plan_tensor_pairs(raw, tuned, "tuned model", raw_token_counter(path_raw, "tuned model"))
     check_model_files(path_tuned, "tuned model")
     shard_bytes = parse_size(max_shard_size)
@@ -206,8 +206,8 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         # transformers is imported only now: its ~100 MB of modules stay out of the streaming pass's peak memory.
         config = load_config(path_tuned)
         tokenizer = load_tokenizer(path_tuned)
-        for name in compat.inv_freq_names(config):  # counted as the original's 4.28 state dict had them
-            sums[name] = compat.rotary_inv_freq(config).sum()
+        for name in legacy_checkpoints.inv_freq_names(config):  # counted as the original's 4.28 state dict had them
+            sums[name] = legacy_checkpoints.rotary_inv_freq(config).sum()
         total = float(naive_sum(sums, config.num_hidden_layers))
         utils.jdump({"format": MANIFEST_FORMAT, "version": 1, "dtype": "float32", "naive_sum": total,
                      "corrections": corrections_file, "corrected_elements": corrections.total,
@@ -236,8 +236,8 @@ def check_model_files(folder, role):
     weights (they are loaded only after streaming, to keep transformers out of the peak memory)."""
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise WeightDiffError(f"{role}: {folder} has no config.json")
-    if not any(os.path.exists(os.path.join(folder, name)) for name in utils.TOKENIZER_FILES):
-        raise WeightDiffError(f"{role}: {folder} has no tokenizer (none of {', '.join(utils.TOKENIZER_FILES)})")
+    if not any(os.path.exists(os.path.join(folder, name)) for name in tokenization.TOKENIZER_FILES):
+        raise WeightDiffError(f"{role}: {folder} has no tokenizer (none of {', '.join(tokenization.TOKENIZER_FILES)})")
 
 
 def load_config(folder):
@@ -298,8 +298,8 @@ def recover(
         raise WeightDiffError(f"--device {device}: no CUDA device is available (use --device cpu)")
     if path_tuned is not None:
         cli.check_writable("path_tuned", path_tuned)
-    raw = Checkpoint(path_raw, "raw", skip=compat.is_inv_freq)
-    diff = Checkpoint(path_diff, "diff", skip=compat.is_inv_freq)
+    raw = Checkpoint(path_raw, "raw", skip=legacy_checkpoints.is_inv_freq)
+    diff = Checkpoint(path_diff, "diff", skip=legacy_checkpoints.is_inv_freq)
     manifest = _read_manifest(path_diff)
     kept_rows = {name: entry["raw_rows_kept"] for name, entry in (manifest or {}).get("tensors", {}).items()
                  if "raw_rows_kept" in entry}
@@ -433,10 +433,10 @@ def inv_freq_sums(raw, diff, config):
     Recovered inv_freq = diff + raw, as in the original, where a file without the buffer contributes what transformers
     computes from the config (and a diff without it means the recovered buffer is the computed one).
     """
-    derived = compat.rotary_inv_freq(config)
-    names = compat.inv_freq_names(config)
+    derived = legacy_checkpoints.rotary_inv_freq(config)
+    names = legacy_checkpoints.inv_freq_names(config)
     sums = {}
-    for name in names + [n for n in diff.entries if compat.is_inv_freq(n) and n not in names]:
+    for name in names + [n for n in diff.entries if legacy_checkpoints.is_inv_freq(n) and n not in names]:
         if name not in diff.entries:
             sums[name] = derived.sum()
             continue
@@ -455,8 +455,8 @@ def inv_freq_sums(raw, diff, config):
 
 def naive_sum(tensor_sums, num_layers):
     """The original's `sum(state_dict[key].sum() for key in state_dict)`: a float32 0-d tensor, added in transformers
-    4.28's key order (compat.original_state_dict_order)."""
-    order = compat.original_state_dict_order(list(tensor_sums), num_layers)
+    4.28's key order (legacy_checkpoints.original_state_dict_order)."""
+    order = legacy_checkpoints.original_state_dict_order(list(tensor_sums), num_layers)
     return sum(tensor_sums[name] for name in order)
 
 
@@ -480,9 +480,9 @@ def check_naive_sum(sums, num_layers, expected_sum, sha256_verified):
 
 
 def load_tokenizer(folder):
-    """The tokenizer of a model or diff folder (compat.load_tokenizer: the 2023 release format is converted)."""
+    """The tokenizer of a model or diff folder (tokenization.load_tokenizer: the 2023 release format is converted)."""
     try:
-        return compat.load_tokenizer(os.fspath(folder))
+        return tokenization.load_tokenizer(os.fspath(folder))
     except (OSError, ValueError) as e:
         raise WeightDiffError(f"{folder}: cannot load its tokenizer: {cli.first_line(e)}") from None
 
@@ -539,8 +539,8 @@ def _test_inference(path_tuned, config, kept, tokenizer, device):
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
             None, config=config, state_dict=kept, dtype=torch.float32, device_map={"": device})
     prompt = utils.format_prompt({"instruction": INFERENCE_INSTRUCTION, "input": ""})
-    # The prompt's ids as training built them (utils.prompt_token_ids): no EOS appended by an add_eos_token tokenizer.
-    input_ids = torch.tensor(utils.prompt_token_ids(tokenizer, [prompt]), device=device)
+    # The prompt's ids as training built them (tokenization.prompt_token_ids): no EOS from an add_eos_token tokenizer.
+    input_ids = torch.tensor(tokenization.prompt_token_ids(tokenizer, [prompt]), device=device)
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=100,
                             do_sample=False, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                             else tokenizer.eos_token_id)
@@ -559,4 +559,4 @@ def main(task, **kwargs):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cli.main({"make_diff": make_diff, "recover": recover}, user_errors=(WeightDiffError, CheckpointError))
+    cli.main({"make_diff": make_diff, "recover": recover})

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer  # noqa: E402
 
-import data_report  # noqa: E402
 import utils  # noqa: E402
+import data_report  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("ALPACA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the original algorithm, shared w
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer  # noqa: E402
 
-import novelty_filter  # noqa: E402
+from alpaca_lib import novelty_filter  # noqa: E402
 import utils  # noqa: E402
 from original_alpaca import original_novelty_filter  # noqa: E402
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
-import generate_instruction as gen  # noqa: E402
 import utils  # noqa: E402
+import generate_instruction as gen  # noqa: E402
 from openai_server import OpenAIServer, apply_stop, make_reply, make_task  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("ALPACA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

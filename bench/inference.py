@@ -30,10 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "bench"]
 sys.path.insert(0, str(REPO_ROOT))
 
+from alpaca_lib.eval_files import read_instructions  # noqa: E402
+import utils  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
-from eval_data import read_instructions  # noqa: E402
 
 sys.path.append(str(REPO_ROOT / "bench"))
 from preprocess import build_llama_like_tokenizer  # noqa: E402

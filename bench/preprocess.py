@@ -26,9 +26,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import train  # noqa: E402
-import utils  # noqa: E402
 from utils import IGNORE_INDEX  # noqa: E402
+import utils  # noqa: E402
+import train  # noqa: E402
 
 
 def build_llama_like_tokenizer(records, tokenizer_dir, vocab_size=32000):

@@ -31,8 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-import train  # noqa: E402
 import utils  # noqa: E402
+import train  # noqa: E402
 from preprocess import build_llama_like_tokenizer  # noqa: E402
 
 COUNTS = {"positions": 0, "tokens": 0, "label_tokens": 0, "batches": 0, "cpu_seconds": 0.0}

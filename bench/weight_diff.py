@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from alpaca_lib import tokenization
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -69,7 +70,6 @@ def build_models(workdir, args):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    import utils
     import weight_diff
 
     layers, hidden, intermediate, heads = SIZES[args.sizes]
@@ -97,7 +97,7 @@ def build_models(workdir, args):
         os.makedirs(folder)
     for name, shape in shapes.items():
         raw = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
-        tuned = utils.extend_rows_with_mean(raw, 1) if name.endswith(weight_diff.TOKEN_ROW_SUFFIXES) else raw
+        tuned = tokenization.extend_rows_with_mean(raw, 1) if name.endswith(weight_diff.TOKEN_ROW_SUFFIXES) else raw
         for _ in range(2):  # a couple of float32 "optimizer steps"
             tuned = tuned - 1e-4 * torch.randn(tuned.shape, generator=generator)
         for which, tensor in (("raw", raw), ("tuned", tuned.contiguous())):
@@ -146,7 +146,7 @@ def compare_outputs(ours, naive, tuned, diff):
     import torch
 
     import weight_diff
-    from checkpoint_io import Checkpoint, read_safetensors_header, read_safetensors_tensor
+    from alpaca_lib.checkpoint_tensors import Checkpoint, read_safetensors_header, read_safetensors_tensor
 
     ours, naive, tuned = (Checkpoint(p, role) for p, role in ((ours, "ours"), (naive, "naive"), (tuned, "tuned")))
     corrections_path = os.path.join(diff, weight_diff.CORRECTIONS_NAME)

@@ -1,5 +1,5 @@
-"""api_client.py on its own, as the scripts that reuse it see it: the server's own words in every fatal error (however
-the server words it), prompts sent as the server wants them, usage and budgets, base-URL checks, stopping cleanly.
+"""The API client (alpaca_lib/api_client.py) on its own, as the scripts that reuse it see it: the server's own words in
+every fatal error (however the server words it), prompts sent as the server wants them, usage and budgets, base-URL checks, stopping cleanly.
 
 Real HTTP on 127.0.0.1 with the real `openai` client: a server that answers each request with a canned response.
 """
@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import api_client
-from api_client import APIClient, APIError, Budget, RequestFailed, Usage
+from alpaca_lib import api_client
+from alpaca_lib.api_client import APIClient, APIError, Budget, RequestFailed, Usage
 
 
 class CannedServer:

@@ -1,4 +1,5 @@
-"""The shared command-line layer (cli.py): flags checked before any work, full --help, one-line errors, Ctrl-C."""
+"""The shared command-line layer (alpaca_lib/cli.py): flags checked before any work, full --help, one-line errors,
+Ctrl-C."""
 
 import difflib
 import inspect
@@ -10,14 +11,14 @@ import time
 
 import pytest
 
-import cli
+from alpaca_lib import cli
+import utils
+from conftest import REPO_ROOT, restore_sigint
 import data_report
 import generate_instruction
 import inference
 import judge
-import utils
 import weight_diff
-from conftest import REPO_ROOT, restore_sigint
 
 # Every python-fire command of the project: (argv prefix, the function it runs).
 FIRE_COMMANDS = [
@@ -158,7 +159,7 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 def test_ctrl_c_prints_one_line(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(
-        "import sys, time\nsys.path.insert(0, %r)\nimport cli\n\n"
+        "import sys, time\nsys.path.insert(0, %r)\nfrom alpaca_lib import cli\n\n"
         "def wait(seconds=30):\n    \"\"\"Wait.\n\n    Args:\n        seconds: how long.\n    \"\"\"\n"
         "    print('started', flush=True)\n    time.sleep(seconds)\n\ncli.main(wait)\n" % str(REPO_ROOT)
     )

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-import cli
-import data_report
+from alpaca_lib import cli, data_files
 import utils
 from conftest import REPO_ROOT
+import data_report
 
 spacy = pytest.importorskip("spacy")
 from spacy.language import Language  # noqa: E402
@@ -333,7 +333,7 @@ def test_no_pairs_still_makes_a_chart_and_a_failed_page_write_leaves_the_old_pag
 def run_cli(args, capsys):
     """data_report's command line in this process: (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(data_report.data_report, user_errors=(data_report.ReportError, utils.AlpacaDataError), argv=args,
+        cli.main(data_report.data_report, argv=args,
                  prog="python data_report.py")
     return exit_info.value.code, capsys.readouterr().err.strip()
 
@@ -385,7 +385,7 @@ def test_an_instruction_longer_than_spacy_max_length_is_parsed_from_its_start(ha
     long_instruction = "Write a poem about cats " + "and dogs " * 133_334  # 1.2M characters, no ": " or line break
     assert len(long_instruction) > 1_200_000
     data = tmp_path / "data.jsonl"
-    utils.write_jsonl([{"instruction": long_instruction, "input": "", "output": "Meow."},
+    data_files.write_jsonl([{"instruction": long_instruction, "input": "", "output": "Meow."},
                        {"instruction": "List three colours.", "input": "", "output": "Red."}], data)
     numbers = data_report.data_report(data, tmp_path / "out", spacy_model=str(hand_model_dir), quiet=True)
     objects = {verb["verb"]: verb["objects"] for verb in numbers["verb_noun"]["rings"]["verbs"]}

@@ -22,10 +22,9 @@ import time
 
 import pytest
 
-import generate_instruction as gen
+from alpaca_lib import api_client, cli
 from conftest import REPO_ROOT, SAMPLE_RECORDS, restore_sigint
-import api_client
-import cli
+import generate_instruction as gen
 from openai_server import OpenAIServer, count_tokens
 from original_alpaca import original_novelty_filter, original_post_process
 
@@ -537,7 +536,7 @@ def test_regen_writer_is_byte_identical_to_jdump(tmp_path):
 
 def test_command_line_help_explains_every_flag(capsys):
     """--help once lost the defaults and cut --logit_bias's text at "or a JSON"."""
-    import cli
+    from alpaca_lib import cli
 
     cli.main({"generate_instruction_following_data": gen.generate_instruction_following_data},
              argv=["generate_instruction_following_data", "--help"], prog="python -m generate_instruction")
@@ -620,12 +619,11 @@ def test_replies_without_tasks_stop_the_run_with_a_reply_and_the_causes(env, api
 
 def run_command(argv):
     """The command line `python -m generate_instruction ARGV`, in this process (cli.main, as __main__ runs it)."""
-    import cli
+    from alpaca_lib import cli
 
     with pytest.raises(SystemExit) as exited:
         cli.main({"deduplicate": gen.deduplicate,
-                  "generate_instruction_following_data": gen.generate_instruction_following_data},
-                 user_errors=(gen.GenerationError, gen.APIError, gen.utils.AlpacaDataError), argv=argv,
+                  "generate_instruction_following_data": gen.generate_instruction_following_data}, argv=argv,
                  prog="python -m generate_instruction")
     return exited.value.code
 

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-import cli
-import inference
+from alpaca_lib import cli, tokenization
+from alpaca_lib.eval_files import EvalDataError
 import utils
 from conftest import REPO_ROOT, SAMPLE_RECORDS, TOKENIZER_MATRIX, make_tiny_llama_config
-from eval_data import EvalDataError
+import inference
 from openai_server import OpenAIServer
 from test_train import _model_folder
 
@@ -428,7 +428,7 @@ def test_api_base_run_killed_and_rerun_asks_only_what_is_missing(api_env, alpaca
 
 
 def test_the_252_user_oriented_instructions(api_env, shared_data_dir, tmp_path):
-    from eval_data import read_instructions
+    from alpaca_lib.eval_files import read_instructions
 
     source = [json.loads(line) for line in open(shared_data_dir / "user_oriented_instructions.jsonl")]
     instructions = read_instructions(shared_data_dir / "user_oriented_instructions.jsonl")
@@ -552,7 +552,7 @@ def test_an_adapter_whose_base_hub_id_cannot_load_says_where_the_name_came_from(
 def test_weight_diff_on_an_adapter_folder_says_to_use_the_merged_model(adapters, model_dir, tmp_path):
     """weight_diff reads whole models only: an adapter folder is named as one, with the way to a whole model."""
     import weight_diff
-    from checkpoint_io import CheckpointError
+    from alpaca_lib.checkpoint_tensors import CheckpointError
 
     with pytest.raises(CheckpointError) as raised:
         weight_diff.make_diff(str(model_dir), str(adapters["with_rows"]), str(tmp_path / "diff"))
@@ -593,7 +593,7 @@ def training_prompt_ids(folder, records, **tokenizer_kwargs):
     rows = train.preprocess(sources, targets, tokenizer)
     assert len(rows["input_ids"]) == len(records)
     prompts = [ids[labels == utils.IGNORE_INDEX].tolist() for ids, labels in zip(rows["input_ids"], rows["labels"])]
-    assert [utils.prompt_token_ids(tokenizer, [source])[0] for source in sources] == prompts  # the shared function
+    assert [tokenization.prompt_token_ids(tokenizer, [source])[0] for source in sources] == prompts  # the shared function
     return {(r["instruction"], r.get("input", "")): ids for r, ids in zip(records, prompts)}
 
 
@@ -648,7 +648,7 @@ def test_a_prompt_is_never_cut_whatever_the_tokenizers_truncation_side(tokenizer
 def test_weight_diff_test_inference_feeds_the_training_prompt_ids(family, tokenizer_matrix, prompts_fed_to_generate,
                                                                   capsys):
     """weight_diff.py recover --test_inference prompted with the tokenizer's own call: </s> after the prompt for an
-    add_eos_token=True tokenizer. It builds the ids as training does (utils.prompt_token_ids)."""
+    add_eos_token=True tokenizer. It builds the ids as training does (tokenization.prompt_token_ids)."""
     import transformers
 
     import weight_diff
@@ -657,7 +657,7 @@ def test_weight_diff_test_inference_feeds_the_training_prompt_ids(family, tokeni
     weight_diff._test_inference(str(folder), None, None, None, "cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     prompt = utils.format_prompt({"instruction": weight_diff.INFERENCE_INSTRUCTION, "input": ""})
-    expected = utils.prompt_token_ids(tokenizer, [prompt])[0]
+    expected = tokenization.prompt_token_ids(tokenizer, [prompt])[0]
     assert prompts_fed_to_generate == [expected]
     assert expected[-1] != tokenizer.eos_token_id
 

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-import judge
+from alpaca_lib import eval_files
 import utils
 from conftest import REPO_ROOT
+import judge
 from openai_server import OpenAIServer
 
 RESPONSE = {side: re.compile(rf"\[Response {side}\]\n(.*?)\n\[End of Response {side}\]", re.DOTALL)
@@ -287,7 +288,7 @@ def test_files_that_do_not_pair_are_errors(server, tmp_path):
         run_judge(server, model_path, other, tmp_path / "out")
     twice = write_outputs(tmp_path / "twice.json", [{"instruction": "A.", "input": "", "output": "x"},
                                                     {"instruction": "A.\n", "input": "", "output": "y"}], "b")
-    with pytest.raises(judge.EvalDataError, match="twice.json: records 0 and 1 have the same instruction and input"):
+    with pytest.raises(eval_files.EvalDataError, match="twice.json: records 0 and 1 have the same instruction and input"):
         run_judge(server, model_path, twice, tmp_path / "out")
     assert server.requests == []
 
@@ -308,7 +309,7 @@ def test_pinned_downloads_match_the_evaluation_files(shared_data_dir):
 def test_the_252_user_oriented_instructions_against_text_davinci_003(server, shared_data_dir, tmp_path):
     """The human-written targets of the user-oriented set, judged against text-davinci-003 by a judge that prefers
     the longer response: every instruction pairs up, and the counts are what that rule gives."""
-    from eval_data import read_instructions, read_outputs, record_key
+    from alpaca_lib.eval_files import read_instructions, read_outputs, record_key
 
     instructions = read_instructions(shared_data_dir / "user_oriented_instructions.jsonl")
     assert len(instructions) == 252 and all(record["motivation_app"] for record in instructions)

@@ -1,5 +1,5 @@
-"""Tests of train.py --lora_r (lora.py): what is saved, that base + adapter, the merged model and inference.py all give
-the trained model's outputs, that only the adapters train, resume, 2-process DDP on CPU, and the errors that come
+"""Tests of train.py --lora_r (alpaca_lib/lora.py): what is saved, that base + adapter, the merged model and inference.py
+all give the trained model's outputs, that only the adapters train, resume, 2-process DDP on CPU, and the errors that come
 before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA GPU: only its refusal is tested.)"""
 
 import importlib.util
@@ -13,12 +13,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-import inference
-import lora
-import train
+from alpaca_lib import lora, tokenization
 import utils
-import weight_diff
 from conftest import REPO_ROOT, SAMPLE_RECORDS
+import inference
+import train
+import weight_diff
 from test_inference import CHILD_ENV, greedy_one_at_a_time
 from test_train import _model_folder, base_argv, logged_losses, torchrun
 from test_weight_diff import assert_bit_identical, load_weights
@@ -97,7 +97,7 @@ def test_only_the_adapters_change_and_the_new_rows_are_the_mean_rule(lora_run, l
     for name, tensor in base.items():
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(trained[name][:600], tensor), name
-            mean = utils.mean_row(tensor)  # the rule of train.smart_tokenizer_and_embedding_resize, bit for bit
+            mean = tokenization.mean_row(tensor)  # the rule of train.smart_tokenizer_and_embedding_resize, bit for bit
             assert torch.equal(trained[name][600:], mean), name
             saved = load_file(str(output_dir / "adapter_model.safetensors"))
             key = "model.embed_tokens" if name.startswith("model.") else "lm_head"

@@ -1,4 +1,5 @@
-"""The ROUGE-L novelty filter (novelty_filter.py) and the `deduplicate` command, checked against rouge_score itself.
+"""The ROUGE-L novelty filter (alpaca_lib/novelty_filter.py) and the `deduplicate` command, checked against rouge_score
+itself.
 
 The reference is the original generate_instruction.py loop (tests/original_alpaca.py).
 """
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-import generate_instruction
-import novelty_filter
+from alpaca_lib import data_files, novelty_filter
+from alpaca_lib.novelty_filter import NoveltyFilter
 import utils
 from conftest import REPO_ROOT, SAMPLE_RECORDS
-from novelty_filter import NoveltyFilter
+import generate_instruction
 from original_alpaca import original_novelty_filter as reference_filter
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -259,7 +260,7 @@ def test_deduplicate_writes_kept_records_with_fields(tmp_path, capsys):
     records.append(dict(SAMPLE_RECORDS[1], instruction="Translate the sentence into French, please.", id="dup2"))
     input_path = write_json(tmp_path / "in.json", records)
     seeds_path = tmp_path / "seeds.jsonl"
-    utils.write_jsonl([{"instruction": "What is the capital of Australia?", "instances": []}], seeds_path)
+    data_files.write_jsonl([{"instruction": "What is the capital of Australia?", "instances": []}], seeds_path)
 
     novelty_filter.deduplicate(input_path, tmp_path / "out.json", seed_tasks_path=seeds_path,
                                      rejected_path=tmp_path / "rejected.jsonl")
@@ -271,7 +272,7 @@ def test_deduplicate_writes_kept_records_with_fields(tmp_path, capsys):
         assert record["most_similar_instructions"] == fields["most_similar_instructions"]
         assert record["avg_similarity_score"] == fields["avg_similarity_score"]
         assert record["output"] == next(r["output"] for r in records if r["id"] == record["id"])
-    rejected = utils.read_jsonl(tmp_path / "rejected.jsonl")
+    rejected = data_files.read_jsonl(tmp_path / "rejected.jsonl")
     assert [(r["id"], r["rejected_similar_to"]) for r in rejected] == [
         ("dup", "Give three tips for staying healthy."), (3, "What is the capital of Australia?"),
         ("dup2", "Translate the sentence into French.")]
@@ -283,9 +284,9 @@ def test_deduplicate_writes_kept_records_with_fields(tmp_path, capsys):
 def test_deduplicate_jsonl_output_and_drop_fields(tmp_path):
     records = [dict(r, most_similar_instructions={"stale": 1.0}) for r in SAMPLE_RECORDS[:5]] + [SAMPLE_RECORDS[0]]
     input_path = tmp_path / "in.jsonl"
-    utils.write_jsonl(records, input_path)
+    data_files.write_jsonl(records, input_path)
     novelty_filter.deduplicate(input_path, tmp_path / "out.jsonl", drop_similarity_fields=True, quiet=True)
-    out = utils.read_jsonl(tmp_path / "out.jsonl")
+    out = data_files.read_jsonl(tmp_path / "out.jsonl")
     assert out == [{k: v for k, v in r.items() if k != "most_similar_instructions"} for r in SAMPLE_RECORDS[:5]]
 
 

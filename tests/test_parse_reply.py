@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-import generate_instruction as gen
 from conftest import SAMPLE_RECORDS
+import generate_instruction as gen
 from openai_server import DEFAULT_TASK_MIX, apply_stop, cut_to_tokens, make_reply
 from original_alpaca import original_post_process
 

@@ -12,8 +12,8 @@ import statistics
 import pytest
 from rouge_score import rouge_scorer
 
-import generate_instruction
 from conftest import REPO_ROOT
+import generate_instruction
 
 SEED_TASKS_PATH = REPO_ROOT / "seed_tasks.jsonl"
 PROMPT_PATH = REPO_ROOT / "prompt.txt"

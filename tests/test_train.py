@@ -13,13 +13,13 @@ import pytest
 import torch
 import transformers
 
-import compat
-import train
+from alpaca_lib import hardware, legacy_flags
+from alpaca_lib.cli import UsageError
+from utils import IGNORE_INDEX
 import utils
-from cli import UsageError
 from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TOKENIZER_MATRIX, _byte_level_bpe,
                       make_tiny_llama_config)
-from utils import IGNORE_INDEX
+import train
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -365,7 +365,7 @@ ORIGINAL_LLAMA_COMMAND = [
 
 
 def test_translate_legacy_args_maps_the_original_flags():
-    argv, notices = compat.translate_legacy_args(ORIGINAL_LLAMA_COMMAND)
+    argv, notices = legacy_flags.translate_legacy_args(ORIGINAL_LLAMA_COMMAND)
     pairs = dict(zip(argv[::2], argv[1::2]))
     assert pairs["--eval_strategy"] == "no" and pairs["--warmup_steps"] == "0.03"
     assert "--evaluation_strategy" not in argv and "--warmup_ratio" not in argv
@@ -378,21 +378,21 @@ def test_translate_legacy_args_maps_the_original_flags():
 def test_translate_legacy_args_other_forms(tmp_path):
     config = tmp_path / "fsdp.json"
     config.write_text(json.dumps({"fsdp_version": 2, "transformer_layer_cls_to_wrap": "X", "cpu_offload": False}))
-    argv, _ = compat.translate_legacy_args(["--fsdp=full_shard offload", f"--fsdp_config={config}",
+    argv, _ = legacy_flags.translate_legacy_args(["--fsdp=full_shard offload", f"--fsdp_config={config}",
                                            "--fsdp_transformer_layer_cls_to_wrap", "A,B", "--group_by_length",
                                            "--no_cuda", "False", "--overwrite_output_dir"])
     assert argv[:4] == ["--train_sampling_strategy", "group_by_length", "--use_cpu", "False"]
     assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {
         "version": 2, "transformer_layer_cls_to_wrap": ["A", "B"], "cpu_offload": True, "reshard_after_forward": True}
-    assert compat.translate_legacy_args(["--fsdp", "True", "--fsdp_config", "c.json"])[0] == [
+    assert legacy_flags.translate_legacy_args(["--fsdp", "True", "--fsdp_config", "c.json"])[0] == [
         "--fsdp", "--fsdp_config", "c.json"]
-    assert compat.translate_legacy_args(["--fsdp", "false"])[0] == []
-    assert compat.translate_legacy_args(["--report_to", "wandb", "tensorboard", "--fsdp", "full_shard", "auto_wrap"])[0] \
+    assert legacy_flags.translate_legacy_args(["--fsdp", "false"])[0] == []
+    assert legacy_flags.translate_legacy_args(["--report_to", "wandb", "tensorboard", "--fsdp", "full_shard", "auto_wrap"])[0] \
         == ["--report_to", "wandb", "tensorboard", "--fsdp", "--fsdp_config",
             '{"reshard_after_forward": true, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}']
     for bad in (["--warmup_ratio", "1.5"], ["--fsdp", "hybrid_shard"], ["--group_by_length", "maybe"], ["stray"]):
         with pytest.raises(UsageError):
-            compat.translate_legacy_args(bad)
+            legacy_flags.translate_legacy_args(bad)
 
 
 def test_parse_args_original_command_on_cpu(tmp_path, capsys, alpaca_sample_path):
@@ -530,13 +530,13 @@ def test_fsdp_wrap_class_from_the_model(tmp_path):
     def args(**config):
         return train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fsdp=True, fsdp_config=config)
 
-    assert compat.resolve_fsdp_wrap_class(args(), llama) == ["LlamaDecoderLayer"]
-    assert compat.resolve_fsdp_wrap_class(args(), opt) == ["OPTDecoderLayer"]
+    assert hardware.resolve_fsdp_wrap_class(args(), llama) == ["LlamaDecoderLayer"]
+    assert hardware.resolve_fsdp_wrap_class(args(), opt) == ["OPTDecoderLayer"]
     fsdp_args = args(transformer_layer_cls_to_wrap=["LLaMADecoderLayer"])  # the first README's spelling
-    assert compat.resolve_fsdp_wrap_class(fsdp_args, llama) == ["LlamaDecoderLayer"]
+    assert hardware.resolve_fsdp_wrap_class(fsdp_args, llama) == ["LlamaDecoderLayer"]
     assert fsdp_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     with pytest.raises(UsageError, match="'GPT2Block' is not in OPTForCausalLM"):
-        compat.resolve_fsdp_wrap_class(args(transformer_layer_cls_to_wrap=["GPT2Block"]), opt)
+        hardware.resolve_fsdp_wrap_class(args(transformer_layer_cls_to_wrap=["GPT2Block"]), opt)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -579,11 +579,11 @@ def test_padding_free_probe_accepts_llama_and_rejects_opt():
                   transformers.MistralForCausalLM(transformers.MistralConfig(
                       vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8))):
-        assert compat.check_padding_free(model.train()) < 1e-5
+        assert hardware.check_padding_free(model.train()) < 1e-5
         assert model.training  # the probe restores the mode
     # OPT builds an all-ones attention mask itself, so sdpa never sees the packed layout: examples would mix.
     with pytest.raises(UsageError, match="OPTForCausalLM with sdpa attention lets packed examples attend"):
-        compat.check_padding_free(tiny_opt())
+        hardware.check_padding_free(tiny_opt())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

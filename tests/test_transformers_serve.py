@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 
-import generate_instruction as gen
 from conftest import SAMPLE_RECORDS
+import generate_instruction as gen
 from test_generate import PROMPT_HEADER, free_port, write_seed_tasks
 
 CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"

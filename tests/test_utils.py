@@ -10,9 +10,10 @@ import threading
 
 import pytest
 
+from alpaca_lib import data_files, tokenization
+from utils import IGNORE_INDEX, PROMPT_DICT, AlpacaDataError, DownloadError, format_prompt, jdump, jload
 import utils
 from conftest import REPO_ROOT, TINY_VOCAB_SIZE
-from utils import IGNORE_INDEX, PROMPT_DICT, AlpacaDataError, DownloadError, format_prompt, jdump, jload
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Templates
@@ -119,11 +120,11 @@ def test_jdump_killed_process_mid_write_leaves_old_file_valid(tmp_path):
 def test_jsonl_round_trip_and_bad_line(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [{"a": "é"}, {"b": [1, 2]}]
-    utils.write_jsonl(rows, path)
-    assert utils.read_jsonl(path) == rows
+    data_files.write_jsonl(rows, path)
+    assert data_files.read_jsonl(path) == rows
     path.write_text('{"a": 1}\n\n{"a": \n')
     with pytest.raises(ValueError, match=r"d\.jsonl: line 3: not valid JSON"):
-        utils.read_jsonl(path)
+        data_files.read_jsonl(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_load_alpaca_data_json_and_jsonl(tmp_path, alpaca_sample_path, alpaca_sa
     assert records == alpaca_sample_records
     assert "1 of 16 records have an empty 'output'" in caplog.text
     jsonl = tmp_path / "d.jsonl"
-    utils.write_jsonl(alpaca_sample_records, jsonl)
+    data_files.write_jsonl(alpaca_sample_records, jsonl)
     assert utils.load_alpaca_data(jsonl) == alpaca_sample_records
     # JSON lines are recognised by content even under a .json name; extra fields are kept.
     odd = tmp_path / "d2.json"
@@ -351,12 +352,12 @@ def test_extend_rows_with_mean_matches_the_original_in_place_rule():
 
     torch.manual_seed(0)
     weight = torch.randn(50, 8)
-    extended = utils.extend_rows_with_mean(weight, 2)
+    extended = tokenization.extend_rows_with_mean(weight, 2)
     # The original: resize, then overwrite the new rows with the mean of the old rows (a slice of the resized tensor).
     reference = torch.cat([weight, torch.zeros(2, 8)])
     reference[-2:] = reference[:-2].mean(dim=0, keepdim=True)
     assert torch.equal(extended, reference)
-    assert utils.extend_rows_with_mean(weight, 0) is weight
+    assert tokenization.extend_rows_with_mean(weight, 0) is weight
 
 
 def test_fixture_tokenizers_and_model_load(llama_tokenizer_dir, hf_tokenizer_dir, tiny_llama_dir):
@@ -398,7 +399,7 @@ def test_load_tokenizer_reads_2023_llama_folders(tmp_path, llama_tokenizer_dir, 
         if style == "early conversion":
             (folder / "tokenizer_config.json").write_text(json.dumps(
                 {"bos_token": "", "eos_token": "", "unk_token": "", "tokenizer_class": "LLaMATokenizer"}))
-    tokenizer = utils.load_tokenizer(folder, model_max_length=64, padding_side="right")
+    tokenizer = tokenization.load_tokenizer(folder, model_max_length=64, padding_side="right")
     text = format_prompt({"instruction": "Say hi in French.", "input": "déjà"}) + " Salut !"
     assert tokenizer(text).input_ids == reference(text).input_ids
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
@@ -408,7 +409,7 @@ def test_load_tokenizer_reads_2023_llama_folders(tmp_path, llama_tokenizer_dir, 
         # A recorded id the tokenizer does not reproduce is an error naming the folder and the token.
         (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": len(reference) + 5}))
         with pytest.raises(ValueError, match=r"added token '\[PAD\]' should have id"):
-            utils.load_tokenizer(folder)
+            tokenization.load_tokenizer(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -443,9 +444,9 @@ def test_original_public_names_are_importable_where_the_original_defined_them(mo
 def _null_input_readers():
     """(stage, read(path) -> the input of each record) for every reader of records, each on its own file format."""
     import data_report
-    import eval_data
+    from alpaca_lib import eval_files
     import generate_instruction
-    import novelty_filter
+    from alpaca_lib import novelty_filter
 
     def deduplicated_inputs(path):
         out = path.parent / "deduplicated.json"
@@ -453,9 +454,9 @@ def _null_input_readers():
         return [record["input"] for record in json.loads(out.read_text())]
 
     def resumed_inputs(path):
-        records = utils.read_jsonl(path)
+        records = data_files.read_jsonl(path)
         instructions = [{"instruction": r["instruction"], "input": r["input"] or ""} for r in records]
-        output = eval_data.OutputFile(path, instructions, "gen")
+        output = eval_files.OutputFile(path, instructions, "gen")
         assert output.resume() == len(records)
         output.write()
         return [record["input"] for record in json.loads(path.read_text())]
@@ -463,10 +464,10 @@ def _null_input_readers():
     alpaca, self_instruct, outputs = "alpaca", "self_instruct", "outputs"
     return {
         "train": (alpaca, lambda p: [r["input"] for r in utils.load_training_data(p)]),
-        "inference": (alpaca, lambda p: [r["input"] for r in eval_data.read_instructions(p)]),
-        "inference, self-instruct": (self_instruct, lambda p: [r["input"] for r in eval_data.read_instructions(p)]),
+        "inference": (alpaca, lambda p: [r["input"] for r in eval_files.read_instructions(p)]),
+        "inference, self-instruct": (self_instruct, lambda p: [r["input"] for r in eval_files.read_instructions(p)]),
         "inference resume": (outputs, resumed_inputs),
-        "judge": (outputs, lambda p: [r["input"] for r in eval_data.read_outputs(p)]),
+        "judge": (outputs, lambda p: [r["input"] for r in eval_files.read_outputs(p)]),
         "data_report": (alpaca, lambda p: [r["input"] for r in data_report.load_tasks(p)]),
         "data_report, seed tasks": (self_instruct, lambda p: [r["input"] for r in data_report.load_tasks(p)]),
         "seed tasks": (self_instruct,
@@ -486,5 +487,5 @@ def test_a_null_input_is_an_empty_input_in_every_stage(tmp_path, stage):
     else:
         records = [{"instruction": i, "instances": [{"input": x, "output": "Blue."}]} for i, x in rows]
     path = tmp_path / "records.jsonl"
-    utils.write_jsonl(records, path)
+    data_files.write_jsonl(records, path)
     assert read(path) == ["", "cat"]

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import compat
-import train
+from alpaca_lib import legacy_checkpoints, tokenization
+from alpaca_lib.checkpoint_tensors import CheckpointError
 import utils
-import weight_diff
-from checkpoint_io import CheckpointError
 from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TINY_VOCAB_SIZE, TOKENIZER_MATRIX,
                       make_tiny_llama_config)
+import train
+import weight_diff
 
 PAD_ID = TINY_VOCAB_SIZE  # [PAD] is appended after the 600 sentencepiece pieces
 
@@ -54,7 +54,7 @@ def make_tuned(raw_dir, tokenizer_dir, out_dir, add_pad, seed=1):
     tuned = {}
     for name, weight in load_file(os.path.join(raw_dir, "model.safetensors")).items():
         if add_pad and name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            weight = utils.extend_rows_with_mean(weight, 1)
+            weight = tokenization.extend_rows_with_mean(weight, 1)
         for _ in range(20):
             weight = weight - 1e-3 * torch.randn(weight.shape, generator=generator)
         tuned[name] = weight.contiguous()
@@ -189,7 +189,7 @@ def test_naive_sum_is_the_originals(models, tmp_path, capsys):
     order_4_28 = (["model.embed_tokens.weight"] + [f"model.layers.{i}.{k}" for i in range(2) for k in layer]
                   + ["model.norm.weight", "lm_head.weight"])
     recovered.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq() for i in range(2)})
-    assert compat.original_state_dict_order(list(recovered), 2) == order_4_28
+    assert legacy_checkpoints.original_state_dict_order(list(recovered), 2) == order_4_28
     expected = sum(recovered[key].sum() for key in order_4_28)
     out = tmp_path / "recovered"
     recover_quietly(models["raw"], diff, out, expected_sum=expected.item())
@@ -210,9 +210,9 @@ def test_inv_freq_of_llama_7b_is_what_the_original_sum_counted():
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, vocab_size=32001)
-    per_layer = compat.rotary_inv_freq(config)
+    per_layer = legacy_checkpoints.rotary_inv_freq(config)
     assert per_layer.shape == (64,) and torch.equal(per_layer, inv_freq(128))
-    assert len(compat.inv_freq_names(config)) == 32
+    assert len(legacy_checkpoints.inv_freq_names(config)) == 32
     assert per_layer.sum().item() * 32 == pytest.approx(238.7, abs=0.05)
 
 

@@ -23,6 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from alpaca_lib.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 CHUNK_ELEMENTS = 1 << 20  # elements per chunk for dtype conversions and corrections: 4 MB of float32
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file or folder that cannot be read as it should: missing, truncated, corrupt, inconsistent."""
 
 

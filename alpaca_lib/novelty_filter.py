@@ -8,7 +8,7 @@ becomes one Unicode character, and rapidfuzz's bit-parallel LCS compares a whole
 pool in one call. The scores are bit-identical to `rouge_score`'s; the keep/reject decisions and the two fields stored
 with a kept instruction are the original's.
 
-    from novelty_filter import NoveltyFilter        # also importable from generate_instruction
+    from alpaca_lib.novelty_filter import NoveltyFilter        # also importable from generate_instruction
     python -m generate_instruction deduplicate --input_path merged.json --output_path deduped.json \
         [--seed_tasks_path seed_tasks.jsonl] [--threshold 0.7] [--drop_similarity_fields] [--rejected_path r.jsonl]
 """
@@ -24,8 +24,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 from rouge_score import tokenize as rouge_score_tokenize
 
-import cli
-import utils
+from alpaca_lib import cli, data_files
 
 # Candidates are compared with the pool this many at a time: rapidfuzz's many-to-many LCS is about ten times faster
 # per pair than one candidate against the pool. The result is the same as one at a time: a candidate's scores are its
@@ -304,7 +303,7 @@ SIMILARITY_FIELDS = ("most_similar_instructions", "avg_similarity_score")
 
 def load_instructions(path):
     """The `instruction` of every record of a JSON/JSONL file (self-instruct seed tasks or Alpaca data), in order."""
-    return [record["instruction"] for record in utils.load_alpaca_data(path, required_fields=("instruction",))]
+    return [record["instruction"] for record in data_files.load_alpaca_data(path, required_fields=("instruction",))]
 
 
 def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, drop_similarity_fields=False,
@@ -341,7 +340,7 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
     if rejected_path is not None:
         cli.check_writable("rejected_path", rejected_path, kind="file")
     seeds = load_instructions(seed_tasks_path) if seed_tasks_path is not None else []
-    records = utils.load_alpaca_data(input_path, required_fields=("instruction",))
+    records = data_files.load_alpaca_data(input_path, required_fields=("instruction",))
     novelty = NoveltyFilter(seeds, threshold=threshold)
 
     kept, rejected = [], []
@@ -363,11 +362,11 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
                 bar.set_postfix_str(f"kept={len(kept):,} rejected={len(rejected):,}", refresh=False)
 
     if str(output_path).endswith(".jsonl"):
-        utils.write_jsonl(kept, output_path)
+        data_files.write_jsonl(kept, output_path)
     else:
-        utils.jdump(kept, output_path)
+        data_files.jdump(kept, output_path)
     if rejected_path is not None:
-        utils.write_jsonl(rejected, rejected_path)
+        data_files.write_jsonl(rejected, rejected_path)
     if not quiet:
         elapsed = time.perf_counter() - start_time
         print(f"{input_path}: kept {len(kept):,} and rejected {len(rejected):,} of {len(records):,} records "

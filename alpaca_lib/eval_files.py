@@ -11,15 +11,16 @@ order of the instruction set, rewritten atomically; an existing file is resumed 
 
 import collections
 import os
+from alpaca_lib import data_files
+from alpaca_lib.errors import UserError
 
-import utils
 
 # Fields of an instruction set copied into each output record (the user-oriented set's category and id; AlpacaEval's
 # dataset name), so that a judge can break results down without the instruction file.
 CARRIED_FIELDS = ("id", "dataset", "motivation_app")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A file that is not an instruction set or an output file; the message names the file, the record and field."""
 
 
@@ -31,8 +32,8 @@ def record_key(record):
 def _load_records(path):
     """JSON list or JSON lines of objects, each with a string `instruction` (AlpacaEval, Alpaca, self-instruct)."""
     try:
-        return utils.load_alpaca_data(path, required_fields=("instruction",))
-    except utils.AlpacaDataError as e:
+        return data_files.load_alpaca_data(path, required_fields=("instruction",))
+    except data_files.AlpacaDataError as e:
         raise EvalDataError(str(e)) from None
 
 
@@ -55,7 +56,7 @@ def read_instructions(path):
             if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
                 raise EvalDataError(f"{path}: record {index}: field 'instances' must be a non-empty list of objects")
             task_input = _string_field(path, index, record, "instances[0].input",
-                                       utils.optional_field(instances[0], "input"))
+                                       data_files.optional_field(instances[0], "input"))
         else:
             task_input = _string_field(path, index, record, "input", record.get("input", ""))
         if not record["instruction"].strip():
@@ -108,12 +109,12 @@ class OutputFile:
 
     def resume(self):
         """Load what an earlier run wrote; returns how many instructions are done."""
-        utils.remove_stale_temp_files(self.path)  # left by a kill during a rewrite; the file itself is whole
+        data_files.remove_stale_temp_files(self.path)  # left by a kill during a rewrite; the file itself is whole
         if not os.path.exists(self.path):
             return 0
         try:
-            existing = utils.load_alpaca_data(self.path, required_fields=("instruction", "input", "output"))
-        except utils.AlpacaDataError as e:
+            existing = data_files.load_alpaca_data(self.path, required_fields=("instruction", "input", "output"))
+        except data_files.AlpacaDataError as e:
             raise EvalDataError(f"cannot resume: {e}") from None
         unmatched = collections.defaultdict(collections.deque)
         for index, record in enumerate(self.instructions):
@@ -128,7 +129,7 @@ class OutputFile:
                 raise EvalDataError(f"{self.path}: record {position} answers an instruction that is not in the "
                                     "input file (or answers it twice): this file belongs to another run; choose "
                                     "another --output_path")
-            self._texts[indices.popleft()] = utils.jdump_item(record)
+            self._texts[indices.popleft()] = data_files.jdump_item(record)
         return len(self._texts)
 
     def done(self, index):
@@ -141,10 +142,10 @@ class OutputFile:
         source = self.instructions[index]
         record = {"instruction": source["instruction"], "input": source["input"], "output": output,
                   "generator": self.generator, **{field: source[field] for field in CARRIED_FIELDS if field in source}}
-        self._texts[index] = utils.jdump_item(record)
+        self._texts[index] = data_files.jdump_item(record)
 
     def write(self):
-        utils.jdump_items([self._texts[index] for index in sorted(self._texts)], self.path)
+        data_files.jdump_items([self._texts[index] for index in sorted(self._texts)], self.path)
 
     def where(self):
         return (f"{self.path} holds {len(self)} of {len(self.instructions)} outputs; rerun the same command to "

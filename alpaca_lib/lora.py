@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
-import cli
-from cli import UsageError
+from alpaca_lib import cli
+from alpaca_lib.cli import UsageError
 
 logger = logging.getLogger("lora")
 # peft 0.21 reads transformers' deprecated is_gradient_checkpointing whenever it wraps or loads an adapter: nothing a
@@ -292,7 +292,7 @@ def save_merged(base, tokenizer, adapter_dir, output_dir):
     """base + the adapter saved in `adapter_dir`, merged into plain weights (W + alpha/r * B @ A, and the saved token
     rows), saved as a full model (safetensors) with its tokenizer in `output_dir`, which appears complete or not at all
     (an earlier one is replaced)."""
-    from checkpoint_io import atomic_output_folder
+    from alpaca_lib.checkpoint_tensors import atomic_output_folder
 
     merged = merge_adapter(base, adapter_dir)
     merged.config.use_cache = True

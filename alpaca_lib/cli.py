@@ -1,13 +1,13 @@
 """Command-line plumbing for the python-fire scripts: flags checked before any work, a full --help, one-line errors.
 
     if __name__ == "__main__":
-        cli.main({"make_diff": make_diff, "recover": recover}, user_errors=(WeightDiffError,))
+        cli.main({"make_diff": make_diff, "recover": recover})
 
 python-fire alone calls the function with the flags it recognises and complains about the others only after the
 function returns (a misspelled `--budget_usd` ran a whole paid run). `main` checks every flag against the function's
 signature first, names the closest valid flag, and only then hands the command line to fire, which converts the
 values. `--help` is printed from the docstring's summary and `Args:` section, in full, with every default.
-An exception listed in `user_errors` (bad file, record, field, flag value, server refusal) prints one line,
+A UserError (alpaca_lib.errors: bad file, record, field, flag value, server refusal) prints one line,
 `error: <message>`, and exits with status 2; Ctrl-C prints one line and exits with status 130.
 """
 
@@ -19,13 +19,14 @@ import re
 import sys
 import tempfile
 import textwrap
+from alpaca_lib.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command line that names no command, an unknown flag, or too many values."""
 
 
-def main(commands, user_errors=(), argv=None, prog=None):
+def main(commands, argv=None, prog=None):
     """Run one of `commands` ({name: function}, or a single function) on the command line `argv` (default sys.argv[1:]).
 
     Returns what the function returned (fire would otherwise print it). Exits: 0 after --help, 2 on a usage or user
@@ -55,7 +56,7 @@ def main(commands, user_errors=(), argv=None, prog=None):
         sys.exit(130)
     except UsageError as e:
         _fail(f"{prog}: {e}")
-    except tuple(user_errors) as e:
+    except UserError as e:  # every user-facing error derives from it: none can become a traceback by omission
         _fail(f"error: {e}")
 
 

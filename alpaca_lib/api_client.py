@@ -44,6 +44,7 @@ import time
 import urllib.parse
 
 import openai
+from alpaca_lib.errors import UserError
 
 # Print a line when requests are in flight and none has finished (or been retried) for this many seconds.
 HEARTBEAT_SECONDS = 30.0
@@ -63,7 +64,7 @@ CHAT_TEMPLATE_HINT = ("a model without a chat template (a base model) answers ch
                       "on /v1/completions instead (generate_instruction.py: --api completions)")
 
 
-class APIError(RuntimeError):
+class APIError(UserError, RuntimeError):
     """A problem retrying cannot fix (bad URL, key, model or request); the message says what and names the server."""
 
 
