@@ -170,7 +170,7 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise AlpacaDataError(f"{path}: record {index}: is {type(record).__name__}; expected an object")
-        for field in OPTIONAL_FIELDS:  # a missing one is filled in only where it is required: see eval_data
+        for field in OPTIONAL_FIELDS:  # a missing one is filled in only where it is required: see eval_files
             if field in record or field in required_fields:
                 record[field] = optional_field(record, field)
         for field in required_fields:
