@@ -289,47 +289,8 @@ class Progress:
         return wanted
 
 
-# The likely cause of empty rounds, by the reason most of their tasks were lost to (a filter rule's is built below).
-LOST_TASK_CAUSES = {
-    "malformed": "were malformed (their headers are not exactly N. Instruction: / N. Input: / N. Output:): a model "
-                 "that does not keep the prompt's format (try a better instruction-following model, or --api "
-                 "completions with a base model)",
-    "cut by max_tokens": "were cut by --max_tokens (the last task of a reply that stopped for length): raise "
-                         "--max_tokens, within the model's context",
-    "near-duplicates": "repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies the "
-                       "prompt's examples, or a low --temperature",
-}
-
-
-def empty_rounds_message(progress, regen, redact):
-    """The message that stops the run after --max_empty_rounds rounds kept nothing: their counts, the likely cause
-    (the reason that took the most of their tasks), and the longest reply of the last round."""
-    tallies = progress.empty_rounds
-    parsed = sum(t.parsed for t in tallies)
-    lost = collections.Counter()
-    for tally in tallies:
-        lost.update(tally.dropped)
-        lost["near-duplicates"] += tally.near_duplicates
-    if parsed == 0:
-        causes = ("the replies hold no task in the prompt's format (N. Instruction: / N. Input: / N. Output:): a "
-                  "model too small or not following the prompt, a chat model answering instead of continuing the "
-                  "list (try a better instruction-following model, or --api completions with a base model), or "
-                  "replies cut short by --max_tokens")
-    else:
-        reason, count = lost.most_common(1)[0]
-        rules = ", ".join(f"{n} {r}" for r, n in lost.most_common() if r not in LOST_TASK_CAUSES and n)
-        why = LOST_TASK_CAUSES.get(reason, f"were dropped as {reason} (a filter rule of the original; all dropped: "
-                                           f"{rules})")
-        causes = f"{count} of the {parsed} tasks parsed {why}"
-    sample = redact(progress.sample_reply)
-    shown = json.dumps(sample[:600] + ("..." if len(sample) > 600 else ""), ensure_ascii=False)
-    return (f"{len(tallies)} rounds in a row kept no instruction ({parsed} tasks parsed; last round: "
-            f"{tallies[-1].describe()}). Likely cause: {causes}. A reply ({len(sample)} characters): {shown}. "
-            f"{regen.where()}")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# The run: rounds sent ahead, applied in order
+# The run: rounds sent ahead, applied in order, and the rules that stop it
 
 
 def run_rounds(api, plan, settings, progress, regen, novelty_filter, budget):
@@ -393,12 +354,17 @@ def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
     bar.write(f"Round {round_.index + 1}: {requests} took {max(r.seconds for r in results):.2f}s, processing took "
               f"{time.monotonic() - started:.2f}s: {tally.describe()}\n"
               f"Usage: round {budget.describe(round_usage)}; total {budget.describe(api.usage)}")
+    check_stop_rules(results, replies, tally, progress, regen, api.redact)
 
+
+def check_stop_rules(results, replies, tally, progress, regen, redact):
+    """GenerationError after MAX_FAILED_ROUNDS rounds in a row in which every request failed, or after
+    --max_empty_rounds rounds in a row that kept no instruction (0: never)."""
     if all(result.error is not None for result in results):
         progress.failed_rounds += 1
         if progress.failed_rounds >= MAX_FAILED_ROUNDS:
             raise GenerationError(f"every request of the last {MAX_FAILED_ROUNDS} rounds failed (last error: "
-                                  f"{api.redact(results[-1].error)}); {regen.where()}")
+                                  f"{redact(results[-1].error)}); {regen.where()}")
         return
     progress.failed_rounds = 0
     if tally.kept:
@@ -408,4 +374,43 @@ def apply_round(round_, plan, progress, regen, novelty_filter, budget, api, bar)
     texts = [reply.text for reply in replies if reply is not None]
     progress.sample_reply = max(texts, key=len, default="")  # the longest: the most telling
     if progress.max_empty_rounds and len(progress.empty_rounds) >= progress.max_empty_rounds:
-        raise GenerationError(empty_rounds_message(progress, regen, api.redact))
+        raise GenerationError(empty_rounds_message(progress, regen, redact))
+
+
+# The likely cause of empty rounds, by the reason most of their tasks were lost to (a filter rule's is built below).
+LOST_TASK_CAUSES = {
+    "malformed": "were malformed (their headers are not exactly N. Instruction: / N. Input: / N. Output:): a model "
+                 "that does not keep the prompt's format (try a better instruction-following model, or --api "
+                 "completions with a base model)",
+    "cut by max_tokens": "were cut by --max_tokens (the last task of a reply that stopped for length): raise "
+                         "--max_tokens, within the model's context",
+    "near-duplicates": "repeat known instructions (ROUGE-L above --similarity_threshold): a model that copies the "
+                       "prompt's examples, or a low --temperature",
+}
+
+
+def empty_rounds_message(progress, regen, redact):
+    """The message that stops the run after --max_empty_rounds rounds kept nothing: their counts, the likely cause
+    (the reason that took the most of their tasks), and the longest reply of the last round."""
+    tallies = progress.empty_rounds
+    parsed = sum(t.parsed for t in tallies)
+    lost = collections.Counter()
+    for tally in tallies:
+        lost.update(tally.dropped)
+        lost["near-duplicates"] += tally.near_duplicates
+    if parsed == 0:
+        causes = ("the replies hold no task in the prompt's format (N. Instruction: / N. Input: / N. Output:): a "
+                  "model too small or not following the prompt, a chat model answering instead of continuing the "
+                  "list (try a better instruction-following model, or --api completions with a base model), or "
+                  "replies cut short by --max_tokens")
+    else:
+        reason, count = lost.most_common(1)[0]
+        rules = ", ".join(f"{n} {r}" for r, n in lost.most_common() if r not in LOST_TASK_CAUSES and n)
+        why = LOST_TASK_CAUSES.get(reason, f"were dropped as {reason} (a filter rule of the original; all dropped: "
+                                           f"{rules})")
+        causes = f"{count} of the {parsed} tasks parsed {why}"
+    sample = redact(progress.sample_reply)
+    shown = json.dumps(sample[:600] + ("..." if len(sample) > 600 else ""), ensure_ascii=False)
+    return (f"{len(tallies)} rounds in a row kept no instruction ({parsed} tasks parsed; last round: "
+            f"{tallies[-1].describe()}). Likely cause: {causes}. A reply ({len(sample)} characters): {shown}. "
+            f"{regen.where()}")

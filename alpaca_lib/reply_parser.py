@@ -16,11 +16,9 @@ import string
 # of task 20 (plain, and as chat models dress it in markdown; "**20. Instruction:**" contains the first).
 LAST_TASK_NUMBER = 20
 STOP_SEQUENCES = ["20. Instruction", "20. **Instruction"]
-# Keywords for tasks a text-only model cannot do (the original's list).
-BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
-             "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 
 
+# ----------------------------------------------------------------------------------------------------------------------
 # Parsing a reply into tasks.
 #
 # A reply that continues the prompt (it starts with task n+1's instruction, as completion models write it) is read as
@@ -191,6 +189,14 @@ def parse_reply(text, num_prompt_instructions, finish_reason=None):
             tasks.append({"instruction": instruction.strip(),
                           "input": "" if task_input.lower() == "<noinput>" else task_input, "output": output.strip()})
     return tasks, dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rules a generated task must pass (the original's post-filters)
+
+# Keywords for tasks a text-only model cannot do (the original's list).
+BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
+             "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 
 
 def find_word_in_string(w, s):
