@@ -6,6 +6,10 @@
   tokenization        tokenizer and vocabulary rules shared by training, inference and the weight diff
   api_client          talking to OpenAI-compatible servers: checks, retries shown, usage, cost, budget
   novelty_filter      the exact ROUGE-L novelty filter of stage 1 and `deduplicate`
+  reply_parser        stage 1's replies read back into tasks, and the rules a generated task must pass
+  generation_rounds   stage 1's rounds: requests, the scheduler that keeps them in flight, tallies, stop rules
+  seed_tasks          the self-instruct seed tasks file stage 1 samples its prompts from
+  regen_file          regen.json, stage 1's output: rewritten atomically after every round, resumed
   lora                LoRA / QLoRA adapters for train.py (peft, bitsandbytes)
   legacy_flags        the original README's transformers-4 flags, rewritten for transformers 5
   hardware            fitting a training run to the machine: GPU-less fallbacks, DDP over gloo, FSDP, DeepSpeed

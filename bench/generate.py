@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 import numpy as np  # noqa: E402
 
 import utils  # noqa: E402
+from alpaca_lib import regen_file, reply_parser  # noqa: E402
 import generate_instruction as gen  # noqa: E402
 from openai_server import OpenAIServer, apply_stop, make_reply, make_task  # noqa: E402
 
@@ -96,7 +97,7 @@ def one_round_of_replies(seed_instruction_data, rng, prompts_per_round=5):
     replies = []
     for _ in range(prompts_per_round):
         prompt = gen.encode_prompt(rng.sample(seed_instruction_data, 3))
-        text, _ = apply_stop(make_reply(prompt, rng), gen.STOP_SEQUENCES)
+        text, _ = apply_stop(make_reply(prompt, rng), reply_parser.STOP_SEQUENCES)
         replies.append({"text": text, "finish_reason": "stop"})
     return replies
 
@@ -148,10 +149,10 @@ def bench_processing(pool_sizes, baseline_sample, workdir):
 
         # The generator serializes each record once and rewrites the file from those texts every round.
         path = os.path.join(workdir, "regen.json")
-        record_texts = [gen.regen_record_json(record) for record in regen[:-kept or None]]
+        record_texts = [regen_file.regen_record_json(record) for record in regen[:-kept or None]]
         started = time.perf_counter()
-        record_texts += [gen.regen_record_json(record) for record in regen[len(record_texts):]]
-        gen.write_regen_json(path, record_texts)
+        record_texts += [regen_file.regen_record_json(record) for record in regen[len(record_texts):]]
+        regen_file.write_regen_json(path, record_texts)
         write_seconds = time.perf_counter() - started
         megabytes = os.path.getsize(path) / 1e6
         started = time.perf_counter()

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from alpaca_lib import api_client, cli
+from alpaca_lib import api_client, cli, data_files, generation_rounds, regen_file
 from conftest import REPO_ROOT, SAMPLE_RECORDS, restore_sigint
 import generate_instruction as gen
 from openai_server import OpenAIServer, count_tokens
@@ -158,11 +158,11 @@ def test_encode_prompt_byte_exact(tmp_path):
     ("llama3.1:8b", "chat", None),
 ])
 def test_api_and_logit_bias_defaults(model, api, bias):
-    assert gen.choose_api(model) == api
-    assert gen.resolve_logit_bias("auto", model, api) == bias
-    assert gen.resolve_logit_bias("none", model, api) is None
-    assert gen.resolve_logit_bias({"13": -100}, model, api) == {"13": -100}
-    assert gen.choose_api(model, "chat") == "chat"
+    assert generation_rounds.choose_api(model) == api
+    assert generation_rounds.resolve_logit_bias("auto", model, api) == bias
+    assert generation_rounds.resolve_logit_bias("none", model, api) is None
+    assert generation_rounds.resolve_logit_bias({"13": -100}, model, api) == {"13": -100}
+    assert generation_rounds.choose_api(model, "chat") == "chat"
 
 
 @pytest.mark.parametrize("message, expected", [
@@ -199,7 +199,7 @@ def test_seed_task_errors_name_file_line_and_field(tmp_path):
 
 
 def test_usage_cost():
-    usage = gen.Usage(requests=3, prompt_tokens=2_000_000, completion_tokens=500_000)
+    usage = api_client.Usage(requests=3, prompt_tokens=2_000_000, completion_tokens=500_000)
     assert usage.cost(1.5, 2.0) == pytest.approx(4.0)
     assert usage.cost(None, None) is None
     assert usage.describe(1.5, 2.0) == "3 requests (0 failed), 2,000,000 prompt + 500,000 completion tokens, $4.0000"
@@ -529,8 +529,8 @@ def test_regen_writer_is_byte_identical_to_jdump(tmp_path):
          "avg_similarity_score": 0.0},
     ]
     for subset in (records, records[:1], []):
-        gen.write_regen_json(tmp_path / "fast.json", [gen.regen_record_json(r) for r in subset])
-        gen.utils.jdump(subset, tmp_path / "reference.json")
+        regen_file.write_regen_json(tmp_path / "fast.json", [regen_file.regen_record_json(r) for r in subset])
+        data_files.jdump(subset, tmp_path / "reference.json")
         assert (tmp_path / "fast.json").read_bytes() == (tmp_path / "reference.json").read_bytes()
 
 

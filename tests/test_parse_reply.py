@@ -1,4 +1,4 @@
-"""Parsing replies into tasks (generate_instruction.parse_reply / post_process_gpt3_response).
+"""Parsing replies into tasks (alpaca_lib/reply_parser.py, and generate_instruction.post_process_gpt3_response).
 
 On a reply in the prompt's own format the parser must keep exactly what the original kept (side by side with
 tests/original_alpaca.original_post_process, on hand-written and on thousands of generated replies). Each way the
@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from alpaca_lib import reply_parser
 from conftest import SAMPLE_RECORDS
 import generate_instruction as gen
 from openai_server import DEFAULT_TASK_MIX, apply_stop, cut_to_tokens, make_reply
@@ -82,7 +83,7 @@ def test_generated_replies_give_the_original_decisions():
     for case in range(300):
         n = rng.randint(0, 12)
         prompt = gen.encode_prompt(rng.sample(SAMPLE_RECORDS, n), prompt_path=__file__) if n else "1. Instruction:"
-        text, _ = apply_stop(make_reply(prompt, rng, DEFAULT_TASK_MIX), gen.STOP_SEQUENCES)
+        text, _ = apply_stop(make_reply(prompt, rng, DEFAULT_TASK_MIX), reply_parser.STOP_SEQUENCES)
         finish_reason = "stop"
         if case % 3 == 0:
             text, _ = cut_to_tokens(text, rng.randint(1, 400))
@@ -121,7 +122,7 @@ LONG_151 = " ".join(["word"] * 150 + ["end."])
     ("Name primary colours.", False),                 # 3 words
     (LONG_150, True),
     (LONG_151, False),
-    *[(f"Describe the {w} in this sentence.", False) for w in gen.BLACKLIST],
+    *[(f"Describe the {w} in this sentence.", False) for w in reply_parser.BLACKLIST],
     ("Describe the IMAGES in this sentence.", False),  # any case
     ("Describe the Map of the old city.", False),
     ("Please go to the shop and buy milk.", False),    # "go to" is a phrase
@@ -149,7 +150,7 @@ def test_filter_rules(instruction, kept):
 
 def test_server_replies_hold_tasks_4_to_19():
     prompt = gen.encode_prompt(SAMPLE_RECORDS[:3], prompt_path=__file__)
-    text, stopped = apply_stop(make_reply(prompt, random.Random(0), task_mix={}), gen.STOP_SEQUENCES)
+    text, stopped = apply_stop(make_reply(prompt, random.Random(0), task_mix={}), reply_parser.STOP_SEQUENCES)
     assert stopped and text.endswith("19. Output:\n" + text.split("19. Output:\n")[1]) and "20." not in text
     assert len(ours(text)) == 16
 
@@ -186,12 +187,12 @@ def test_the_stop_sequences_name_only_the_header_of_task_20():
             "20. Instruction: Say hello to the class.\n20. Input:\n<noinput>\n20. Output:\nHello!")
     original_cut, _ = apply_stop(text, ["\n20", "20."])
     assert original_cut.endswith("The first line opened in 19")  # the original request never saw the rest
-    cut, stopped = apply_stop(text, gen.STOP_SEQUENCES)
+    cut, stopped = apply_stop(text, reply_parser.STOP_SEQUENCES)
     assert stopped and cut.endswith("20. Enjoy it.\n###\n")
     assert [task["output"] for task in ours(cut)] == [
         "The first line opened in 1920. It still runs as of 2020.", "1. Boil water.\n2. Add the tea.\n20. Enjoy it."]
     for dressed in ("**20. Instruction:** Say hi.", "### 20. Instruction: Say hi.", "20. **Instruction:** Say hi."):
-        assert apply_stop(f"5. Output:\nok\n###\n{dressed}", gen.STOP_SEQUENCES)[1], dressed
+        assert apply_stop(f"5. Output:\nok\n###\n{dressed}", reply_parser.STOP_SEQUENCES)[1], dressed
 
 
 def test_a_field_ending_in_a_markdown_rule_keeps_it():
@@ -359,7 +360,7 @@ def alpaca_reply(rng, prompt_tasks, reply_tasks):
     ending = rng.choice(["stop", "stop", "stop text left", "end of text", "end of text after output", "length",
                          "length at a character"])
     if len(prompt_tasks) + len(reply_tasks) == gen.LAST_TASK_NUMBER - 1 and ending in ("stop", "stop text left"):
-        cut, _ = apply_stop(text, gen.STOP_SEQUENCES)
+        cut, _ = apply_stop(text, reply_parser.STOP_SEQUENCES)
         return (text if ending == "stop text left" and cut == text[:-1] else cut), "stop"
     text = text[:text.rindex("###\n")]  # the model's end of text after the last output
     if ending == "end of text":
