@@ -355,7 +355,7 @@ def judge(
         judge_model: the chat model that judges.
         output_dir: folder for the judgments cache and the reports (created if needed).
         cache_path: the judgments cache (default OUTPUT_DIR/judgments.jsonl); one file can serve several runs.
-        api_base: The judge's server. Default: $OPENAI_BASE_URL, else api.openai.com.
+        api_base: Default: $OPENAI_BASE_URL, else api.openai.com.
         max_tokens: longest judge reply, in tokens.
         max_malformed_retries: follow-ups asking for the verdict line when a reply has none.
         bootstrap_samples: resamples for the 95% interval of the win rate.
