@@ -444,6 +444,7 @@ def default_generator(model_name_or_path):
     return name
 
 
+@cli.shared_flags(api_client.SERVER_FLAGS)
 def inference(
     model_name_or_path=None,
     instruction=None,
@@ -500,15 +501,13 @@ def inference(
             float16.
         device: auto (cuda if available, else mps, else cpu), or a torch device name such as cpu, cuda, cuda:1.
         trust_remote_code: allow model code from the model's repository to run (off by default).
-        api_base: send the prompts to this OpenAI-compatible server's /v1/completions instead of loading a model
-            (e.g. http://localhost:8000/v1 for vLLM serving the trained folder). The key, if one is needed, is read
-            from OPENAI_API_KEY.
+        api_base: With it, --input_path is answered by this server's /v1/completions instead of a model loaded
+            here (e.g. vLLM serving the trained folder); --concurrency, --request_timeout and --max_retries apply to
+            it only.
         model_name: the model name to request from --api_base (for vLLM, the name or path it serves).
-        concurrency: requests in flight at once with --api_base.
-        request_timeout: seconds to wait for a reply before the attempt is abandoned and retried (--api_base).
-        max_retries: retries per request for rate limits, 5xx errors, timeouts and broken connections (--api_base);
-            a prompt whose request still fails is skipped, and a rerun fills it in. A prompt the server refuses
-            (longer than its context, or a content filter) is left out, named in a warning and in the last line.
+        max_retries: A prompt whose request still fails is skipped, and a rerun fills it in. A prompt the server
+            refuses (longer than its context, or a content filter) is left out, named in a warning and in the last
+            line.
     """
     # -- check the command line before anything is loaded or sent
     if instruction is not None and input_path is not None:
@@ -537,9 +536,7 @@ def inference(
     cli.check_number("temperature", temperature, 0)
     cli.check_number("top_p", top_p, 0, high=1)
     cli.check_number("batch_size", batch_size, 1, int)
-    cli.check_number("concurrency", concurrency, 1, int)
-    cli.check_number("request_timeout", request_timeout, 0.001)
-    cli.check_number("max_retries", max_retries, 0, int)
+    server = api_client.ServerOptions(api_base, concurrency, request_timeout, max_retries)
     if seed is not None:
         cli.check_number("seed", seed, 0, int)
     if dtype not in DTYPES:
@@ -567,8 +564,7 @@ def inference(
                   f"{len(instructions) - done}", file=sys.stderr)
 
     if api_base is not None:
-        api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
-                                   request_timeout=request_timeout)
+        api = server.client()
         try:
             failed, refused = asyncio.run(answer_file_with_api(api, output, decoding, model_name, batch_size))
         except KeyboardInterrupt:

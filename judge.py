@@ -20,10 +20,11 @@ import sys
 
 import tqdm
 
-from alpaca_lib import api_client, cli
+from alpaca_lib import api_client, cli, win_rates
 from alpaca_lib.api_client import APIError, RequestFailed, Usage
-from alpaca_lib.errors import UserError
 from alpaca_lib.eval_files import read_outputs, record_key
+from alpaca_lib.judgment_cache import JudgeError, JudgmentCache
+from alpaca_lib.win_rates import SCORES, bootstrap_interval, mean_length, tally
 import utils
 
 DEFAULT_JUDGE_MODEL = "gpt-4o"
@@ -70,11 +71,6 @@ VERDICT_LINE = re.compile(
 
 # The two orders in which each pair is shown: which side is Response A.
 ORDERS = ("model_first", "reference_first")
-OUTCOMES = ("win", "tie", "loss")
-
-
-class JudgeError(UserError, RuntimeError):
-    """A command line, file or server that cannot work; the message says what to fix."""
 
 
 def parse_verdict(reply):
@@ -114,60 +110,6 @@ def judgment_key(judge_model, messages):
     """What a judgment depends on: the judge model and the exact prompt (so a changed output is judged again)."""
     text = json.dumps({"judge_model": judge_model, "messages": messages}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The cache: one JSON line per judgment.
-# Appended and fsync'd line by line, not rewritten: each judgment is paid for, and an append makes it durable at the
-# cost of one line, where a rewrite would cost the whole file per judgment. A kill can only leave the last line torn;
-# loading drops it (rewriting the file without it, so the next append starts on a line of its own).
-
-
-class JudgmentCache:
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self.entries = {}
-
-    def load(self):
-        """Read the file (absent: empty); returns the number of judgments. A torn last line is dropped with a note;
-        a bad line elsewhere is a JudgeError naming it (the file was edited)."""
-        if not os.path.exists(self.path):
-            return 0
-        with open(self.path, "rb") as f:
-            data = f.read()
-        lines = data.split(b"\n")
-        complete, last = lines[:-1], lines[-1]  # `last` is empty when the file ends with a newline
-        for number, line in enumerate(complete, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                self.entries[entry["key"]] = entry
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise JudgeError(f"{self.path}: line {number} is not a judgment (JSON with a key); fix or remove "
-                                 "it") from None
-        if last.strip():
-            try:  # a whole judgment, only without its newline (a file edited by hand): kept
-                entry = json.loads(last)
-                self.entries[entry["key"]] = entry
-                with open(self.path, "ab") as f:  # so that the next append starts a line of its own
-                    f.write(b"\n")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                print(f"{self.path}: dropping its last line, cut off by an interruption ({len(last)} bytes); that "
-                      "judgment is asked again", file=sys.stderr)
-                with utils.atomic_open(self.path, "wb") as f:
-                    f.write(data[:len(data) - len(last)])
-        return len(self.entries)
-
-    def append(self, entry):
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.entries[entry["key"]] = entry
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,43 +158,6 @@ def make_judgments(pairs, judge_model):
                                       second["output"])
             judgments.append(Judgment(index, order, messages, judgment_key(judge_model, messages)))
     return judgments
-
-
-def bootstrap_interval(scores, samples=10000, seed=0, confidence=0.95):
-    """(low, high): the percentile bootstrap interval of the mean of `scores` (pairs resampled with replacement,
-    numpy's default generator seeded with `seed`: the same seed gives the same interval)."""
-    import numpy as np
-
-    scores = np.asarray(scores, dtype=float)
-    if len(scores) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(samples)
-    for start in range(0, samples, 1000):  # in blocks: bounded memory for large sets
-        count = min(1000, samples - start)
-        means[start:start + count] = scores[rng.integers(0, len(scores), size=(count, len(scores)))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def tally(outcomes):
-    """{win, tie, loss, n, win_rate}: win rate = (wins + ties / 2) / n."""
-    counts = collections.Counter(outcomes)
-    n = len(outcomes)
-    return {"win": counts["win"], "tie": counts["tie"], "loss": counts["loss"], "n": n,
-            "win_rate": (counts["win"] + counts["tie"] / 2) / n if n else float("nan")}
-
-
-SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-
-
-def mean_length(texts):
-    texts = list(texts)
-    if not texts:
-        return {"characters": 0.0, "words": 0.0}
-    return {"characters": sum(len(t) for t in texts) / len(texts),
-            "words": sum(len(t.split()) for t in texts) / len(texts)}
 
 
 def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()):
@@ -307,91 +212,6 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()
         "outcomes": [{"instruction": pairs[i].model["instruction"], "input": pairs[i].model["input"],
                       "outcome": outcomes[i]} for i in judged],
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reports
-
-
-def percent(value):
-    return "n/a" if value != value else f"{100 * value:.1f}%"
-
-
-def markdown_report(results, judge_model, seed, bootstrap_samples):
-    overall = results["overall"]
-    low, high = overall["ci95"]
-    lengths = results["mean_length"]
-    lines = [
-        f"# {results['model']} vs {results['reference']}",
-        "",
-        f"Judge: `{judge_model}`, temperature 0, each pair judged in both orders; a win needs both orders to prefer "
-        f"{results['model']}, a loss both to prefer {results['reference']}, anything else is a tie. Win rate = "
-        f"(wins + ties / 2) / pairs, with a 95% percentile bootstrap interval ({bootstrap_samples} resamples of the "
-        f"pairs, seed {seed}).",
-        "",
-        "| pairs judged | wins | ties | losses | win rate | 95% interval |",
-        "|---|---|---|---|---|---|",
-        f"| {overall['n']} | {overall['win']} | {overall['tie']} | {overall['loss']} | {percent(overall['win_rate'])} "
-        f"| {percent(low)} – {percent(high)} |",
-        "",
-        "| mean length | characters | words |",
-        "|---|---|---|",
-        f"| {results['model']} | {lengths['model']['characters']:.0f} | {lengths['model']['words']:.1f} |",
-        f"| {results['reference']} | {lengths['reference']['characters']:.0f} | "
-        f"{lengths['reference']['words']:.1f} |",
-        "",
-        "Orders: " + (", ".join(f"{kind}: {count}" for kind, count in sorted(results["consistency"].items()))
-                      or "none judged") + f". Malformed judge replies (retried): {results['malformed_replies']}; "
-        f"judgments still without a verdict (their pairs left out): {results['judgments_without_verdict']}"
-        f"{' (--retry_without_verdict asks them again)' if results['judgments_without_verdict'] else ''}. "
-        "Pairs not in the results (not judged yet, without a verdict, or refused): "
-        f"{results['pairs'] - results['judged']}.",
-    ]
-    if results["refused"]:
-        reasons = collections.Counter(r["reason"] for r in results["refused"])
-        records = sorted({r["record"] for r in results["refused"]})
-        advice = {"context too long": "a judge with a longer context, or shorter outputs, would take them",
-                  "content refused": "another judge may take them"}
-        lines += ["", f"Left out, refused by the judge's server (sending them again cannot succeed): {len(records)} "
-                  f"pair(s) ({len(results['refused'])} judgment(s): "
-                  f"{', '.join(f'{reason} {count}' for reason, count in sorted(reasons.items()))}), records "
-                  f"{', '.join(map(str, records))}; {'; '.join(advice[reason] for reason in sorted(reasons))}."]
-    if results["by_motivation_app"]:
-        lines += ["", "## By motivation_app", "", "| motivation_app | pairs | wins | ties | losses | win rate |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {t['n']} | {t['win']} | {t['tie']} | {t['loss']} | {percent(t['win_rate'])} |"
-                  for name, t in results["by_motivation_app"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def draw_chart(results, path):
-    """A PNG of stacked win / tie / loss shares: all pairs, then each motivation_app (most pairs first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [("all pairs", results["overall"])] + list(results["by_motivation_app"].items())
-    labels = [f"{name} ({t['n']})" for name, t in rows]
-    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.28 * len(rows)))
-    left = [0.0] * len(rows)
-    for outcome, colour in zip(OUTCOMES, ("#4c9a2a", "#c8c8c8", "#c0392b")):
-        shares = [t[outcome] / t["n"] if t["n"] else 0.0 for _, t in rows]
-        axes.barh(range(len(rows)), shares, left=left, color=colour, label=outcome)
-        left = [a + b for a, b in zip(left, shares)]
-    axes.set_yticks(range(len(rows)), labels, fontsize=8)
-    axes.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no margins
-    axes.set_xlim(0, 1)
-    axes.set_xlabel("share of pairs")
-    low, high = results["overall"]["ci95"]
-    axes.set_title(f"{results['model']} vs {results['reference']}: win rate "
-                   f"{percent(results['overall']['win_rate'])} ({percent(low)} – {percent(high)})", fontsize=10,
-                   pad=20)
-    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
-    figure.tight_layout()
-    with utils.atomic_open(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -487,6 +307,7 @@ async def ask_missing(api, missing, pairs, cache, settings, budget):
 # The command
 
 
+@cli.shared_flags(api_client.SERVER_FLAGS)
 def judge(
     model_outputs,
     reference_outputs,
@@ -534,37 +355,51 @@ def judge(
         judge_model: the chat model that judges.
         output_dir: folder for the judgments cache and the reports (created if needed).
         cache_path: the judgments cache (default OUTPUT_DIR/judgments.jsonl); one file can serve several runs.
-        api_base: OpenAI-compatible server URL of the judge (default: $OPENAI_BASE_URL, else api.openai.com).
-        concurrency: judge requests in flight at once.
+        api_base: Default: $OPENAI_BASE_URL, else api.openai.com.
         max_tokens: longest judge reply, in tokens.
         max_malformed_retries: follow-ups asking for the verdict line when a reply has none.
         bootstrap_samples: resamples for the 95% interval of the win rate.
         seed: seed of the bootstrap (the same seed gives the same interval).
-        request_timeout: seconds to wait for a reply before the attempt is abandoned and retried.
-        max_retries: retries per request for rate limits, 5xx errors, timeouts and broken connections; a judgment
-            that still fails is left for a rerun.
-        prompt_price_per_million: USD per million prompt tokens, to print costs.
-        completion_price_per_million: USD per million completion tokens.
-        budget_usd: stop sending once the spend of this run reaches this (the judgments in flight are kept; a rerun
-            continues). Needs the prices.
-        budget_tokens: the same, in prompt + completion tokens.
+        max_retries: A judgment that still fails is left for a rerun.
         retry_without_verdict: ask again the cached judgments whose replies never gave a verdict (by default they
             are kept: at temperature 0 the same prompt gets the same reply).
     """
-    for flag, value, low, kind in (("concurrency", concurrency, 1, int), ("max_tokens", max_tokens, 1, int),
-                                   ("max_malformed_retries", max_malformed_retries, 0, int),
-                                   ("bootstrap_samples", bootstrap_samples, 1, int), ("seed", seed, 0, int),
-                                   ("request_timeout", request_timeout, 0.001, float),
-                                   ("max_retries", max_retries, 0, int)):
-        cli.check_number(flag, value, low, kind)
-    budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
-    budget.check()
-    api_client.check_base_url(api_base)
+    # -- check every flag before anything is read or sent
+    for flag, value, low in (("max_tokens", max_tokens, 1), ("max_malformed_retries", max_malformed_retries, 0),
+                             ("bootstrap_samples", bootstrap_samples, 1), ("seed", seed, 0)):
+        cli.check_number(flag, value, low, int)
+    server = api_client.ServerOptions(api_base, concurrency, request_timeout, max_retries, prompt_price_per_million,
+                                      completion_price_per_million, budget_usd, budget_tokens)
     cli.check_writable("output_dir", output_dir)
     if cache_path is not None:
         cli.check_writable("cache_path", cache_path, kind="file")
 
-    # -- pair the outputs; load the cache
+    # -- pair the outputs; load the cache; what is left to ask
+    pairs, unmatched = load_pairs(model_outputs, reference_outputs)
+    os.makedirs(output_dir, exist_ok=True)
+    cache = JudgmentCache(cache_path or os.path.join(output_dir, "judgments.jsonl"))
+    cache.load()
+    judgments = make_judgments(pairs, judge_model)
+    missing = judgments_to_ask(pairs, judgments, cache, retry_without_verdict)
+
+    # -- ask the missing judgments (the key is read only now: a report from a complete cache asks nothing)
+    asked = Asked()
+    if missing:
+        settings = {"judge_model": judge_model, "max_tokens": max_tokens,
+                    "max_malformed_retries": max_malformed_retries, "model_outputs": str(model_outputs)}
+        asked = ask_judgments(server, missing, pairs, cache, settings)
+
+    # -- results and reports
+    results = compute_results(pairs, judgments, cache, seed, bootstrap_samples, asked.refused)
+    results.update(judge_model=judge_model, unmatched=unmatched)
+    write_reports(results, output_dir, judge_model, seed, bootstrap_samples)
+    report_left_out(results, judgments, cache, asked, output_dir, judge_model, max_malformed_retries)
+    return None
+
+
+def load_pairs(model_outputs, reference_outputs):
+    """The pairs of the two output files, and {"model", "reference"}: the records of each without a counterpart
+    (a note each; no pair at all is a JudgeError)."""
     model_records, reference_records = read_outputs(model_outputs), read_outputs(reference_outputs)
     pairs, unmatched_model, unmatched_reference = pair_records(model_records, reference_records)
     if not pairs:
@@ -573,10 +408,12 @@ def judge(
         if count:
             print(f"note: {count} record(s) of {path} have no counterpart in the other file; not judged",
                   file=sys.stderr)
-    os.makedirs(output_dir, exist_ok=True)
-    cache = JudgmentCache(cache_path or os.path.join(output_dir, "judgments.jsonl"))
-    cache.load()
-    judgments = make_judgments(pairs, judge_model)
+    return pairs, {"model": unmatched_model, "reference": unmatched_reference}
+
+
+def judgments_to_ask(pairs, judgments, cache, retry_without_verdict):
+    """The judgments not in the cache (and, with retry_without_verdict, those cached without a verdict); says how many
+    of each there are."""
     # A cached judgment without a verdict (the judge never wrote one) is asked again only when asked for: at
     # temperature 0 the same prompt would get the same reply, paid for again on every rerun.
     without_verdict = [j for j in judgments if j.key in cache.entries and cache.entries[j.key]["verdict"] is None]
@@ -593,35 +430,49 @@ def judge(
     print(f"{len(pairs)} pairs, {len(judgments)} judgments: {cached} cached in {cache.path}"
           + (f"{note}, {len(missing)} to ask" if not retry_without_verdict else f", {len(missing)} to ask{note}"),
           file=sys.stderr)
+    return missing
 
-    failed = not_sent = 0
-    refused = []
-    if missing:  # (the key is needed only now: a report from a complete cache asks nothing)
-        api = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
-                                   request_timeout=request_timeout)
-        settings = {"judge_model": judge_model, "max_tokens": max_tokens,
-                    "max_malformed_retries": max_malformed_retries, "model_outputs": str(model_outputs)}
-        try:
-            failed, not_sent, refused = asyncio.run(ask_missing(api, missing, pairs, cache, settings, budget))
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"{len(cache.entries)} judgments are in {cache.path}; rerun the same command "
-                                    "to ask the rest") from None
-        except APIError as e:
-            raise JudgeError(f"{e}. The judgments so far are in {cache.path}") from None
-        print(f"Usage this run: {budget.describe(api.usage)}", file=sys.stderr)
 
-    # -- results
-    results = compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused)
-    results.update(judge_model=judge_model, unmatched={"model": unmatched_model, "reference": unmatched_reference})
-    report = markdown_report(results, judge_model, seed, bootstrap_samples)
+@dataclasses.dataclass
+class Asked:
+    """What asking the missing judgments left undone: failed after their retries, not sent (budget), refused."""
+
+    failed: int = 0
+    not_sent: int = 0
+    refused: list = dataclasses.field(default_factory=list)  # [Refusal]
+
+
+def ask_judgments(server, missing, pairs, cache, settings):
+    """Ask the missing judgments through the server of `server` (api_client.ServerOptions), each cached as it comes;
+    prints the usage. Returns Asked. Ctrl-C and an APIError say where the judgments so far are."""
+    api = server.client()
+    try:
+        failed, not_sent, refused = asyncio.run(ask_missing(api, missing, pairs, cache, settings, server.budget))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{len(cache.entries)} judgments are in {cache.path}; rerun the same command "
+                                "to ask the rest") from None
+    except APIError as e:
+        raise JudgeError(f"{e}. The judgments so far are in {cache.path}") from None
+    print(f"Usage this run: {server.budget.describe(api.usage)}", file=sys.stderr)
+    return Asked(failed, not_sent, refused)
+
+
+def write_reports(results, output_dir, judge_model, seed, bootstrap_samples):
+    """results.md (printed too), results.json and results.png in output_dir."""
+    report = win_rates.markdown_report(results, judge_model, seed, bootstrap_samples)
     with utils.atomic_open(os.path.join(output_dir, "results.md")) as f:
         f.write(report)
     utils.jdump(results, os.path.join(output_dir, "results.json"))
-    draw_chart(results, os.path.join(output_dir, "results.png"))
+    win_rates.draw_chart(results, os.path.join(output_dir, "results.png"))
     print(report)
     print(f"Reports in {output_dir}: results.md, results.json, results.png", file=sys.stderr)
-    if not_sent:
-        print(f"budget reached: {not_sent} judgments not asked; rerun (with a larger budget) to ask them",
+
+
+def report_left_out(results, judgments, cache, asked, output_dir, judge_model, max_malformed_retries):
+    """Say what the results leave out and why: not sent (budget), without a verdict, refused (warnings), failed (a
+    JudgeError, as is a run where no pair could be judged)."""
+    if asked.not_sent:
+        print(f"budget reached: {asked.not_sent} judgments not asked; rerun (with a larger budget) to ask them",
               file=sys.stderr)
     unanswered = [cache.entries[j.key] for j in judgments if j.key in cache.entries
                   and cache.entries[j.key]["verdict"] is None]
@@ -635,6 +486,7 @@ def judge(
             raise JudgeError(f"no pair was judged: {message}. Is --judge_model {judge_model} an instruction-following "
                              "chat model?")
         print(f"warning: {message}", file=sys.stderr)
+    refused = asked.refused
     if refused:
         message = (f"{len({r.judgment.pair_index for r in refused})} pair(s) left out: the judge's server refused "
                    f"{len(refused)} judgment(s) ({', '.join(sorted({r.reason for r in refused}))}); see "
@@ -642,10 +494,9 @@ def judge(
         if results["judged"] == 0:
             raise JudgeError(f"no pair was judged: {message}")
         print(f"warning: {message}", file=sys.stderr)
-    if failed:
-        raise JudgeError(f"{failed} judgment(s) failed after all retries and are left out; rerun the same command "
-                         "to ask them")
-    return None
+    if asked.failed:
+        raise JudgeError(f"{asked.failed} judgment(s) failed after all retries and are left out; rerun the same "
+                         "command to ask them")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@
   checkpoint_tensors  checkpoint tensors streamed through memory allocated once (weight_diff.py)
   legacy_checkpoints  the 2023 naive integrity sum of weight_diff.py (transformers 4.28's key order, inv_freq)
   eval_files          evaluation files: instruction sets in, AlpacaEval-format outputs out (resumable)
+  judgment_cache      the judgments of judge.py, one JSON line each, appended and fsync'd (resumable)
+  win_rates           win rates of pairwise judgments: tally, bootstrap interval, results.md and results.png
+  report_charts       the pictures and the HTML page of data_report.py (matplotlib, small PNGs)
 
 Nothing here imports an entry script (train.py, generate_instruction.py, ...) or utils.py.
 """

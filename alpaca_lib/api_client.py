@@ -23,7 +23,9 @@ What it adds to `openai.AsyncOpenAI` (which does the HTTP, the retries with back
     the first heartbeat where it does not;
   * a request that can never succeed (a prompt alone longer than the context, content a filter refuses) is
     `RequestRefused`: that request's failure, not the run's;
-  * token usage, cost and budgets (`Usage`, `Budget`).
+  * token usage, cost and budgets (`Usage`, `Budget`);
+  * the server flags of every command that talks to a server, declared once: their --help (`SERVER_FLAGS`), their
+    checks, the client and the budget they make (`ServerOptions`).
 Errors: `APIError` for what the user must fix (stop, show it), `RequestFailed` for a request that failed after all its
 retries (skip it, or stop), and its kind `RequestRefused` for one the server refuses for what it asks (skip it and
 report it; sending it again does not help).
@@ -44,6 +46,7 @@ import time
 import urllib.parse
 
 import openai
+from alpaca_lib import cli
 from alpaca_lib.errors import UserError
 
 # Print a line when requests are in flight and none has finished (or been retried) for this many seconds.
@@ -150,6 +153,58 @@ class Budget:
             return True
         cost = self.cost(usage)
         return self.usd is not None and cost is not None and cost >= self.usd
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The server flags of generate_instruction.py, inference.py and judge.py: their --help, declared once (a command's own
+# docstring entry for one of them adds what is particular to it), and one object that checks them and makes the client.
+
+SERVER_FLAGS = {
+    "api_base": "the OpenAI-compatible server's base URL, e.g. http://localhost:8000/v1 (vLLM, transformers serve) or "
+                "http://localhost:11434/v1 (Ollama). The key, where one is needed, is read from OPENAI_API_KEY only; "
+                "with a base URL and no OPENAI_API_KEY, a placeholder key is sent.",
+    "concurrency": "requests in flight at once.",
+    "request_timeout": "seconds to wait for a reply before the attempt is abandoned and retried (each timeout and "
+                       "retry is printed; a line every 30 s says what is still in flight).",
+    "max_retries": "retries per request for rate limits (honouring Retry-After), 5xx errors, timeouts and broken "
+                   "connections, with exponential backoff.",
+    "prompt_price_per_million": "USD per million prompt tokens, to print costs (e.g. 1.5 for gpt-3.5-turbo-instruct; "
+                                "check current prices).",
+    "completion_price_per_million": "USD per million completion tokens (e.g. 2.0 for gpt-3.5-turbo-instruct).",
+    "budget_usd": "stop sending once the spend of this run reaches this (the requests in flight are finished and "
+                  "kept; a rerun continues). Needs the prices.",
+    "budget_tokens": "the same as --budget_usd, in prompt + completion tokens.",
+}
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """The server flags' values, checked on creation (cli.UsageError or APIError naming the flag, before anything is
+    read or sent); `budget` and `client()` are what they make. The key is read only by client()."""
+
+    api_base: str | None = None
+    concurrency: int = 8
+    request_timeout: float = 300.0
+    max_retries: int = 8
+    prompt_price_per_million: float | None = None
+    completion_price_per_million: float | None = None
+    budget_usd: float | None = None
+    budget_tokens: int | None = None
+    budget: Budget = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        cli.check_number("concurrency", self.concurrency, 1, int)
+        cli.check_number("request_timeout", self.request_timeout, 0.001, float)
+        cli.check_number("max_retries", self.max_retries, 0, int)
+        self.budget = Budget(self.prompt_price_per_million, self.completion_price_per_million, self.budget_usd,
+                             self.budget_tokens)
+        self.budget.check()
+        check_base_url(self.api_base)
+
+    def client(self, log=None):
+        """The APIClient of these flags (the key from the environment: an APIError when it is needed and not set)."""
+        return APIClient(self.api_base, concurrency=self.concurrency, max_retries=self.max_retries,
+                         request_timeout=self.request_timeout, log=log)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

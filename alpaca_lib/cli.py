@@ -251,10 +251,31 @@ def _is_flag(token):
 # --help from the docstring
 
 
+def shared_flags(flag_help):
+    """Decorator: the command takes some of the flags `flag_help` ({flag: help text}) explains, such as
+    api_client.SERVER_FLAGS. Its --help shows that text for each of them, followed by the command's own docstring
+    entry for the flag when it has one (what is particular to that command). The function is returned unchanged."""
+    def record(function):
+        function.shared_flag_help = {**getattr(function, "shared_flag_help", {}), **flag_help}
+        return function
+
+    return record
+
+
 def parse_docstring(function):
     """(description, {parameter: help text}) from a Google-style docstring: the text before `Args:`, and each
-    `name: text` entry of the Args section with its continuation lines joined."""
-    doc = inspect.cleandoc(function.__doc__ or "")
+    `name: text` entry of the Args section with its continuation lines joined; a parameter declared by shared_flags
+    gets the shared text first."""
+    description, arg_help = _parse_docstring(function.__doc__)
+    shared = getattr(function, "shared_flag_help", {})
+    for name in parameters(function):
+        if name in shared:
+            arg_help[name] = " ".join(filter(None, (shared[name], arg_help.get(name))))
+    return description, arg_help
+
+
+def _parse_docstring(docstring):
+    doc = inspect.cleandoc(docstring or "")
     description, _, rest = doc.partition("\nArgs:\n")
     arg_help, current = {}, None
     for line in rest.splitlines():

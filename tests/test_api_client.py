@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alpaca_lib import api_client
+from alpaca_lib import api_client, cli
 from alpaca_lib.api_client import APIClient, APIError, Budget, RequestFailed, Usage
 
 
@@ -167,6 +167,26 @@ def test_budget():
         Budget(usd=5).check()
     with pytest.raises(APIError, match="--budget_tokens must be a number >= 0"):
         Budget(tokens=-1).check()
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (dict(concurrency=0), cli.UsageError, "--concurrency must be an integer >= 1; got 0"),
+    (dict(request_timeout=0), cli.UsageError, "--request_timeout must be a number >= 0.001; got 0"),
+    (dict(max_retries=-1), cli.UsageError, "--max_retries must be an integer >= 0; got -1"),
+    (dict(budget_usd=5), APIError, "--budget_usd needs --prompt_price_per_million"),
+    (dict(api_base="localhost:8000/v1"), APIError, "no http:// or https:// scheme"),
+])
+def test_server_options_check_every_server_flag(flags, error, message):
+    with pytest.raises(error, match=message):
+        api_client.ServerOptions(**flags)
+
+
+def test_server_options_make_the_client_and_the_budget(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = api_client.ServerOptions("http://localhost:1/v1", 3, 5.0, 2, 1.5, 2.0, budget_usd=1.0)
+    assert server.budget == Budget(1.5, 2.0, usd=1.0)
+    client = server.client()
+    assert (client.concurrency, client.request_timeout, client.max_retries) == (3, 5.0, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,31 @@ def test_every_command_documents_every_flag(argv, function):
     assert not undocumented, f"{function.__name__}: no help text for {undocumented}"
 
 
+def flag_texts(help_text):
+    """{flag: its help text, unwrapped} from a command's --help."""
+    texts, flag = {}, None
+    for line in help_text.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0][2:]
+            texts[flag] = ""
+        elif flag and line.startswith("      "):
+            texts[flag] = (texts[flag] + " " + line.strip()).strip()
+    return texts
+
+
+def test_the_server_commands_explain_each_shared_server_flag_in_the_same_words():
+    from alpaca_lib import api_client
+
+    commands = [generate_instruction.generate_instruction_following_data, inference.inference, judge.judge]
+    helps = [flag_texts(cli.command_help(function, "prog")) for function in commands]
+    for flag, text in api_client.SERVER_FLAGS.items():
+        having = [texts[flag] for texts in helps if flag in texts]
+        assert len(having) >= 2, flag  # shared by at least two of the three commands
+        assert all(command_text.startswith(text) for command_text in having), flag
+    for flag in ("api_base", "concurrency", "request_timeout", "max_retries"):
+        assert all(flag in texts for texts in helps), flag
+
+
 @pytest.mark.parametrize("argv, function", FIRE_COMMANDS, ids=lambda v: v[-1] if isinstance(v, list) else "")
 def test_every_command_rejects_a_misspelled_flag_before_doing_anything(argv, function, tmp_path):
     # Valid values for every required flag pointing into an empty folder: nothing may be read, sent or written.
