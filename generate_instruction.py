@@ -66,6 +66,7 @@ def post_process_gpt3_response(num_prompt_instructions, response):
     return [task for task in tasks if instruction_rejection_reason(task["instruction"]) is None]
 
 
+@cli.shared_flags(api_client.SERVER_FLAGS)
 def generate_instruction_following_data(
     output_dir="./",
     seed_tasks_path=SEED_TASKS_PATH,
@@ -117,11 +118,9 @@ def generate_instruction_following_data(
         api: "completions" (/v1/completions, all prompts of a round in one request, as the original), "chat"
             (/v1/chat/completions, the prompt as one user message, one prompt per request) or "auto": completions for
             OpenAI's completion-only models (gpt-3.5-turbo-instruct, davinci-002, babbage-002, text-*), chat otherwise.
-        api_base: OpenAI-compatible server URL, e.g. http://localhost:8000/v1 (vLLM, transformers serve) or
-            http://localhost:11434/v1 (Ollama). Default: $OPENAI_BASE_URL, else api.openai.com. With a base URL and no
-            OPENAI_API_KEY, a placeholder key is sent.
-        concurrency: requests in flight at once. Results are still applied in round order, so with --seed and a
-            deterministic server regen.json does not depend on it.
+        api_base: Default: $OPENAI_BASE_URL, else api.openai.com.
+        concurrency: Results are still applied in round order, so with --seed and a deterministic server regen.json
+            does not depend on it.
         seed: makes the sampled prompts reproducible, and is sent as the request `seed` (derived per request).
             Default: random.
         max_tokens: completion length limit per reply (the original's 3072); shrunk by 0.8 per context-too-long error.
@@ -129,28 +128,17 @@ def generate_instruction_following_data(
             object {"token_id": bias}. Dropped automatically if the server rejects it.
         prompt_path: the instructions that head every prompt (ends with "List of 20 tasks:").
         similarity_threshold: reject an instruction whose ROUGE-L F to any known instruction is above this.
-        request_timeout: seconds to wait for a reply before the attempt is abandoned and retried (each timeout and
-            retry is printed; a line every 30 s says what is still in flight).
-        max_retries: retries per request for rate limits (honouring Retry-After), 5xx errors, timeouts and broken
-            connections, with exponential backoff. A request that still fails is skipped (logged); the run stops after
-            3 rounds in a row where every request failed.
-        prompt_price_per_million: USD per million prompt tokens, to print costs (e.g. 1.5 for gpt-3.5-turbo-instruct;
-            check current prices).
-        completion_price_per_million: USD per million completion tokens (e.g. 2.0 for gpt-3.5-turbo-instruct).
-        budget_usd: stop cleanly (no new requests; those in flight are finished and kept) once the spend reaches this.
-            Needs the prices.
-        budget_tokens: the same, in prompt + completion tokens.
+        max_retries: A request that still fails is skipped (logged); the run stops after 3 rounds in a row where every
+            request failed.
         max_empty_rounds: stop, showing a reply and the likely causes, after this many rounds in a row that keep no
             instruction (replies without a task in the prompt's format, or only rejected tasks); 0: never.
     """
     # -- check every argument before anything is read, sent or written
     check_numbers(num_instructions_to_generate=(num_instructions_to_generate, 0, int),
                   num_prompt_instructions=(num_prompt_instructions, 1, int),
-                  request_batch_size=(request_batch_size, 1, int), concurrency=(concurrency, 1, int),
-                  max_tokens=(max_tokens, 1, int), max_retries=(max_retries, 0, int),
+                  request_batch_size=(request_batch_size, 1, int), max_tokens=(max_tokens, 1, int),
                   max_empty_rounds=(max_empty_rounds, 0, int), temperature=(temperature, 0, float),
-                  top_p=(top_p, 0, float, 1), request_timeout=(request_timeout, 0.001, float),
-                  similarity_threshold=(similarity_threshold, 0, float, 1))
+                  top_p=(top_p, 0, float, 1), similarity_threshold=(similarity_threshold, 0, float, 1))
     if num_prompt_instructions > LAST_TASK_NUMBER - 2:
         raise GenerationError(f"--num_prompt_instructions {num_prompt_instructions} leaves no task to generate: the "
                               f"prompt lists {LAST_TASK_NUMBER} tasks and every reply stops before task "
@@ -159,11 +147,11 @@ def generate_instruction_following_data(
     api = choose_api(model_name, api)
     settings = RequestSettings(model_name, api, temperature, top_p, max_tokens,
                                resolve_logit_bias(logit_bias, model_name, api))
-    budget = api_client.Budget(prompt_price_per_million, completion_price_per_million, budget_usd, budget_tokens)
-    budget.check()
+    server = api_client.ServerOptions(api_base, concurrency, request_timeout, max_retries, prompt_price_per_million,
+                                      completion_price_per_million, budget_usd, budget_tokens)
+    budget = server.budget
     # The base URL and the key (from the environment); nothing is sent yet.
-    client = api_client.APIClient(api_base, concurrency=concurrency, max_retries=max_retries,
-                                  request_timeout=request_timeout)
+    client = server.client()
     if not os.path.exists(prompt_path):
         raise GenerationError(f"{prompt_path}: no such file (the prompt header, see --prompt_path)")
 
