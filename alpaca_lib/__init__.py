@@ -12,6 +12,9 @@
   checkpoint_tensors  checkpoint tensors streamed through memory allocated once (weight_diff.py)
   legacy_checkpoints  the 2023 naive integrity sum of weight_diff.py (transformers 4.28's key order, inv_freq)
   eval_files          evaluation files: instruction sets in, AlpacaEval-format outputs out (resumable)
+  decoding            how inference.py decodes an answer and where it ends (stop sequence), local and served alike
+  local_generation    a local model for inference.py: model / LoRA adapter loading, batched generation, streaming
+  server_generation   inference.py --api_base: a file's prompts sent to an OpenAI-compatible server, answers written
 
 Nothing here imports an entry script (train.py, generate_instruction.py, ...) or utils.py.
 """
