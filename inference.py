@@ -23,7 +23,8 @@ import tqdm
 
 from alpaca_lib import api_client, cli
 from alpaca_lib.api_client import APIError
-from alpaca_lib.decoding import Decoding, InferenceError, clean_output  # noqa: F401 (clean_output: importable here)
+# clean_output and grow_embeddings are not used here but imported from here (tests/test_inference.py)
+from alpaca_lib.decoding import Decoding, InferenceError, clean_output  # noqa: F401
 from alpaca_lib.eval_files import OutputFile, read_instructions
 from alpaca_lib.local_generation import (DTYPES, AnswerPrinter, check_context, generate, grow_embeddings,  # noqa: F401
                                          length_sorted_batches, load_model, prompt_lengths)
@@ -153,8 +154,8 @@ def inference(
 
 
 def check_modes(model_name_or_path, instruction, input, input_path, output_path, api_base, model_name):
-    """Which flags go together: one mode, one backend (a local model or a server). Reads nothing but the output's
-    folder."""
+    """Which flags go together: one mode, one backend (a local model or a server); and an output file that can be
+    written."""
     if instruction is not None and input_path is not None:
         raise InferenceError("--instruction and --input_path are two modes; give one")
     if input and instruction is None:
