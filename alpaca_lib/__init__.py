@@ -19,6 +19,9 @@
   judgment_cache      the judgments of judge.py, one JSON line each, appended and fsync'd (resumable)
   win_rates           win rates of pairwise judgments: tally, bootstrap interval, results.md and results.png
   report_charts       the pictures and the HTML page of data_report.py (matplotlib, small PNGs)
+  decoding            how inference.py decodes an answer and where it ends (stop sequence), local and served alike
+  local_generation    a local model for inference.py: model / LoRA adapter loading, batched generation, streaming
+  server_generation   inference.py --api_base: a file's prompts sent to an OpenAI-compatible server, answers written
 
 Nothing here imports an entry script (train.py, generate_instruction.py, ...) or utils.py.
 """
