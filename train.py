@@ -12,6 +12,7 @@ loss on the target tokens only, right padding, model_max_length 512, fp32 weight
 What differs from the original, and why, is in docs/differences.md (stage 2).
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ import transformers
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from alpaca_lib import cli, hardware, legacy_flags, lora, tokenization
+from alpaca_lib import cli, hardware, legacy_flags, lora, tokenization, trainer_flags
 from alpaca_lib.cli import UsageError
 from utils import IGNORE_INDEX, PROMPT_DICT  # noqa: F401 -- PROMPT_DICT: the original defined it here; forks import it
 import utils
@@ -100,6 +101,8 @@ class DataArguments:
             "at every example so attention never crosses examples. Same loss as padded batches, fewer wasted FLOPs."
         },
     )
+    # Not a flag: parse_args reads and checks every record of data_path before the model loads, and hands them on.
+    records: Optional[list] = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -112,6 +115,20 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
 
+# `python train.py --help`: the project's flags, then the common Trainer ones (`--help_all`: every Trainer flag).
+COMMON_TRAINER_FLAGS = (
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type", "logging_steps", "save_strategy",
+    "save_steps", "save_total_limit", "bf16", "fp16", "use_cpu", "fsdp", "fsdp_config", "deepspeed",
+    "activation_checkpointing", "report_to", "resume_from_checkpoint", "seed",
+)
+HELP_GROUPS = (
+    ("model", [f.name for f in dataclasses.fields(ModelArguments)]),
+    ("data", [f.name for f in dataclasses.fields(DataArguments) if f.init]),
+    ("training (this project's)", list(TrainingArguments.__annotations__)),
+    ("training (common Trainer flags)", list(COMMON_TRAINER_FLAGS)),
+)
+
 # The flags that take a file or folder (each goes through cli.expand_path).
 PATH_FLAGS = ("model_name_or_path", "data_path", "output_dir", "deepspeed", "fsdp_config", "resume_from_checkpoint",
               "cache_dir", "logging_dir")
@@ -121,44 +138,20 @@ def parse_args(argv=None):
     """Parse the command line (default: sys.argv[1:]) into (ModelArguments, DataArguments, TrainingArguments).
 
     Everything a user can get wrong is checked here, before a model is loaded: unknown flags (the closest valid flag
-    is named), bad values, and every record of --data_path. The original README's transformers-4 flags are translated
-    (legacy_flags.translate_legacy_args) and GPU-only requests adapted to the machine (hardware.adapt_to_hardware),
-    each with a one-line notice. Raises cli.UsageError or utils.AlpacaDataError.
+    is named), bad values, and every record of --data_path (data_args.records holds them). The original README's
+    transformers-4 flags are translated (legacy_flags) and GPU-only requests adapted to the machine (hardware), each
+    with a one-line notice. Raises cli.UsageError or utils.AlpacaDataError.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = trainer_flags.make_parser((ModelArguments, DataArguments, TrainingArguments))
+    trainer_flags.answer_help(parser, argv, HELP_GROUPS, description=__doc__.partition("\n")[0])  # then exits 0
     argv, notices = legacy_flags.translate_legacy_args(argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-
-    def error(message):  # argparse would print its 300-line usage, then the message
-        raise UsageError(f"{message} (see python train.py --help)")
-
-    parser.error = error
-    parser.allow_abbrev = False  # `--learning_rat` is a misspelling to report, not a prefix to accept
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((token.partition("=")[0] for token in unknown if token.startswith("-")), None)
-        if flag is None:
-            raise UsageError(f"unexpected value {unknown[0]!r} (every argument is a --flag; see --help)")
-        match = cli.closest_name(flag, [o for o in parser._option_string_actions if o.startswith("--")])
-        hint = f" (did you mean {match}?)" if match else " (transformers 5 renamed some TrainingArguments)"
-        if flag.replace("-", "_") in ("__use_peft", "__use_lora"):  # TRL's and others' LoRA switch
-            hint = " (LoRA is on when --lora_r is above 0: pass --lora_r 8)"
-        raise UsageError(f"unknown flag {flag}{hint}; see python train.py --help")
+    namespace = trainer_flags.parse_flags(parser, argv)  # an unknown flag names the closest valid one
     for flag in PATH_FLAGS:  # a quoted ~/llama-7b too, as every CLI here reads it
         if hasattr(namespace, flag):
             setattr(namespace, flag, cli.expand_path(getattr(namespace, flag)))
-    lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
-    check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    notices += hardware.adapt_to_hardware(namespace, world_size)
-    if not namespace.data_path:
-        raise UsageError("--data_path is required (an Alpaca-format .json or .jsonl file, e.g. alpaca_data.json from "
-                         "`python utils.py download alpaca_data`)")
-    if not namespace.output_dir:
-        raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
-    cli.check_writable("output_dir", namespace.output_dir)  # before the data is tokenized and the model loaded
-    notices += check_values(namespace)
-    load_training_data(namespace.data_path, keep=True)  # every record, now: loading a 7B model takes minutes
+    notices += check_args(namespace)
+    records = utils.load_training_data(namespace.data_path)  # every record, now: loading a 7B model takes minutes
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
         for notice in notices:
@@ -167,10 +160,24 @@ def parse_args(argv=None):
         # Every parameter of a causal LM is used in each step; DDP's search for unused ones costs an extra autograd
         # traversal per step (transformers would turn it on). Pass --ddp_find_unused_parameters True if yours differs.
         namespace.ddp_find_unused_parameters = False
-    try:
-        return parser.parse_dict(vars(namespace))
-    except ValueError as e:  # TrainingArguments.__post_init__ refusing a combination of flags
-        raise UsageError(str(e).strip().replace("\n", " ")) from None
+    model_args, data_args, training_args = trainer_flags.to_dataclasses(parser, namespace)
+    data_args.records = records
+    return model_args, data_args, training_args
+
+
+def check_args(namespace):
+    """UsageError for a flag a run would fail on later; adapts GPU-only requests to the machine. Returns the notices
+    of what was adapted."""
+    lora.check_args(namespace)  # --load_in_4bit without a GPU stops here, before anything is read or loaded
+    check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
+    notices = hardware.adapt_to_hardware(namespace, int(os.environ.get("WORLD_SIZE", "1")))
+    if not namespace.data_path:
+        raise UsageError("--data_path is required (an Alpaca-format .json or .jsonl file, e.g. alpaca_data.json from "
+                         "`python utils.py download alpaca_data`)")
+    if not namespace.output_dir:
+        raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
+    cli.check_writable("output_dir", namespace.output_dir)  # before the data is tokenized and the model loaded
+    return notices + check_values(namespace)
 
 
 def check_config_files(namespace):
@@ -323,33 +330,16 @@ def preprocess(
     return dict(input_ids=input_ids, labels=labels)
 
 
-_checked_data = {}  # (path, mtime, size) -> the records parse_args checked, until SupervisedDataset takes them
-
-
-def load_training_data(path, keep=False):
-    """utils.load_training_data, read once per run: parse_args checks the file before the model loads and keeps the
-    records (keep=True); SupervisedDataset then takes them, unless the file has changed since."""
-    try:
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-    except OSError:
-        key = None  # utils.load_training_data names the problem
-    records = _checked_data.pop(key, None) if key else None
-    if records is None:
-        records = utils.load_training_data(path)
-    if keep and key:
-        _checked_data.clear()
-        _checked_data[key] = records
-    return records
-
-
 class SupervisedDataset(Dataset):
     """Dataset for supervised fine-tuning: the records of an Alpaca-format file, tokenized by preprocess."""
 
-    def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizerBase):
+    def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizerBase, records=None):
+        """records: the records of data_path when the caller has read them already (train() does: parse_args
+        checks them before the model loads); None reads data_path."""
         super().__init__()
         logger.info("Loading data from %s", data_path)
-        list_data_dict = load_training_data(data_path)  # names file, record and field on bad input
+        # load_training_data names the file, record and field of bad input
+        list_data_dict = utils.load_training_data(data_path) if records is None else records
 
         logger.info("Formatting %d examples", len(list_data_dict))
         sources = [utils.format_prompt(example) for example in list_data_dict]
@@ -411,8 +401,9 @@ class DataCollatorForSupervisedDataset(object):
 def make_supervised_data_module(
     tokenizer: transformers.PreTrainedTokenizerBase, data_args, attn_implementation: Optional[str] = None
 ) -> Dict:
-    """Make dataset and collator for supervised fine-tuning."""
-    train_dataset = SupervisedDataset(tokenizer=tokenizer, data_path=data_args.data_path)
+    """Make dataset and collator for supervised fine-tuning (the records parse_args checked, if data_args has them)."""
+    train_dataset = SupervisedDataset(tokenizer=tokenizer, data_path=data_args.data_path,
+                                      records=getattr(data_args, "records", None))
     padding_free = getattr(data_args, "padding_free", False)
     data_collator = DataCollatorForSupervisedDataset(
         tokenizer=tokenizer,
@@ -441,10 +432,9 @@ def load_tokenizer(model_args, training_args):
         raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of "
                          f"{', '.join(tokenizer_files)}); save the base model's tokenizer beside the weights")
     try:
-        return tokenization.load_tokenizer(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
-                                     model_max_length=training_args.model_max_length, padding_side="right",
-                                     truncation_side="right",
-                                     trust_remote_code=model_args.trust_remote_code)
+        return tokenization.load_tokenizer(path, cache_dir=training_args.cache_dir,
+                                           model_max_length=training_args.model_max_length, padding_side="right",
+                                           truncation_side="right", trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:  # no such folder or hub model, no tokenizer files, a wrong added-token id
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its tokenizer: "
                          f"{cli.first_line(e)}") from None
@@ -452,14 +442,26 @@ def load_tokenizer(model_args, training_args):
 
 def load_model_and_tokenizer(model_args, training_args):
     """The base model (fp32 by default) and its tokenizer, with the original's special tokens added; with --lora_r,
-    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (alpaca_lib/lora.py).
-
-    The tokenizer is loaded first, and LoRA's target modules are checked against the model's config: a wrong
-    --model_name_or_path or module name fails in a second, not after the model has loaded.
-    """
-    tokenizer = load_tokenizer(model_args, training_args)
-    if model_args.lora_r:
+    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (alpaca_lib/lora.py)."""
+    tokenizer = load_tokenizer(model_args, training_args)  # first: a wrong --model_name_or_path fails in a second
+    if model_args.lora_r:  # checked against config.json, before the weights load
         lora_targets = lora.target_modules(model_args, training_args.cache_dir)
+    model = load_model(model_args, training_args, len(tokenizer))
+    special_tokens_dict = missing_special_tokens(tokenizer)
+    num_new = smart_tokenizer_and_embedding_resize(special_tokens_dict, tokenizer, model)
+    if special_tokens_dict:
+        logger.info("Added special tokens %s: %d new tokens, whose embedding rows are the mean of the %d old tokens' "
+                    "(%d embedding rows)", special_tokens_dict, num_new, len(tokenizer) - num_new,
+                    model.get_input_embeddings().num_embeddings)
+    if model_args.lora_r:
+        model = lora.add_adapters(model, model_args, training_args, lora_targets,
+                                  new_token_ids=range(len(tokenizer) - max(num_new, 0), len(tokenizer)))
+    return model, tokenizer
+
+
+def load_model(model_args, training_args, num_tokens):
+    """AutoModelForCausalLM in --dtype (4-bit with --load_in_4bit); UsageError when it cannot load or has fewer
+    embedding rows than the tokenizer's num_tokens."""
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     model_kwargs = dict(cache_dir=training_args.cache_dir, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
                         **lora.quantization_kwargs(model_args, training_args))
@@ -472,21 +474,40 @@ def load_model_and_tokenizer(model_args, training_args):
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model: "
                          f"{cli.first_line(e)}") from None
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: the tokenizer has {len(tokenizer)} "
+    if num_tokens > rows:
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: the tokenizer has {num_tokens} "
                          f"tokens but the model only {rows} embedding rows")
+    return model
 
-    special_tokens_dict = missing_special_tokens(tokenizer)
-    num_new = smart_tokenizer_and_embedding_resize(special_tokens_dict, tokenizer, model)
-    if special_tokens_dict:
-        logger.info("Added special tokens %s: %d new tokens, whose embedding rows are the mean of the %d old tokens' "
-                    "(%d embedding rows)", special_tokens_dict, num_new, len(tokenizer) - num_new,
-                    model.get_input_embeddings().num_embeddings)
-    if model_args.lora_r:
-        model = lora.add_adapters(model, model_args, training_args, lora_targets,
-                                  new_token_ids=range(len(tokenizer) - max(num_new, 0), len(tokenizer)))
-    return model, tokenizer
 
+def start_logging(training_args):
+    """INFO lines from the first process (the Trainer's should_log), warnings only from the others."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if training_args.should_log else logging.WARNING, force=True)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def check_checkpoints(model_args, training_args):
+    """UsageError for full fine-tuning of a quantized model (only adapters train over one), or a checkpoint to resume
+    that does not match the LoRA flags; reads config.json and adapter_config.json only, before anything loads."""
+    lora.check_quantized_base(model_args, training_args.cache_dir)
+    if training_args.resume_from_checkpoint:
+        lora.check_resume(model_args, training_args.resume_from_checkpoint, training_args.cache_dir)
+
+
+def configure_padding_free(data_args, training_args, model):
+    """With --padding_free: check that the model's attention keeps to each packed example, and turn the KV cache
+    off (with a cache, transformers skips the packed-sequence check and lets examples attend to each other)."""
+    if not data_args.padding_free:
+        return
+    attn_implementation = model.config._attn_implementation
+    if not attn_implementation.startswith("flash"):
+        hardware.check_padding_free(model)
+        logger.info("padding-free with %s attention: transformers builds a block-diagonal causal mask from the "
+                    "position_ids (checked; flash_attention_2 on GPU is faster)", attn_implementation)
+    if training_args.use_cache:
+        logger.warning("--padding_free True: ignoring --use_cache True (a KV cache would mix the packed examples)")
+        training_args.use_cache = False
 
 
 class DistributedCheck(transformers.TrainerCallback):
@@ -509,51 +530,40 @@ def safe_save_model_for_hf_trainer(trainer: transformers.Trainer, output_dir: st
 
 def train(argv=None):
     """Fine-tune: parse the command line (default sys.argv[1:]), train, save model + tokenizer to --output_dir."""
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if training_args.should_log else logging.WARNING, force=True)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-
-    # Before anything loads: read from config.json and the checkpoint's adapter_config.json only.
-    lora.check_quantized_base(model_args, training_args.cache_dir)
-    if training_args.resume_from_checkpoint:
-        lora.check_resume(model_args, training_args.resume_from_checkpoint, training_args.cache_dir)
+    model_args, data_args, training_args = parse_args(argv)  # every flag and every record checked; nothing loaded
+    start_logging(training_args)
+    check_checkpoints(model_args, training_args)
     # Seeded before loading, not only by the Trainer after: LoRA draws its A matrices when the adapters are added.
     transformers.set_seed(training_args.seed)
+
+    # The model (or LoRA adapters over the frozen base) and tokenizer, the original's special tokens added to both
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     hardware.resolve_fsdp_wrap_class(training_args, model)
-    attn_implementation = model.config._attn_implementation
-    if data_args.padding_free and not attn_implementation.startswith("flash"):
-        hardware.check_padding_free(model)
-        logger.info("padding-free with %s attention: transformers builds a block-diagonal causal mask from the "
-                    "position_ids (checked; flash_attention_2 on GPU is faster)", attn_implementation)
-    if data_args.padding_free and training_args.use_cache:
-        # With a KV cache, transformers skips the packed-sequence check and lets examples attend to each other.
-        logger.warning("--padding_free True: ignoring --use_cache True (a KV cache would mix the packed examples)")
-        training_args.use_cache = False
+    configure_padding_free(data_args, training_args, model)
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args,
-                                              attn_implementation=attn_implementation)
+                                              attn_implementation=model.config._attn_implementation)
 
     trainer = transformers.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
-    trainer.add_callback(DistributedCheck(trainer, world_size))
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True  # the newest checkpoint-* in output_dir
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.add_callback(DistributedCheck(trainer, int(os.environ.get("WORLD_SIZE", "1"))))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # parse_args resolved `last`
     trainer.save_state()
     safe_save_model_for_hf_trainer(trainer=trainer, output_dir=training_args.output_dir)
     if training_args.should_save:
         logger.info("Saved the %s and tokenizer to %s", "LoRA adapter" if model_args.lora_r else "model",
                     training_args.output_dir)
     if model_args.merge_lora and training_args.should_save:
-        # The base as training loaded it (unquantized), plus the adapter just saved: proof that the adapter is whole.
-        with hardware.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
-            base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args)
-            merged_dir = os.path.join(training_args.output_dir, "merged")
-            lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir)
-        logger.info("Saved base + adapter merged into one model to %s", merged_dir)
+        save_merged_model(model_args, training_args)
     return trainer
+
+
+def save_merged_model(model_args, training_args):
+    """--merge_lora: the base as training loaded it (unquantized) plus the adapter just saved, one full model in
+    <output_dir>/merged; loading the adapter back is proof that it is whole."""
+    with hardware.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
+        base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args)
+        merged_dir = os.path.join(training_args.output_dir, "merged")
+        lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir)
+    logger.info("Saved base + adapter merged into one model to %s", merged_dir)
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@
   regen_file          regen.json, stage 1's output: rewritten atomically after every round, resumed
   lora                LoRA / QLoRA adapters for train.py (peft, bitsandbytes)
   legacy_flags        the original README's transformers-4 flags, rewritten for transformers 5
+  trainer_flags       train.py's command line over HfArgumentParser: one-line errors, the short --help, --help_all
   hardware            fitting a training run to the machine: GPU-less fallbacks, DDP over gloo, FSDP, DeepSpeed
   checkpoint_tensors  checkpoint tensors streamed through memory allocated once (weight_diff.py)
   legacy_checkpoints  the 2023 naive integrity sum of weight_diff.py (transformers 4.28's key order, inv_freq)

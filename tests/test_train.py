@@ -453,11 +453,11 @@ def test_the_data_file_is_read_once_unless_it_changes(tmp_path, alpaca_sample_pa
     monkeypatch.setattr(utils, "load_training_data", lambda path: reads.append(path) or read(path))
     data = tmp_path / "data.json"
     data.write_bytes(alpaca_sample_path.read_bytes())
-    train.parse_args(["--data_path", str(data), "--output_dir", str(tmp_path / "out")])
-    dataset = train.SupervisedDataset(str(data), llama_tokenizer)  # takes the records parse_args checked
+    _, data_args, _ = train.parse_args(["--data_path", str(data), "--output_dir", str(tmp_path / "out")])
+    dataset = train.make_supervised_data_module(llama_tokenizer, data_args)["train_dataset"]  # the checked records
     assert len(reads) == 1 and len(dataset) == len(SAMPLE_RECORDS)
     train.parse_args(["--data_path", str(data), "--output_dir", str(tmp_path / "out")])
-    utils.jdump(SAMPLE_RECORDS[:3], data)  # changed after the check: read again
+    utils.jdump(SAMPLE_RECORDS[:3], data)  # a caller who passes only the path: read
     assert len(train.SupervisedDataset(str(data), llama_tokenizer)) == 3 and len(reads) == 3
 
 
@@ -520,6 +520,28 @@ def test_help_lists_our_flags():
     for flag in ("--model_name_or_path", "--data_path", "--padding_free", "--model_max_length", "--dtype",
                  "--attn_implementation", "--cache_dir"):
         assert flag in text
+
+
+def test_help_leads_with_our_flags_and_help_all_lists_every_trainer_flag(tmp_path):
+    def run(*argv):  # a data path that does not exist: help exits before anything is read or loaded
+        return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *argv, "--data_path", "missing.json"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    short = run("--help")
+    assert (short.returncode, short.stderr) == (0, "")
+    listing = short.stdout[short.stdout.index("\nmodel:"):]  # after the usage line
+    flags = ("--model_name_or_path", "--data_path", "--padding_free", "--model_max_length", "--output_dir",
+             "--learning_rate", "--help_all")
+    order = [listing.index("\n  " + flag) for flag in flags]
+    assert order == sorted(order)
+    for flag in train.COMMON_TRAINER_FLAGS:
+        assert f"--{flag}" in short.stdout
+    assert "--help_all" in short.stdout and "--adam_beta1" not in short.stdout
+    assert "(default: 512)" in short.stdout  # each flag with its default
+    full = run("--help_all")
+    assert (full.returncode, full.stderr) == (0, "")
+    assert "--adam_beta1" in full.stdout and "--model_max_length" in full.stdout
+    assert os.listdir(tmp_path) == []
 
 
 def test_fsdp_wrap_class_from_the_model(tmp_path):
