@@ -23,10 +23,10 @@ import torch
 from alpaca_lib import cli, legacy_checkpoints, tokenization
 from alpaca_lib.checkpoint_tensors import (Checkpoint, CorrectionsWriter, ShardedSafetensorsWriter,
                                            atomic_output_folder, tensor_sha256)
-from alpaca_lib.weight_diff_format import (CORRECTIONS_NAME, MANIFEST_NAME, TOKEN_ROW_SUFFIXES,  # noqa: F401
-                                           Manifest, WeightDiffError, apply_corrections, embedding_rows,
-                                           inv_freq_sums, plan_tensor_pairs, raw_token_counter, read_raw,
-                                           stream_pairs, subtract_with_corrections, write_manifest)
+from alpaca_lib.weight_diff_format import (CORRECTIONS_NAME, Manifest, WeightDiffError, apply_corrections,
+                                           embedding_rows, inv_freq_sums, plan_tensor_pairs, raw_token_counter,
+                                           read_raw, stream_pairs, subtract_with_corrections, write_manifest)
+from alpaca_lib.weight_diff_format import MANIFEST_NAME, TOKEN_ROW_SUFFIXES  # noqa: F401 -- weight_diff.X, as before
 import utils
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
     shard_bytes = parse_size(max_shard_size)
 
     def tuned_minus_raw(pair, buffers, workspace):  # buffers: raw (then raw + diff), tuned (then the diff)
-        # `corrections` is the writer opened below, in the output folder: the ulp fixes recover will apply
+        # corrections: the writer opened below, in the output folder (the ulp fixes recover applies)
         raw_f32 = read_raw(raw, pair, buffers[0], workspace)
         tuned_f32 = tuned.read_into(pair.name, buffers[1][: raw_f32.numel()], workspace)
         sha256, total = tensor_sha256(tuned_f32), tuned_f32.sum()  # of tuned: what recover must get back
@@ -84,12 +84,12 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size="5GB", overwrite=F
         config = load_config(path_tuned)
         tokenizer = load_tokenizer(path_tuned)
         sums.update(legacy_checkpoints.derived_inv_freq_sums(config))  # the original's 4.28 state dict had them
-        total = float(legacy_checkpoints.naive_sum(sums, config.num_hidden_layers))
-        write_manifest(out, plan, sha256s, total, corrections)
+        naive_sum = float(legacy_checkpoints.naive_sum(sums, config.num_hidden_layers))
+        write_manifest(out, plan, sha256s, naive_sum, corrections)
         save_config(path_tuned, out)
         save_tokenizer(tokenizer, path_tuned, out, embedding_rows(plan, tokenizer))
     num_elements = sum(math.prod(pair.shape) for pair in plan)
-    print(f"{path_diff}: diff of {len(plan)} tensors; naive integrity sum {total:.4f}; {corrections.total:,} of "
+    print(f"{path_diff}: diff of {len(plan)} tensors; naive integrity sum {naive_sum:.4f}; {corrections.total:,} of "
           f"{num_elements:,} elements ({corrections.total / max(num_elements, 1):.3%}) carry an ulp correction")
 
 
