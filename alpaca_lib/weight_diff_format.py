@@ -137,8 +137,8 @@ def stream_pairs(plan, step, regions, description):
 
     All the pass's large memory is one Workspace of `regions` float32 buffers sized to the largest pair, allocated
     here once; `buffers` are the pair's slot in each (pair.numel elements). The next pair is prepared in a thread while
-    the caller handles this one (checkpoint_tensors.prefetched). What step returns may be a view of the workspace:
-    the caller drops it before the workspace is needed back.
+    the caller handles this one (checkpoint_tensors.prefetched). What step returns may be a view of the workspace: the
+    workspace's memory is given back once the pass is over and the caller has dropped the last result.
     """
     sizes = [pair.numel for pair in plan]
     workspace = Workspace(max(sizes), regions)
