@@ -16,6 +16,7 @@
   hardware            fitting a training run to the machine: GPU-less fallbacks, DDP over gloo, FSDP, DeepSpeed
   checkpoint_tensors  checkpoint tensors streamed through memory allocated once (weight_diff.py)
   legacy_checkpoints  the 2023 naive integrity sum of weight_diff.py (transformers 4.28's key order, inv_freq)
+  weight_diff_format  the weight diff: tensor-pair plan (mean rows), streamed pass, ulp corrections, manifest
   eval_files          evaluation files: instruction sets in, AlpacaEval-format outputs out (resumable)
   judgment_cache      the judgments of judge.py, one JSON line each, appended and fsync'd (resumable)
   win_rates           win rates of pairwise judgments: tally, bootstrap interval, results.md and results.png

@@ -6,7 +6,8 @@
   * Workspace: the only large memory a run uses, allocated once: `regions` float32 buffers sized to the largest tensor,
     and chunk buffers for conversions and corrections. Peak memory is therefore fixed before the first tensor is
     read, whatever the size of the model or the order of its tensors (not left to the allocator).
-  * ShardedSafetensorsWriter / CorrectionsWriter: safetensors output written tensor by tensor, or chunk by chunk.
+  * ShardedSafetensorsWriter / CorrectionsWriter: safetensors output written tensor by tensor, or chunk by chunk;
+    as context managers, closed when the block succeeds and aborted (no partial file left open) when it fails.
   * prefetched: prepare the next tensor in a thread while the caller writes this one.
   * atomic_output_folder: a folder that appears only when complete.
 """
@@ -320,7 +321,8 @@ def safetensors_header_bytes(specs):
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in specs:
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as the library writes it
@@ -389,6 +391,12 @@ class ShardedSafetensorsWriter:
         if self.file is not None:
             self.file.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        close_or_abort(self, exc_type)
+
 
 class CorrectionsWriter:
     """A safetensors file of per-tensor corrections, `{name}.index` (int64 flat positions) and `{name}.xor` (int32 bit
@@ -397,6 +405,7 @@ class CorrectionsWriter:
 
     def __init__(self, path):
         self.path, self.counts, self.total = path, {}, 0
+        self.file_name = None  # the file's name once closed, None when there were no corrections
         self.index_data = open(path + ".index.tmp", "wb+")
         self.xor_data = open(path + ".xor.tmp", "wb+")
 
@@ -424,13 +433,32 @@ class CorrectionsWriter:
             out.flush()
             os.fsync(out.fileno())
         self.abort()
-        return os.path.basename(self.path)
+        self.file_name = os.path.basename(self.path)
+        return self.file_name
 
     def abort(self):
         for data in (self.index_data, self.xor_data):
             data.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(data.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        close_or_abort(self, exc_type)
+
+
+def close_or_abort(writer, exc_type):
+    """End a writer's with-block: close() when it succeeded, abort() when it (or close() itself) failed."""
+    if exc_type is not None:
+        writer.abort()
+        return
+    try:
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 @contextlib.contextmanager

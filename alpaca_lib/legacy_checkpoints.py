@@ -2,7 +2,7 @@
 
 The original checked a recovered model by summing every tensor of its state dict in that version's key order, rotary
 inv_freq buffers included (transformers <= 4.30 saved them; today they are derived from the config). These functions
-give that order and those buffers, so the sum the original README printed can still be checked.
+give that order, those buffers and that sum, so the sum the original README printed can still be checked.
 """
 
 import torch
@@ -20,12 +20,20 @@ def original_state_dict_order(names, num_layers):
     tolerance. Names it does not know (other architectures) follow in their given order."""
     per_layer = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                  "self_attn.o_proj.weight", "self_attn.rotary_emb.inv_freq", "mlp.gate_proj.weight",
-                 "mlp.down_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+                 "mlp.down_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight",
+                 "post_attention_layernorm.weight"]
     canonical = (["model.embed_tokens.weight"]
                  + [f"model.layers.{i}.{suffix}" for i in range(num_layers) for suffix in per_layer]
                  + ["model.norm.weight", "lm_head.weight"])
     present, known = set(names), set(canonical)
     return [n for n in canonical if n in present] + [n for n in names if n not in known]
+
+
+def naive_sum(tensor_sums, num_layers):
+    """The original's `sum(state_dict[key].sum() for key in state_dict)` from {name: float32 sum}: a float32 0-d
+    tensor, added in transformers 4.28's key order (original_state_dict_order)."""
+    order = original_state_dict_order(list(tensor_sums), num_layers)
+    return sum(tensor_sums[name] for name in order)
 
 
 def rotary_inv_freq(config):
@@ -46,3 +54,8 @@ def inv_freq_names(config):
     if getattr(config, "model_type", None) != "llama":
         return []
     return [f"model.layers.{i}.self_attn.{INV_FREQ_SUFFIX}" for i in range(config.num_hidden_layers)]
+
+
+def derived_inv_freq_sums(config):
+    """{name: float32 sum} of the inv_freq buffers of transformers 4.28's state dict, as computed from the config."""
+    return {name: rotary_inv_freq(config).sum() for name in inv_freq_names(config)}

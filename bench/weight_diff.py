@@ -27,10 +27,10 @@ import shutil
 import subprocess
 import sys
 import time
-from alpaca_lib import tokenization
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from alpaca_lib import tokenization  # noqa: E402 -- after the repository root is on the path
 # torch and weight_diff are imported only where needed: this process forks the measured ones, and a child's peak RSS
 # (ru_maxrss) starts from its parent's RSS at fork time, so the parent must stay small until the measurements are done.
 
