@@ -6,6 +6,7 @@ Tests must not modify the fixture folders; copy them first (e.g. shutil.copytree
 
 import io
 import json
+import logging
 import os
 import random
 import sys
@@ -214,6 +215,18 @@ def tokenizer_matrix(tmp_path_factory, llama_tokenizer_dir):
         tokenizer.save_pretrained(str(folder))
         folders[name] = folder
     return folders
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """The root logger's handlers and level as they were before each test. train.py and weight_diff.py call
+    logging.basicConfig(force=True), whose handler keeps the sys.stderr of that moment: under pytest, a capture stream
+    that is closed once the test ends, so a later test's first log line printed "--- Logging error ---"."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
