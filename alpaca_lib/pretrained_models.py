@@ -107,7 +107,7 @@ def pip_download(requirement, folder, index_url, timeout):
     except OSError as e:
         raise DownloadError(f"could not run pip ({e.strerror or e})") from None
     if done.returncode != 0:
-        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit status {done.returncode}"
         if "No module named pip" in last:
             raise DownloadError(f"pip is not installed for {sys.executable}; install it (python -m ensurepip)")

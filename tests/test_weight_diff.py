@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from alpaca_lib import legacy_checkpoints, tokenization
 from alpaca_lib.checkpoint_tensors import CheckpointError
 import utils
-from conftest import (QWEN_EMBEDDING_ROWS, REPO_ROOT, SAMPLE_RECORDS, TINY_VOCAB_SIZE, TOKENIZER_MATRIX,
-                      make_tiny_llama_config)
+from conftest import (QWEN_EMBEDDING_ROWS, REAL_TOKENIZER_MATRIX, REPO_ROOT, SAMPLE_RECORDS, TINY_VOCAB_SIZE,
+                      TOKENIZER_MATRIX, make_tiny_llama_config)
 import train
 import weight_diff
 
@@ -220,7 +220,7 @@ def test_inv_freq_of_llama_7b_is_what_the_original_sum_counted():
 # Every row layout: what train.py gives each tokenizer family, and the original's cut of a padded vocabulary
 
 
-@pytest.mark.parametrize("name", TOKENIZER_MATRIX)
+@pytest.mark.parametrize("name", TOKENIZER_MATRIX + REAL_TOKENIZER_MATRIX)
 def test_train_make_diff_recover_is_bit_identical_for_every_tokenizer(name, tokenizer_matrix, alpaca_sample_path,
                                                                       tmp_path):
     raw = tokenizer_matrix[name]
