@@ -111,6 +111,9 @@ def pip_download(requirement, folder, index_url, timeout):
         last = lines[-1] if lines else f"exit status {done.returncode}"
         if "No module named pip" in last:
             raise DownloadError(f"pip is not installed for {sys.executable}; install it (python -m ensurepip)")
+        if any("connection" in line.lower() or "Could not fetch URL" in line for line in lines):
+            raise DownloadError(f"the package registry could not be reached for {requirement} (pip retried and gave "
+                                f"up): pip said: {last}")
         raise DownloadError(f"could not get {requirement} from the package registry (unreachable, or the version "
                             f"is not there): pip said: {last}")
     wheels = [name for name in os.listdir(folder) if name.endswith(".whl")]

