@@ -169,5 +169,11 @@ def convert_gguf(gguf_path, folder):
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())  # strict: every tensor is accounted for
     del quantized
-    model.save_pretrained(folder)
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(folder)
+    except SafetensorError as e:  # how safetensors reports a full disk: "Error while serializing: IoError(Os {...})"
+        raise DownloadError(f"could not write the converted model ({str(e).splitlines()[0]}); nothing was written") \
+            from None
     tokenizer.save_pretrained(folder)

