@@ -25,6 +25,9 @@ import weight_diff
 
 SPEC = pretrained_models.PRETRAINED_MODELS["smollm2_135m_instruct"]
 
+# conftest.py says why; measured here with other jobs running: 2.2 s a training step on one thread, 27 s on two
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def run_download(argv, capsys):
     """`python utils.py download ARGV` in this process (so that pinned facts can be monkeypatched): (exit code, stdout
