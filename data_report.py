@@ -336,8 +336,10 @@ def length_counter(tokenizer=None):
     folder, no special tokens). Raises ReportError when the tokenizer cannot be loaded."""
     if tokenizer is None:
         return "words", lambda texts: [len(text.split()) for text in texts]
-    if str(tokenizer).startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(tokenizer)):
-        raise ReportError(f"--tokenizer {tokenizer}: no such folder")  # transformers would call it a bad hub id
+    try:
+        tokenizer = tokenization.check_model_source("tokenizer", tokenizer)  # a missing folder is not a hub id
+    except cli.UsageError as e:
+        raise ReportError(str(e)) from None
     try:
         hf_tokenizer = tokenization.load_tokenizer(tokenizer)
     except (OSError, ValueError) as e:

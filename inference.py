@@ -21,7 +21,7 @@ import time
 
 import tqdm
 
-from alpaca_lib import api_client, cli
+from alpaca_lib import api_client, cli, tokenization
 from alpaca_lib.api_client import APIError
 # clean_output and grow_embeddings are not used here but imported from here (tests/test_inference.py)
 from alpaca_lib.decoding import Decoding, InferenceError, clean_output  # noqa: F401
@@ -191,9 +191,11 @@ def check_values(instruction, input, max_new_tokens, temperature, top_p, seed, b
         cli.check_number("seed", seed, 0, int)
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if model_name_or_path is not None and not os.path.isdir(model_name_or_path) and (
-            os.path.isabs(model_name_or_path) or model_name_or_path.startswith((".", "~"))):
-        raise InferenceError(f"{model_name_or_path}: no such folder")
+    if model_name_or_path is not None:
+        try:
+            tokenization.check_model_source("model_name_or_path", model_name_or_path)
+        except cli.UsageError as e:  # inference's own error class, as its other flag errors
+            raise InferenceError(str(e)) from None
     return server
 
 

@@ -152,6 +152,8 @@ def parse_args(argv=None):
             setattr(namespace, flag, cli.expand_path(getattr(namespace, flag)))
     notices += check_args(namespace)
     records = utils.load_training_data(namespace.data_path)  # every record, now: loading a 7B model takes minutes
+    # A missing folder, before anything asks the hub for it (with retries, for minutes) as if it were a hub id.
+    tokenization.check_model_source("model_name_or_path", namespace.model_name_or_path, need_tokenizer=True)
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
         for notice in notices:
@@ -424,13 +426,7 @@ def load_tokenizer(model_args, training_args):
     transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
     per-example calls). tokenization.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
     """
-    path = model_args.model_name_or_path
-    if path.startswith((os.sep, ".")) and not os.path.isdir(path):
-        raise UsageError(f"--model_name_or_path {path}: no such folder")
-    tokenizer_files = tokenization.TOKENIZER_FILES
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in tokenizer_files):
-        raise UsageError(f"--model_name_or_path {path}: no tokenizer in the folder (none of "
-                         f"{', '.join(tokenizer_files)}); save the base model's tokenizer beside the weights")
+    path = tokenization.check_model_source("model_name_or_path", model_args.model_name_or_path, need_tokenizer=True)
     try:
         return tokenization.load_tokenizer(path, cache_dir=training_args.cache_dir,
                                            model_max_length=training_args.model_max_length, padding_side="right",

@@ -38,17 +38,8 @@ def has_tokenizer(name_or_path):
 
 
 def is_missing_folder(name_or_path):
-    """True for a model name that can only be a folder (an absolute or ./ path, not shaped like a hub id) and is
-    not one."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.isdir(name_or_path):
-        return False
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return True
-    return False
+    """True for a model name that can only be a folder here and is not one (tokenization.can_only_be_a_folder)."""
+    return tokenization.can_only_be_a_folder(name_or_path)
 
 
 def resolve_device(device):
@@ -115,6 +106,9 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
             raise InferenceError(f"--base_model is for a LoRA adapter folder, and {model_name_or_path} has no "
                                  "adapter_config.json")
         base = tokenizer_source = model_name_or_path
+        if os.path.isdir(model_name_or_path) and not has_tokenizer(model_name_or_path):
+            raise InferenceError(f"--model_name_or_path {model_name_or_path}: no tokenizer in the folder (none of "
+                                 f"{', '.join(tokenization.TOKENIZER_FILES)}); save the tokenizer beside the weights")
     try:
         tokenizer = tokenization.load_tokenizer(tokenizer_source, padding_side="left",
                                                 trust_remote_code=trust_remote_code)

@@ -1,5 +1,6 @@
 """Tokenizer and vocabulary rules shared by train.py, inference.py and weight_diff.py.
 
+  * check_model_source: a model flag's value, a folder here or a hub id, checked before anything loads;
   * load_tokenizer: AutoTokenizer, made to read the 2023 LLaMA tokenizer folders that transformers 5 mis-reads;
   * leading_special_tokens / prompt_token_ids: a prompt's ids exactly as a training row starts (nothing appended);
   * mean_row / embedding_weights / extend_rows_with_mean: the embedding rows of added tokens, the original's rule.
@@ -7,6 +8,9 @@
 
 import json
 import logging
+import os
+
+from alpaca_lib.cli import UsageError, expand_path
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,40 @@ def load_tokenizer(name_or_path, **kwargs):
 
 # A folder holding one of these has a tokenizer to load (sentencepiece, fast-tokenizer, or BPE files with a config).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def can_only_be_a_folder(name_or_path):
+    """True for a model name that is no folder here and cannot be a hub id either: an absolute, ./ or ~ path, a name
+    not shaped like a hub id, or one whose first part is a folder here (output/alpaca-7b beside an output/ folder is a
+    mistyped folder; transformers would look for it on the hub, with retries, for minutes)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = str(name_or_path)
+    if os.path.isdir(path):
+        return False
+    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.isdir(path.split("/")[0]):
+        return True
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_model_source(flag, name_or_path, need_tokenizer=False):
+    """`name_or_path` (given as --flag) with ~ expanded, or UsageError in one line: a file ("give the model's
+    folder"), a folder that is not there (can_only_be_a_folder), or with need_tokenizer a folder without any of
+    TOKENIZER_FILES. A hub id is left for transformers to fetch."""
+    path = expand_path(str(name_or_path))
+    if os.path.isfile(path):
+        raise UsageError(f"--{flag} {path}: is a file; give the model's folder")
+    if can_only_be_a_folder(path):
+        raise UsageError(f"--{flag} {path}: no such folder")
+    if need_tokenizer and os.path.isdir(path) and not any(
+            os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise UsageError(f"--{flag} {path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); save "
+                         "the base model's tokenizer beside the weights")
+    return path
 
 
 def leading_special_tokens(tokenizer):

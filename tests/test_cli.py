@@ -318,3 +318,27 @@ def test_train_expands_a_quoted_tilde_in_every_path_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(utils.AlpacaDataError, match=str(tmp_path / "missing.json")):
         train.parse_args(["--model_name_or_path", "~/m", "--data_path", "~/missing.json", "--output_dir", "~/run"])
+
+
+@pytest.mark.parametrize("command", ["train.py", "inference.py"])
+def test_a_model_path_that_cannot_be_a_hub_id_is_one_line_at_once(tmp_path, command):
+    """A mistyped folder under an existing one (output/tiny-lama beside output/) looked like a hub id: transformers
+    asked the hub for it with retries for about 2.5 minutes. A file, or a folder without a tokenizer, was a traceback
+    (inference) or a 'Repo id must be in the form' message."""
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "empty").mkdir()
+    weights = tmp_path / "output" / "model.safetensors"
+    weights.write_bytes(b"not a model")
+    data = tmp_path / "data.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+    rest = (["--data_path", str(data), "--output_dir", str(tmp_path / "run")] if command == "train.py"
+            else ["--instruction", "Hi"])
+    for model, message in (("output/tiny-lama", "no such folder"), ("output/model.safetensors",
+                                                                      "is a file; give the model's folder"),
+                           ("output/empty", "no tokenizer in the folder")):
+        started = time.monotonic()
+        result = run_cli([command, "--model_name_or_path", model, *rest], cwd=tmp_path, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert f"--model_name_or_path {model}: {message}" in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr and "Retrying" not in result.stderr, result.stderr
+        assert time.monotonic() - started < 60

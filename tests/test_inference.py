@@ -348,7 +348,7 @@ def test_cli_one_line_error(tmp_path):
                              str(tmp_path / "nowhere"), "--instruction", "Hi"], capture_output=True, text=True,
                             env=CHILD_ENV, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
+    assert result.stderr.strip() == f"error: --model_name_or_path {tmp_path / 'nowhere'}: no such folder"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -464,6 +464,8 @@ def test_the_data_file_is_read_once_unless_it_changes(tmp_path, alpaca_sample_pa
 
 def test_a_quoted_home_folder_is_expanded(tmp_path, alpaca_sample_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "llama-7b").mkdir()
+    (tmp_path / "llama-7b" / "tokenizer.json").write_text("{}")  # parse_args checks the folder is there
     model_args, _, _ = train.parse_args(["--model_name_or_path", "~/llama-7b", "--data_path", str(alpaca_sample_path),
                                          "--output_dir", str(tmp_path / "out")])
     assert model_args.model_name_or_path == str(tmp_path / "llama-7b")  # not a hub id "~/llama-7b"
