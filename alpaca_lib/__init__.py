@@ -24,6 +24,7 @@
   decoding            how inference.py decodes an answer and where it ends (stop sequence), local and served alike
   local_generation    a local model for inference.py: model / LoRA adapter loading, batched generation, streaming
   server_generation   inference.py --api_base: a file's prompts sent to an OpenAI-compatible server, answers written
+  demo_report         demo.py's steps timed, its loss curve (PNG) and report.md
 
 Nothing here imports an entry script (train.py, generate_instruction.py, ...) or utils.py.
 """
