@@ -72,24 +72,24 @@ def demo(output_dir="demo_output", model_dir="SmolLM2-135M-Instruct", steps=30, 
     out.mkdir(parents=True, exist_ok=True)
     timings, tuned_dir = demo_report.StepTimer(), out / "fine-tuned"
     if not is_model_folder(model_dir):
-        with timings.step("download the model"):
+        with timings.step("0/6 download the model"):
             download_model(model_dir)
 
     # -- the recipe: each stage as its command line
-    with timings.step("1. novelty filter: Alpaca records against the seed tasks"):
+    with timings.step("1/6 novelty filter: Alpaca records against the seed tasks"):
         train_path, novelty = novelty_filter(data_path, records, out)
     eval_path = write_instructions_slice(instructions_path, num_instructions, out / "instructions.jsonl")
-    with timings.step("answers before fine-tuning"):
+    with timings.step("2/6 answers of the base model"):
         before = answer(model_dir, eval_path, out / "answers_before.json", max_new_tokens)
-    with timings.step("2. fine-tuning"):
+    with timings.step("3/6 fine-tuning"):
         train_command, losses = fine_tune(model_dir, train_path, tuned_dir, steps, learning_rate)
         demo_report.draw_loss_curve(losses, out / demo_report.LOSS_CURVE_NAME,
                                     f"Fine-tuning {Path(model_dir).name} on {novelty['kept']} Alpaca records")
-    with timings.step("3. answers after fine-tuning"):
+    with timings.step("4/6 answers of the fine-tuned model"):
         after = answer(tuned_dir, eval_path, out / "answers_after.json", max_new_tokens)
-    with timings.step("4. weight diff: make_diff, then recover"):
+    with timings.step("5/6 weight diff: make_diff, then recover"):
         diff_line = weight_diff_round_trip(model_dir, tuned_dir, out)
-    with timings.step("5. stage 1: data generation"):
+    with timings.step("6/6 stage 1: data generation"):
         stage_1_line = generate(api_base, model_name, out)
 
     # -- the report
@@ -137,7 +137,9 @@ def download_model(model_dir):
 
 
 def machine():
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    """The machine in a few words, with its load: timings on a shared machine are upper bounds."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; load average {load}"
 
 
 def show(program, argv):
@@ -252,7 +254,7 @@ def generate(api_base, model_name, out):
         line = ("Skipped: generation needs a model that follows the self-instruct format, which a 135M model does not "
                 "(its replies parse to 0 tasks). To run it against a server: "
                 "`python demo.py --api_base http://localhost:8000/v1 --model_name NAME`.")
-        print(f"stage 1 skipped (needs a server: python demo.py --api_base URL --model_name NAME); a 135M model's "
+        print("stage 1 skipped (needs a server: python demo.py --api_base URL --model_name NAME); a 135M model's "
               "replies parse to 0 tasks")
         return line
     argv = ["generate_instruction_following_data", "--output_dir", out / "stage_1", "--num_instructions_to_generate",

@@ -94,10 +94,11 @@ def report_text(facts):
     first, last = losses[0][1], losses[-1][1]
     head, tail = losses[:5], losses[-5:]
     timing_rows = [f"| {title} | {seconds:.1f} s |" for title, seconds in facts["timings"]]
+    timing_rows.append(f"| **total** | **{facts['total']:.1f} s** |")
     parts = [
         f"# The Alpaca recipe on {facts['model']}, end to end",
         f"{facts['created']}; {facts['total']:.0f} s in all on this machine ({facts['machine']}).",
-        "## Timings\n\n| step | time |\n|---|---|\n" + "\n".join(timing_rows) + f"\n| **total** | **{facts['total']:.1f} s** |",
+        "## Timings\n\n| step | time |\n|---|---|\n" + "\n".join(timing_rows),
         "## 1. The novelty filter",
         f"{facts['novelty']}",
         "## 2. Fine-tuning",
