@@ -6,7 +6,7 @@ on a slice of the Alpaca data against the seeds; answers to a few of the 252 use
 the kept records; the same answers from the fine-tuned model; make_diff then recover, checked bit for bit; stage 1
 against a server when one is named. Everything lands in --output_dir, with report.md (timings, loss curve, answers).
 
-    python demo.py                                   # about 4 minutes on 2 CPU cores
+    python demo.py                                   # about 3 minutes on 2 CPU cores
     python demo.py --steps 60 --records 1000 --num_instructions 10
     python demo.py --api_base http://localhost:8000/v1 --model_name Qwen/Qwen2.5-7B-Instruct   # with stage 1
 """
@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # the reference data beside the checkout (bench/README.md)
 SEED_TASKS_PATH = REPO_ROOT / "seed_tasks.jsonl"
 MODEL_DOWNLOAD = "smollm2_135m_instruct"  # utils.py download's name for the model
-BATCH_SIZE = 4  # 4 rows of <= 256 tokens: about 3.6 s a training step on 2 cores, 3.8 GB peak
+BATCH_SIZE = 4  # 4 rows of <= 256 tokens: about 5 s a training step on 2 idle cores, 4.7 GB peak
 MODEL_MAX_LENGTH = 256
 
 
@@ -46,7 +46,7 @@ def demo(output_dir="demo_output", model_dir="SmolLM2-135M-Instruct", steps=30, 
     Args:
         output_dir: folder for everything the demo writes (its files from an earlier run are replaced).
         model_dir: the base model folder; downloaded there when missing (utils.py download smollm2_135m_instruct).
-        steps: training steps (batch 4, at most 256 tokens a row; about 3.6 s each on 2 CPU cores).
+        steps: training steps (batch 4, at most 256 tokens a row; about 5 s each on 2 idle CPU cores).
         records: Alpaca records (the first ones of --data_path) put through the novelty filter and trained on.
         num_instructions: user-oriented instructions answered before and after fine-tuning (spread over the 252).
         max_new_tokens: the longest answer, in tokens (greedy decoding).
