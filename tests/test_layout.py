@@ -10,7 +10,7 @@ import alpaca_lib
 from alpaca_lib.errors import UserError
 from conftest import REPO_ROOT
 
-ENTRY_SCRIPTS = {"generate_instruction", "train", "weight_diff", "inference", "judge", "data_report", "utils"}
+ENTRY_SCRIPTS = {"generate_instruction", "train", "weight_diff", "inference", "judge", "data_report", "utils", "demo"}
 
 
 def imported_modules(path):
