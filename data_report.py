@@ -11,6 +11,8 @@ rouge_to_seeds.png (with --seed_tasks_path), lengths.png and report.json (every 
 
 import os
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 if __name__ == "__main__":
     # One BLAS thread per process: the parse's matrices are small, and the worker processes are the parallelism.
     # (Must be set before NumPy is first imported.)

@@ -18,6 +18,8 @@ import platform
 import shlex
 from pathlib import Path
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 from alpaca_lib import cli, data_files, demo_report, eval_files
 from alpaca_lib.errors import UserError
 import generate_instruction

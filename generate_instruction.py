@@ -16,6 +16,8 @@ import functools
 import os
 import re
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 from alpaca_lib import api_client, cli
 from alpaca_lib.generation_rounds import (GenerationError, Progress, RequestSettings, RoundPlan, choose_api,
                                           resolve_logit_bias, run_rounds)

@@ -19,6 +19,8 @@ import re
 import sys
 import time
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 import tqdm
 
 from alpaca_lib import api_client, cli, tokenization

@@ -18,6 +18,8 @@ import os
 import re
 import sys
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 import tqdm
 
 from alpaca_lib import api_client, cli, win_rates

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 import torch
 import transformers
 from torch.utils.data import Dataset
@@ -564,6 +566,7 @@ def save_merged_model(model_args, training_args):
 
 def main(argv=None):
     """The command line: train, then leave the process group; a user error is one line on stderr and exit status 2."""
+    interrupts.restore()  # from here on, Ctrl-C is a KeyboardInterrupt, answered below
     try:
         trainer = train(argv)
     except (UsageError, utils.AlpacaDataError) as e:

@@ -18,6 +18,8 @@ import math
 import os
 import shutil
 
+from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
+
 import torch
 
 from alpaca_lib import cli, legacy_checkpoints, tokenization

@@ -1,6 +1,7 @@
 """The machinery beneath the entry scripts at the repository root; each module is named for what it holds.
 
   cli                 the command line of every script: flags checked first, --help, one-line errors
+  interrupts          Ctrl-C while a script's libraries load: one line, as later
   errors              UserError, the one type every user-facing error derives from
   data_files          Alpaca-format records and files: atomic writes, JSON / JSON lines, the data loader
   tokenization        tokenizer and vocabulary rules shared by training, inference and the weight diff

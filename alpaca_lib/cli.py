@@ -19,6 +19,8 @@ import re
 import sys
 import tempfile
 import textwrap
+
+from alpaca_lib import interrupts
 from alpaca_lib.errors import UserError
 
 
@@ -34,6 +36,7 @@ def main(commands, argv=None, prog=None):
     """
     import fire
 
+    interrupts.restore()  # from here on, Ctrl-C is a KeyboardInterrupt the command may answer
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or _program_name()
     try:

@@ -342,3 +342,22 @@ def test_a_model_path_that_cannot_be_a_hub_id_is_one_line_at_once(tmp_path, comm
         assert f"--model_name_or_path {model}: {message}" in result.stderr.strip().splitlines()[-1], result.stderr
         assert "Traceback" not in result.stderr and "Retrying" not in result.stderr, result.stderr
         assert time.monotonic() - started < 60
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+    """torch and transformers take seconds to import; Ctrl-C then was a 20-60 line KeyboardInterrupt traceback from
+    inside them. (Sent 2 s after the start: during the imports on this machine; later, the command's own handler
+    gives the same one line.)"""
+    command = ["train.py", "--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "out"]
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / command[0]), *command[1:]], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 2:  # finished before the signal (a fast machine): nothing to interrupt
+        pytest.skip(f"the command ended before Ctrl-C: {err.strip()}")
+    assert process.returncode == 130, err
+    assert err.strip() == f"python {command[0]}: interrupted" or err.strip().endswith(
+        f"{command[0]}: interrupted"), err
+    assert "Traceback" not in err
