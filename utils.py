@@ -128,13 +128,15 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwr
     """
     from tqdm import tqdm
 
+    from alpaca_lib import cli  # here, not at the top: only the commands need it
+
     if name not in DOWNLOADS:
-        raise DownloadError(f"unknown download '{name}'; choose one of: {', '.join(sorted(DOWNLOADS))}")
+        match = cli.closest_name(str(name), DOWNLOADS)
+        hint = f" (did you mean {match}?)" if match else ""
+        raise DownloadError(f"unknown download '{name}'{hint}; choose one of: {', '.join(sorted(DOWNLOADS))}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise DownloadError(f"--timeout must be a number of seconds > 0; got {timeout!r}")
     spec = DOWNLOADS[name]
-    from alpaca_lib import cli  # here, not at the top: only the commands need it
-
     if spec.get("kind") == "pretrained_model":
         from alpaca_lib import pretrained_models
 
@@ -144,6 +146,10 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwr
     url = url or spec["url"]
     output_path = cli.check_writable("output_path", output_path or spec["filename"], kind="file")
     digest = hashlib.sha256()
+    folder, new_folders = os.path.dirname(os.path.abspath(output_path)), []
+    while not os.path.exists(folder):  # the folders atomic_open will create: removed again if the download fails
+        new_folders.append(folder)
+        folder = os.path.dirname(folder)
     try:
         with atomic_open(output_path, "wb") as out:
             try:
@@ -168,10 +174,23 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwr
                     f"nothing was written to {output_path}"
                 )
     except OSError as e:  # e.g. the connection broke off mid-transfer
+        _remove_empty(new_folders)
         raise DownloadError(f"{url}: download failed ({e})") from None
+    except BaseException:
+        _remove_empty(new_folders)
+        raise
     if not quiet:
         print(f"{output_path}: {spec['description']}, sha256 verified")
     return output_path
+
+
+def _remove_empty(folders):
+    """Remove each of `folders` (deepest first) that is empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty, or already gone
+            pass
 
 
 if __name__ == "__main__":

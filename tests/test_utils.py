@@ -300,6 +300,16 @@ def test_download_server_error_is_clear_and_leaves_nothing(tmp_path, file_server
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_download_leaves_no_folder_it_created(tmp_path, file_server):
+    """--output_path new/sub/a.json: the folders atomic_open made for the file stayed behind, empty."""
+    base, routes = file_server
+    routes["/alpaca_data.json"] = (500, b"oops")
+    with pytest.raises(DownloadError, match="server answered HTTP 500"):
+        utils.download("alpaca_data", output_path=tmp_path / "new" / "sub" / "a.json", url=base + "/alpaca_data.json",
+                       quiet=True)
+    assert os.listdir(tmp_path) == []
+
+
 def test_download_bad_url_is_a_download_error(tmp_path):
     with pytest.raises(DownloadError, match="--url alpaca_data.json: unknown url type"):
         utils.download("alpaca_data", output_path=tmp_path / "a.json", url="alpaca_data.json", quiet=True)
@@ -319,8 +329,11 @@ def test_download_bad_timeout_is_named_before_connecting(tmp_path, file_server, 
 
 
 def test_download_unknown_name_and_pinned_facts():
-    with pytest.raises(DownloadError, match="unknown download 'alpaca'; choose one of: alpaca_data, seed_tasks_original"):
+    with pytest.raises(DownloadError, match="unknown download 'alpaca' \\(did you mean alpaca_data\\?\\); choose one of: "
+                                            "alpaca_data, seed_tasks_original"):
         utils.download("alpaca")
+    with pytest.raises(DownloadError, match="unknown download 'zzz'; choose one of: alpaca_data"):
+        utils.download("zzz")
     assert utils.DOWNLOADS["alpaca_data"]["sha256"] == "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419"
     assert utils.DOWNLOADS["seed_tasks_original"]["sha256"] == (
         "7779004fa198fdf27cf70a159363879d8a26c53329e11b436af17b3941875f48"
