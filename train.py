@@ -115,6 +115,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=512,
         metadata={"help": "Maximum sequence length. Sequences will be right padded (and possibly truncated)."},
     )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "Continue from this checkpoint-N folder, or `last` for the newest one in --output_dir "
+                          "(train.py names it). LoRA flags must match the checkpoint's adapter."},
+    )
 
 
 # `python train.py --help`: the project's flags, then the common Trainer ones (`--help_all`: every Trainer flag).
