@@ -89,6 +89,8 @@ def read_outputs(path):
         if key in first_index:
             raise EvalDataError(f"{path}: records {first_index[key]} and {index} have the same instruction and input")
         first_index[key] = index
+    if not outputs:  # said here, not later as "the two files share no (instruction, input)"
+        raise EvalDataError(f"{path}: holds no records")
     return outputs
 
 

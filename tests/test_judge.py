@@ -367,3 +367,14 @@ def test_an_output_past_the_judges_context_is_that_pairs_failure_not_the_runs(se
     assert run_judge(server, model_path, reference_path, tmp_path / "out") == results
     # (a message without numbers costs the original's max_tokens x 0.8 steps, 512 down to 1: 24 requests)
     assert len(server.requests) - asked == (2 if style == "openai" else 2 * 24)
+
+
+def test_an_empty_outputs_file_is_named_as_empty(tmp_path):
+    """An empty model outputs file was reported as 'the two files share no (instruction, input): nothing to judge'."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    reference = tmp_path / "reference.json"
+    reference.write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+    with pytest.raises(eval_files.EvalDataError, match=f"^{re.escape(str(empty))}: holds no records$"):
+        judge.judge(model_outputs=str(empty), reference_outputs=str(reference), judge_model="j",
+                    output_dir=str(tmp_path / "out"))
