@@ -105,7 +105,7 @@ def load_parser(spacy_model):
     """The spaCy pipeline `spacy_model` (a package name or a folder) with only the components the parse needs on.
 
     The matrix products run in NumPy's BLAS instead of thinc's default (blis): about twice as fast for these small
-    matrices on the 2-core AMD EPYC we measured, with the same results (bench/data_report.py compares them).
+    matrices on a 2-core AMD EPYC, with the same results (bench/data_report.py compares them).
     A name of PYPI_PIPELINES that is not installed loads its PyPI copy when that is installed.
     Raises ReportError, with the install command, when spaCy or the model is missing, or the model has no parser.
     """
