@@ -338,10 +338,7 @@ def length_counter(tokenizer=None):
     folder, no special tokens). Raises ReportError when the tokenizer cannot be loaded."""
     if tokenizer is None:
         return "words", lambda texts: [len(text.split()) for text in texts]
-    try:
-        tokenizer = tokenization.check_model_source("tokenizer", tokenizer)  # a missing folder is not a hub id
-    except cli.UsageError as e:
-        raise ReportError(str(e)) from None
+    tokenizer = tokenization.check_model_source("tokenizer", tokenizer, error=ReportError)  # not a hub id either
     try:
         hf_tokenizer = tokenization.load_tokenizer(tokenizer)
     except (OSError, ValueError) as e:

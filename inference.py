@@ -194,10 +194,7 @@ def check_values(instruction, input, max_new_tokens, temperature, top_p, seed, b
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if model_name_or_path is not None:
-        try:
-            tokenization.check_model_source("model_name_or_path", model_name_or_path)
-        except cli.UsageError as e:  # inference's own error class, as its other flag errors
-            raise InferenceError(str(e)) from None
+        tokenization.check_model_source("model_name_or_path", model_name_or_path, error=InferenceError)
     return server
 
 

@@ -433,7 +433,7 @@ def load_tokenizer(model_args, training_args):
     transformers 5 has only fast tokenizers, so the original's use_fast=False is gone (the tests check the ids against
     per-example calls). tokenization.load_tokenizer also reads the early-2023 LLaMA folders the original was run with.
     """
-    path = tokenization.check_model_source("model_name_or_path", model_args.model_name_or_path, need_tokenizer=True)
+    path = model_args.model_name_or_path  # checked by parse_args (tokenization.check_model_source)
     try:
         return tokenization.load_tokenizer(path, cache_dir=training_args.cache_dir,
                                            model_max_length=training_args.model_max_length, padding_side="right",

@@ -146,10 +146,7 @@ def download(name, output_path=None, url=None, timeout=60.0, quiet=False, overwr
     url = url or spec["url"]
     output_path = cli.check_writable("output_path", output_path or spec["filename"], kind="file")
     digest = hashlib.sha256()
-    folder, new_folders = os.path.dirname(os.path.abspath(output_path)), []
-    while not os.path.exists(folder):  # the folders atomic_open will create: removed again if the download fails
-        new_folders.append(folder)
-        folder = os.path.dirname(folder)
+    new_folders = cli.missing_folders(os.path.dirname(os.path.abspath(output_path)))  # removed if the download fails
     try:
         with atomic_open(output_path, "wb") as out:
             try:

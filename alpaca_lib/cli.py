@@ -231,10 +231,9 @@ def check_writable(flag, path, kind="dir"):
         raise UsageError(f"{where}: exists and is not a folder")
     if kind == "file" and os.path.isdir(path):
         raise UsageError(f"{where}: is a folder; give a file name")
-    folder = path if kind == "dir" else os.path.dirname(path)
-    folder = os.path.abspath(folder or ".")
-    while not os.path.exists(folder):  # the nearest folder that exists must accept the new ones
-        folder = os.path.dirname(folder)
+    folder = os.path.abspath((path if kind == "dir" else os.path.dirname(path)) or ".")
+    missing = missing_folders(folder)
+    folder = os.path.dirname(missing[-1]) if missing else folder  # the nearest that exists must accept the new ones
     if not os.path.isdir(folder):
         raise UsageError(f"{where}: {folder} is a file, not a folder")
     try:
@@ -243,6 +242,15 @@ def check_writable(flag, path, kind="dir"):
     except OSError as e:
         raise UsageError(f"{where}: cannot write in {folder} ({e.strerror or first_line(e)})") from None
     return path
+
+
+def missing_folders(folder):
+    """The folders on the way to the absolute path `folder` that do not exist yet, deepest first ([] when it does)."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def _is_flag(token):

@@ -37,11 +37,6 @@ def has_tokenizer(name_or_path):
                for name in tokenization.TOKENIZER_FILES)
 
 
-def is_missing_folder(name_or_path):
-    """True for a model name that can only be a folder here and is not one (tokenization.can_only_be_a_folder)."""
-    return tokenization.can_only_be_a_folder(name_or_path)
-
-
 def resolve_device(device):
     """"auto" -> cuda, else mps, else cpu; any other name is checked (InferenceError for an absent accelerator)."""
     import torch
@@ -94,9 +89,9 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
         base = base_model or adapter_config.get("base_model_name_or_path")
         if not base:
             raise InferenceError(f"{model_name_or_path}: adapter_config.json names no base model; pass --base_model")
-        if base_model and is_missing_folder(base_model):
-            raise InferenceError(f"--base_model {base_model}: no such folder")
-        if not base_model and is_missing_folder(base):  # the folder training read, moved or on another machine
+        if base_model:
+            tokenization.check_model_source("base_model", base_model, error=InferenceError)
+        elif tokenization.can_only_be_a_folder(base):  # the folder training read, moved or on another machine
             raise InferenceError(f"{model_name_or_path}: its base model {base} is not there (that path is the "
                                  "adapter's adapter_config.json base_model_name_or_path); pass --base_model with the "
                                  "base model's folder or hub id")
@@ -106,9 +101,8 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
             raise InferenceError(f"--base_model is for a LoRA adapter folder, and {model_name_or_path} has no "
                                  "adapter_config.json")
         base = tokenizer_source = model_name_or_path
-        if os.path.isdir(model_name_or_path) and not has_tokenizer(model_name_or_path):
-            raise InferenceError(f"--model_name_or_path {model_name_or_path}: no tokenizer in the folder (none of "
-                                 f"{', '.join(tokenization.TOKENIZER_FILES)}); save the tokenizer beside the weights")
+        tokenization.check_model_source("model_name_or_path", model_name_or_path, need_tokenizer=True,
+                                        error=InferenceError)
     try:
         tokenizer = tokenization.load_tokenizer(tokenizer_source, padding_side="left",
                                                 trust_remote_code=trust_remote_code)

@@ -102,19 +102,19 @@ def can_only_be_a_folder(name_or_path):
     return False
 
 
-def check_model_source(flag, name_or_path, need_tokenizer=False):
-    """`name_or_path` (given as --flag) with ~ expanded, or UsageError in one line: a file ("give the model's
-    folder"), a folder that is not there (can_only_be_a_folder), or with need_tokenizer a folder without any of
-    TOKENIZER_FILES. A hub id is left for transformers to fetch."""
+def check_model_source(flag, name_or_path, need_tokenizer=False, error=UsageError):
+    """`name_or_path` (given as --flag) with ~ expanded, or `error` (a UserError class: the command's own) in one
+    line: a file ("give the model's folder"), a folder that is not there (can_only_be_a_folder), or with need_tokenizer
+    a folder without any of TOKENIZER_FILES. A hub id is left for transformers to fetch."""
     path = expand_path(str(name_or_path))
     if os.path.isfile(path):
-        raise UsageError(f"--{flag} {path}: is a file; give the model's folder")
+        raise error(f"--{flag} {path}: is a file; give the model's folder")
     if can_only_be_a_folder(path):
-        raise UsageError(f"--{flag} {path}: no such folder")
+        raise error(f"--{flag} {path}: no such folder")
     if need_tokenizer and os.path.isdir(path) and not any(
             os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise UsageError(f"--{flag} {path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); save "
-                         "the base model's tokenizer beside the weights")
+        raise error(f"--{flag} {path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); save the "
+                    "base model's tokenizer beside the weights")
     return path
 
 
