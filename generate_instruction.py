@@ -5,7 +5,10 @@ N. Output", ending with the header of the next task), asks an LLM to continue th
 replies into tasks (alpaca_lib/reply_parser.py), drops those that break a rule or whose ROUGE-L to a known instruction
 is above 0.7 (alpaca_lib/novelty_filter.py), and atomically rewrites regen.json (alpaca_lib/regen_file.py). Any
 OpenAI-compatible server, completion or chat models (alpaca_lib/api_client.py); rounds are sent ahead and applied in
-order (alpaca_lib/generation_rounds.py). Kill it at any moment and rerun the same command: it resumes.
+order (alpaca_lib/generation_rounds.py). Kill it at any moment and rerun the same command: it resumes. With --batch True
+all the prompts go as one OpenAI Batch API job (half the price, hours instead of minutes), or as a file for
+`vllm run-batch` (--batch_input_file, then --batch_output_file), and the replies are applied exactly as a live run's
+(alpaca_lib/batch_jobs.py).
 
     python -m generate_instruction generate_instruction_following_data --output_dir ./ \
         --num_instructions_to_generate 100 [--model_name gpt-3.5-turbo-instruct] [--api_base http://localhost:8000/v1]
@@ -18,7 +21,7 @@ import re
 
 from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
 
-from alpaca_lib import api_client, cli
+from alpaca_lib import api_client, batch_jobs, cli
 from alpaca_lib.generation_rounds import (GenerationError, Progress, RequestSettings, RoundPlan, choose_api,
                                           resolve_logit_bias, run_rounds)
 from alpaca_lib.novelty_filter import NoveltyFilter, deduplicate
@@ -94,6 +97,10 @@ def generate_instruction_following_data(
     budget_usd=None,
     budget_tokens=None,
     max_empty_rounds=3,
+    batch=False,
+    batch_input_file=None,
+    batch_output_file=None,
+    batch_poll_seconds=30.0,
 ):
     """Self-instruct: generate instruction-following data with an LLM, appending the novel tasks to regen.json.
 
@@ -134,13 +141,30 @@ def generate_instruction_following_data(
             request failed.
         max_empty_rounds: stop, showing a reply and the likely causes, after this many rounds in a row that keep no
             instruction (replies without a task in the prompt's format, or only rejected tasks); 0: never.
+        batch: send the rounds as OpenAI Batch API jobs instead of live requests: billed at half the live price
+            (the prices given are live list prices; costs are shown at half), answered within 24 hours (often 1-3).
+            The first job holds enough rounds for the target at 5 instructions kept per prompt; a job that falls
+            short is topped up from its measured keep rate, and failed requests are sent again (up to 3 times).
+            The replies are applied in round order exactly as a live run applies them (same records for the same
+            replies). Each job's ids are saved in OUTPUT_DIR/batch_state.json: kill the run at any moment and rerun
+            the same command to resume it (polling, downloading or applying); nothing is uploaded or paid twice.
+        batch_input_file: write the next batch job's requests to this JSONL file, in the OpenAI batch format (for
+            `vllm run-batch -i FILE -o OUT --model MODEL`, or any runner of that format), and stop. /v1/chat/completions
+            lines, or /v1/completions with --api completions (which vllm run-batch may refuse).
+        batch_output_file: continue from a runner's finished output file of the job written by --batch_input_file
+            (every line checked: its custom_id must be one of the job's; a line that failed is reported).
+        batch_poll_seconds: seconds between two polls of a batch job's status.
     """
     # -- check every argument before anything is read, sent or written
     check_numbers(num_instructions_to_generate=(num_instructions_to_generate, 0, int),
                   num_prompt_instructions=(num_prompt_instructions, 1, int),
                   request_batch_size=(request_batch_size, 1, int), max_tokens=(max_tokens, 1, int),
                   max_empty_rounds=(max_empty_rounds, 0, int), temperature=(temperature, 0, float),
-                  top_p=(top_p, 0, float, 1), similarity_threshold=(similarity_threshold, 0, float, 1))
+                  top_p=(top_p, 0, float, 1), similarity_threshold=(similarity_threshold, 0, float, 1),
+                  batch_poll_seconds=(batch_poll_seconds, 0.001, float))
+    batch = cli.check_switch("batch", batch)
+    batch_input_file, batch_output_file = batch_jobs.check_runner_files(batch_input_file, batch_output_file)
+    offline = batch_input_file is not None or batch_output_file is not None
     if num_prompt_instructions > LAST_TASK_NUMBER - 2:
         raise GenerationError(f"--num_prompt_instructions {num_prompt_instructions} leaves no task to generate: the "
                               f"prompt lists {LAST_TASK_NUMBER} tasks and every reply stops before task "
@@ -151,9 +175,10 @@ def generate_instruction_following_data(
                                resolve_logit_bias(logit_bias, model_name, api))
     server = api_client.ServerOptions(api_base, concurrency, request_timeout, max_retries, prompt_price_per_million,
                                       completion_price_per_million, budget_usd, budget_tokens)
-    budget = server.budget
+    # Batch jobs are billed at the batch price; a file for an offline runner needs no key.
+    budget = batch_jobs.batch_budget(server.budget) if batch or offline else server.budget
     # The base URL and the key (from the environment); nothing is sent yet.
-    client = server.client()
+    client = None if offline else server.client()
     if not os.path.exists(prompt_path):
         raise GenerationError(f"{prompt_path}: no such file (the prompt header, see --prompt_path)")
 
@@ -178,13 +203,25 @@ def generate_instruction_following_data(
     plan = RoundPlan(seeds, num_prompt_instructions, request_batch_size,
                      functools.partial(encode_prompt, prompt_path=prompt_path), seed, len(regen), api)
     progress = Progress(num_instructions_to_generate, max_empty_rounds)
-    run_rounds(client, plan, settings, progress, regen, novelty_filter, budget)
+    if not (batch or offline):
+        run_rounds(client, plan, settings, progress, regen, novelty_filter, budget)
+        usage, short = client.usage, budget.reached(client.usage) and len(regen) < num_instructions_to_generate
+    else:
+        # -- or all rounds' requests as batch jobs: planned from the seeds alone, sent (or written for an offline
+        # runner), their replies applied in round order through the same parsing and filters (alpaca_lib/batch_jobs.py)
+        jobs = batch_jobs.BatchRun(plan, settings, progress, regen, novelty_filter, budget,
+                                   client_factory=client and functools.partial(batch_jobs.open_client, client),
+                                   input_file=batch_input_file, output_file=batch_output_file,
+                                   poll_seconds=batch_poll_seconds, redact=client.redact if client else str)
+        ended = jobs.run()
+        if ended == "offline":
+            return
+        usage, short = jobs.usage, ended == "budget"
 
     # -- stop: the target or the budget is reached (a run that cannot go on raised GenerationError)
-    short = budget.reached(client.usage) and len(regen) < num_instructions_to_generate
     print(f"{'budget reached: ' if short else ''}{len(regen)} instructions in {regen.path} ({progress.kept} new this "
           "run)")
-    print(f"Total usage this run: {budget.describe(client.usage)}")
+    print(f"Total usage {'of the batch jobs' if batch or offline else 'this run'}: {budget.describe(usage)}")
 
 
 def check_numbers(**values):

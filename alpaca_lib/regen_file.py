@@ -43,9 +43,16 @@ class RegenFile:
         return len(self.records)
 
     def append_and_write(self, records):
+        self.append(records)
+        self.write()
+
+    def append(self, records):
+        """Add records in memory only (batch jobs apply many rounds, then write once)."""
         self.records += records
         self.texts += [regen_record_json(record) for record in records]
-        write_regen_json(self.path, self.texts)  # atomic: a kill leaves the previous round's file
+
+    def write(self):
+        write_regen_json(self.path, self.texts)  # atomic: a kill leaves the previous file
 
     def where(self):
         return f"{self.path} holds all {len(self.records)} accepted records; rerun the same command to resume"

@@ -45,18 +45,26 @@ Faults, for the tests:
     "garbage", "length", "ok").
   * `latency`: seconds every request waits before answering (the benchmark uses 0.2 s).
 
+The Batch API (/v1/files, /v1/batches; stage 1's --batch tests): see FilesAndBatches at the end of this file.
+
 Scripted replies (inference and judge tests): `respond(prompt, body)` -> text replaces the self-instruct reply; the
 prompt is the completion prompt, or the chat messages' contents joined by newlines; `body` is the request. The
 request's `stop` and `max_tokens` still cut the text, as a real server does. It runs on the server's threads: keep it
 a pure function of its arguments (or lock what it shares).
 """
 
+import email.parser
+import email.policy
 import hashlib
 import json
+import os
 import random
 import re
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # A word bank for instructions, inputs and outputs. None of these words is on the generator's blacklist, so a task
@@ -202,7 +210,8 @@ class OpenAIServer:
     def __init__(self, *, latency=0.0, faults=None, content_faults=None, task_mix=None, chat_restate_header=0.5,
                  chat_dressing=None, retry_after="1", hang_seconds=5.0, context_window=None, context_error="openai",
                  max_model_len=None, refuse_content=None, chat_internal_error=None, fault_seed=0, models=None,
-                 api_key=None, reject_logit_bias=False, reject_max_tokens=False, prompt_lists=True, respond=None):
+                 api_key=None, reject_logit_bias=False, reject_max_tokens=False, prompt_lists=True, respond=None,
+                 port=0, batch_options=None):
         self.latency = latency
         self.faults = dict(faults or {})
         self.content_faults = dict(content_faults or {})
@@ -232,6 +241,8 @@ class OpenAIServer:
         self._stopping = threading.Event()
         self._httpd = None
         self._thread = None
+        self._port = port  # 0: any free port; a restarted server takes its predecessor's (with the same state_dir)
+        self.batch_api = FilesAndBatches(self, **(batch_options or {}))
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -245,9 +256,12 @@ class OpenAIServer:
                 pass
 
             def do_POST(self):
-                server._handle(self)
+                if not server.batch_api.handle(self, "POST"):
+                    server._handle(self)
 
             def do_GET(self):
+                if server.batch_api.handle(self, "GET"):
+                    return
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     server._send_error(self, 401, "Incorrect API key provided.", "invalid_request_error",
                                        "invalid_api_key")
@@ -259,7 +273,7 @@ class OpenAIServer:
                 else:
                     server._send_json(self, 404, {"detail": "Not Found"})
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", self._port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -524,3 +538,288 @@ class OpenAIServer:
         body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
         self._send_json(handler, status, body, headers=headers)
         return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# /v1/files and /v1/batches: the OpenAI Batch API, each line run through this server's own endpoints
+
+
+class FilesAndBatches:
+    """The Batch API of an OpenAIServer (`server.batch_api`):
+
+      * POST /v1/files (multipart: purpose, file), GET /v1/files[?purpose=], GET /v1/files/{id},
+        GET /v1/files/{id}/content;
+      * POST /v1/batches {"input_file_id", "endpoint", "completion_window", "metadata"}, GET /v1/batches/{id},
+        POST /v1/batches/{id}/cancel, GET /v1/batches[?limit=&after=] (newest first, paginated).
+
+    A batch moves on only when it is retrieved, so tests control its pace: the first retrieve after creation validates
+    the input (status in_progress, or failed with `errors`), each later one runs `lines_per_poll` lines (all of them
+    when None), then finalizing, then completed with the output file (answered lines) and the error file (the
+    others), as OpenAI writes them: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}.
+    Each line is POSTed to this very server, so its reply is what a live request with the same body gets (same seed,
+    same text), and the server's transport faults apply to it.
+
+    Faults:
+      * failing_lines {custom_id: [HTTP status, ...]}: each run of that line consumes the first status and answers it
+        (500: a server error, 400: a refused request; both land in the error file); an empty list runs normally.
+      * expire_after_lines N: the batch expires once N lines have run: status "expired", the answered lines in the
+        output file, the others in the error file with code "batch_expired".
+      * invalid_input "text": validation fails with that message (status "failed", `errors.data`).
+      * a restart: with `state_dir`, every file and batch is saved there after each change, and a server started again
+        on the same port (`OpenAIServer(port=old_port, batch_options={"state_dir": same})`) carries on.
+    Records (saved too): `uploads` (file ids, in upload order), `creates` (batch ids, in creation order), `polls`.
+    """
+
+    def __init__(self, server, *, state_dir=None, lines_per_poll=None, failing_lines=None, expire_after_lines=None,
+                 invalid_input=None):
+        self.server = server
+        self.state_dir = state_dir
+        self.lines_per_poll = lines_per_poll
+        self.failing_lines = {key: list(value) for key, value in (failing_lines or {}).items()}
+        self.expire_after_lines = expire_after_lines
+        self.invalid_input = invalid_input
+        self.files = {}  # id -> FileObject fields
+        self.contents = {}  # id -> bytes
+        self.batches = {}  # id -> Batch fields
+        self.work = {}  # batch id -> {"lines": [...], "done": n, "output": [...], "errors": [...]}
+        self.uploads, self.creates, self.polls = [], [], 0
+        self._lock = threading.RLock()
+        if state_dir is not None:
+            self._load()
+
+    # -- persistence (a restart carries on) ----------------------------------------------------------------------------
+
+    def _state_path(self):
+        return os.path.join(self.state_dir, "batch_api.json")
+
+    def _load(self):
+        os.makedirs(self.state_dir, exist_ok=True)
+        if not os.path.exists(self._state_path()):
+            return
+        with open(self._state_path(), encoding="utf-8") as f:
+            state = json.load(f)
+        self.files, self.batches, self.work = state["files"], state["batches"], state["work"]
+        self.uploads, self.creates, self.polls = state["uploads"], state["creates"], state["polls"]
+        self.failing_lines = state["failing_lines"] if not self.failing_lines else self.failing_lines
+        for file_id in self.files:
+            with open(os.path.join(self.state_dir, file_id), "rb") as f:
+                self.contents[file_id] = f.read()
+
+    def _save(self):
+        if self.state_dir is None:
+            return
+        for file_id, content in self.contents.items():
+            path = os.path.join(self.state_dir, file_id)
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    f.write(content)
+        state = {"files": self.files, "batches": self.batches, "work": self.work, "uploads": self.uploads,
+                 "creates": self.creates, "polls": self.polls, "failing_lines": self.failing_lines}
+        with open(self._state_path() + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        os.replace(self._state_path() + ".tmp", self._state_path())
+
+    # -- routing -------------------------------------------------------------------------------------------------------
+
+    def handle(self, handler, method):
+        """Answer `handler` if its path is under /v1/files or /v1/batches (True); else leave it (False)."""
+        parts = urllib.parse.urlsplit(handler.path)
+        path, query = parts.path.rstrip("/"), dict(urllib.parse.parse_qsl(parts.query))
+        if not re.match(r"^/v1/(files|batches)(/|$)", path):
+            return False
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        server = self.server
+        if server.api_key is not None and handler.headers.get("Authorization") != f"Bearer {server.api_key}":
+            server._send_error(handler, 401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return True
+        with self._lock:
+            status, answer = self._route(method, path, query, raw, handler.headers.get("Content-Type", ""))
+            self._save()
+        if isinstance(answer, bytes):
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/octet-stream")
+            handler.send_header("Content-Length", str(len(answer)))
+            handler.end_headers()
+            handler.wfile.write(answer)
+            handler.wfile.flush()
+        elif status >= 400:
+            server._send_error(handler, status, answer, "invalid_request_error", None)
+        else:
+            server._send_json(handler, status, answer)
+        return True
+
+    def _route(self, method, path, query, raw, content_type):
+        match = re.match(r"^/v1/(files|batches)(?:/([^/]+))?(?:/(content|cancel))?$", path)
+        if not match:
+            return 404, f"Invalid URL ({method} {path})"
+        kind, object_id, action = match.groups()
+        table = self.files if kind == "files" else self.batches
+        if object_id is not None and object_id not in table:
+            return 404, f"No such {kind[:-1]}: '{object_id}'"
+        if kind == "files":
+            if method == "POST" and object_id is None:
+                return self._upload(raw, content_type)
+            if method == "GET" and object_id is None:
+                listed = [f for f in reversed(list(self.files.values()))
+                          if query.get("purpose") in (None, f["purpose"])]
+                return self._page(listed, query)
+            if method == "GET" and action == "content":
+                return 200, self.contents[object_id]
+            if method == "GET" and action is None:
+                return 200, self.files[object_id]
+        else:
+            if method == "POST" and object_id is None:
+                return self._create(json.loads(raw or b"{}"))
+            if method == "GET" and object_id is None:
+                return self._page(list(reversed(list(self.batches.values()))), query)
+            if method == "GET" and action is None:
+                self.polls += 1
+                self._advance(object_id)
+                return 200, self.batches[object_id]
+            if method == "POST" and action == "cancel":
+                batch = self.batches[object_id]
+                if batch["status"] in ("validating", "in_progress", "finalizing"):
+                    batch.update(status="cancelling", cancelling_at=int(time.time()))
+                return 200, batch
+        return 405, f"{method} is not allowed on {path}"
+
+    @staticmethod
+    def _page(items, query):
+        """A cursor page as OpenAI gives it: `limit` items after the id `after`, and has_more."""
+        limit = int(query.get("limit", 20))
+        ids = [item["id"] for item in items]
+        start = ids.index(query["after"]) + 1 if query.get("after") in ids else 0
+        page = items[start:start + limit]
+        return 200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                     "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
+
+    # -- files and batches ---------------------------------------------------------------------------------------------
+
+    def _new_file(self, content, filename, purpose):
+        file_id = f"file-{len(self.files) + 1:04d}"
+        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                               "filename": filename, "purpose": purpose, "status": "processed"}
+        self.contents[file_id] = content
+        return self.files[file_id]
+
+    def _upload(self, raw, content_type):
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        fields = {}
+        for part in message.iter_parts():
+            fields[part.get_param("name", header="content-disposition")] = (part.get_filename(),
+                                                                           part.get_payload(decode=True))
+        if "file" not in fields or "purpose" not in fields:
+            return 400, "'file' and 'purpose' are required"
+        filename, content = fields["file"]
+        uploaded = self._new_file(content, filename, fields["purpose"][1].decode())
+        self.uploads.append(uploaded["id"])
+        return 200, uploaded
+
+    def _create(self, body):
+        if body.get("input_file_id") not in self.files:
+            return 400, f"Invalid input_file_id: {body.get('input_file_id')!r}"
+        if body.get("completion_window") != "24h":
+            return 400, "completion_window must be '24h'"
+        batch_id = f"batch_{len(self.batches) + 1:04d}"
+        now = int(time.time())
+        self.batches[batch_id] = {
+            "id": batch_id, "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+            "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata")}
+        self.work[batch_id] = {"lines": [], "done": 0, "output": [], "errors": []}
+        self.creates.append(batch_id)
+        return 200, self.batches[batch_id]
+
+    def _advance(self, batch_id):
+        """One step of the batch's life, taken at each retrieve."""
+        batch, work = self.batches[batch_id], self.work[batch_id]
+        now = int(time.time())
+        if batch["status"] == "validating":
+            lines, problem = self._validate(batch)
+            if problem is not None:
+                batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [problem]})
+                return
+            work["lines"] = lines
+            batch.update(status="in_progress", in_progress_at=now)
+            batch["request_counts"]["total"] = len(lines)
+        elif batch["status"] == "in_progress":
+            count = self.lines_per_poll or len(work["lines"])
+            for _ in range(count):
+                if work["done"] >= len(work["lines"]):
+                    break
+                if self.expire_after_lines is not None and work["done"] >= self.expire_after_lines:
+                    return self._finish(batch, work, "expired", "batch_expired",
+                                        "This request could not be executed before the completion window expired.")
+                self._run_line(batch, work, work["lines"][work["done"]])
+                work["done"] += 1
+            if work["done"] >= len(work["lines"]):
+                batch.update(status="finalizing", finalizing_at=now)
+        elif batch["status"] == "finalizing":
+            self._finish(batch, work, "completed")
+        elif batch["status"] == "cancelling":
+            self._finish(batch, work, "cancelled", "batch_cancelled", "This request was not executed: the batch was "
+                         "cancelled.")
+
+    def _validate(self, batch):
+        if self.invalid_input is not None:
+            return None, {"code": "invalid_request", "message": self.invalid_input, "param": None, "line": 1}
+        lines = []
+        for number, line in enumerate(self.contents[batch["input_file_id"]].decode().splitlines(), start=1):
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError:
+                return None, {"code": "invalid_json_line", "message": "This line is not parseable as valid JSON.",
+                              "param": None, "line": number}
+            if request.get("url") != batch["endpoint"]:
+                return None, {"code": "mismatched_endpoint", "message": f"The endpoint {request.get('url')} does not "
+                              f"match the batch's endpoint {batch['endpoint']}.", "param": "url", "line": number}
+            lines.append(request)
+        return lines, None
+
+    def _run_line(self, batch, work, request):
+        """POST the line's body to this server's own endpoint; its answer goes to the output or the error file."""
+        custom_id = request["custom_id"]
+        scripted = self.failing_lines.get(custom_id)
+        line_id = f"batch_req_{batch['id']}_{work['done'] + 1}"
+        if scripted:
+            status = scripted.pop(0)
+            message = ("The server had an error while processing your request." if status >= 500 else
+                       "Invalid request: refused.")
+            body = {"error": {"message": message, "type": "server_error" if status >= 500 else
+                              "invalid_request_error", "param": None, "code": None}}
+        else:
+            headers = {"Content-Type": "application/json", "X-Batch-Id": batch["id"]}
+            if self.server.api_key is not None:
+                headers["Authorization"] = f"Bearer {self.server.api_key}"
+            post = urllib.request.Request(self.server.base_url.removesuffix("/v1") + request["url"],
+                                          data=json.dumps(request["body"]).encode(), headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(post, timeout=30) as answer:
+                    status, body = answer.status, json.loads(answer.read())
+            except urllib.error.HTTPError as e:
+                status, body = e.code, json.loads(e.read() or b"{}")
+        entry = {"id": line_id, "custom_id": custom_id,
+                 "response": {"status_code": status, "request_id": f"req_{line_id}", "body": body}, "error": None}
+        (work["output"] if status == 200 else work["errors"]).append(entry)
+        batch["request_counts"]["completed" if status == 200 else "failed"] += 1
+
+    def _finish(self, batch, work, status, unrun_code=None, unrun_message=None):
+        """Write the output and error files (the lines not run, if any, as errors with `unrun_code`)."""
+        errors = list(work["errors"])
+        for request in work["lines"][work["done"]:]:
+            errors.append({"id": f"batch_req_{batch['id']}_x", "custom_id": request["custom_id"], "response": None,
+                           "error": {"code": unrun_code, "message": unrun_message}})
+        for key, entries, name in (("output_file_id", work["output"], "output"),
+                                   ("error_file_id", errors, "errors")):
+            if entries:
+                content = "".join(json.dumps(entry) + "\n" for entry in entries).encode()
+                batch[key] = self._new_file(content, f"{batch['id']}_{name}.jsonl", "batch_output")["id"]
+        batch["status"] = status
+        batch[f"{status}_at"] = int(time.time())
+        if status != "completed":
+            batch["request_counts"]["failed"] += len(work["lines"]) - work["done"]
