@@ -11,6 +11,7 @@
   generation_rounds   stage 1's rounds: requests, the scheduler that keeps them in flight, tallies, stop rules
   seed_tasks          the self-instruct seed tasks file stage 1 samples its prompts from
   regen_file          regen.json, stage 1's output: rewritten atomically after every round, resumed
+  batch_jobs          stage 1 as batch jobs (OpenAI Batch API, vllm run-batch files): planned, sent once, applied
   lora                LoRA / QLoRA adapters for train.py (peft, bitsandbytes)
   legacy_flags        the original README's transformers-4 flags, rewritten for transformers 5
   trainer_flags       train.py's command line over HfArgumentParser: one-line errors, the short --help, --help_all

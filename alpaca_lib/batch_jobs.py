@@ -16,6 +16,7 @@ batch for the same requests (see `submit`).
 Errors: GenerationError (a UserError) naming the file and line, the batch and what to do.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -312,7 +313,7 @@ class BatchRun:
                 self.check_unchanged(job)
             elif self.output_file is not None:
                 needed = self.next_job_lines(count_only=True)
-                self.log(f"{needed} more requests are needed (requests sent again, or more rounds to reach the "
+                self.log(f"{plural(needed, 'more request')} needed (requests sent again, or more rounds to reach the "
                          "target): write them with --batch_input_file PATH instead of --batch_output_file, run them, "
                          "then continue with --batch_output_file")
                 return "offline"
@@ -402,7 +403,7 @@ class BatchRun:
         resend = self.next_job_lines()
         if resend:
             self.stop_if_cancelled()
-            groups, what = [resend], f"{len(resend)} requests sent again"
+            groups, what = [resend], f"{plural(len(resend), 'request')} sent again"
         else:
             first = state.rounds_planned
             groups = [self.round_ids(r) for r in range(first, first + max(1, self.rounds_to_plan()))]
@@ -439,8 +440,8 @@ class BatchRun:
         cost = self.budget.cost(Usage(prompt_tokens=estimate[0], completion_tokens=estimate[1]))
         priced = "" if cost is None else (f", about ${cost:,.2f} at the batch price ({BATCH_PRICE_FACTOR:g} x the "
                                           "prices given)")
-        self.log(f"Batch job {job.number}: {len(chosen)} requests ({what}, {prompts} prompts), about "
-                 f"{estimate[0]:,} prompt + {estimate[1]:,} completion tokens (at most {estimate[2]:,}){priced}")
+        self.log(f"Batch job {job.number}: {plural(len(chosen), 'request')} ({what}, {plural(prompts, 'prompt')}), "
+                 f"about {estimate[0]:,} prompt + {estimate[1]:,} completion tokens (at most {estimate[2]:,}){priced}")
         return job
 
     def stop_if_cancelled(self):
@@ -481,7 +482,7 @@ class BatchRun:
             shutil.copyfileobj(src, f)
         self.state.save()
         url = "/v1/completions" if self.settings.api == "completions" else "/v1/chat/completions"
-        self.log(f"Wrote batch job {job.number} ({len(job.custom_ids)} requests, {job.rounds}, url {url}) to "
+        self.log(f"Wrote batch job {job.number} ({plural(len(job.custom_ids), 'request')}, {job.rounds}, url {url}) to "
                  f"{self.input_file}. Run it, e.g. `vllm run-batch -i {self.input_file} -o results.jsonl --model "
                  f"{self.settings.model_name}`, then rerun this command with --batch_output_file results.jsonl "
                  "instead of --batch_input_file")
@@ -568,17 +569,19 @@ class BatchRun:
             job.batch_id = created.id
         job.status = job.status or "validating"
         state.save()
-        self.log(f"batch job {job.number}: batch {job.batch_id} ({len(job.custom_ids)} requests, {job.rounds}); its "
-                 f"id is saved in {state.path}: rerun the same command at any time to resume it")
+        self.log(f"batch job {job.number}: batch {job.batch_id} ({plural(len(job.custom_ids), 'request')}, "
+                 f"{job.rounds}); its id is saved in {state.path}: rerun the same command at any time to resume it")
 
     def endpoint(self):
         return "/v1/completions" if self.settings.api == "completions" else "/v1/chat/completions"
 
     def find_batch(self, job):
         """The batch made from the job's uploaded input (see submit), or None."""
+        known = {other.batch_id for other in self.state.jobs}  # a failed job's batch, made from the same upload
+
         def search():
             for batch in self.client.batches.list(limit=100):
-                if batch.input_file_id == job.input_file_id:
+                if batch.input_file_id == job.input_file_id and batch.id not in known:
                     return batch
                 if job.upload_started is not None and batch.created_at < job.upload_started - 3600:
                     return None  # older than the upload (an hour's slack for clocks): it cannot be there
@@ -685,12 +688,14 @@ class BatchRun:
                     self.outcomes[key].error is None:
                 continue  # already answered by an earlier job
             self.outcomes[key] = outcome
-        failed = [self.outcomes[key] for key in job.custom_ids if self.outcomes[key].error is not None]
-        if failed and report:
-            again = sum(not self.is_final(key) for key in job.custom_ids)
-            self.log(f"warning: batch job {job.number}: {len(failed)} of {len(job.custom_ids)} requests failed (first: "
-                     f"{self.redact(failed[0].error)}); {again} will be sent again, "
-                     f"{len(failed) - again} are skipped (their prompts yield nothing, as in a live run)")
+        errors = collections.Counter(self.outcomes[key].error for key in job.custom_ids
+                                     if self.outcomes[key].error is not None)
+        if errors and report:
+            failed, again = sum(errors.values()), sum(not self.is_final(key) for key in job.custom_ids)
+            kinds = "; ".join(f"{count} {self.redact(error)}" for error, count in errors.most_common(3))
+            self.log(f"warning: batch job {job.number}: {failed} of {plural(len(job.custom_ids), 'request')} failed "
+                     f"({kinds}{'; ...' if len(errors) > 3 else ''}): {again} will be sent again, {failed - again} "
+                     "skipped (their prompts yield nothing, as a live run skips a failed request)")
 
     def apply_ready_rounds(self):
         """Apply, in round order, every round whose requests all have a final outcome (a reply, a refusal, or failures
@@ -740,6 +745,10 @@ class BatchRun:
         self.regen.write()
         state.applied_rounds, state.applied_records, state.checkpoint = rounds, len(self.regen), None
         state.save()
+
+
+def plural(count, noun):
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def format_duration(seconds):
