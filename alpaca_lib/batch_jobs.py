@@ -296,6 +296,15 @@ class BatchRun:
         print(text, file=sys.stderr, flush=True)
 
     def run(self):
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            job = self.state.open_job()
+            going_on = (f"batch {job.batch_id} (job {job.number}) goes on on the server; " if job is not None and
+                        job.batch_id else "")
+            raise KeyboardInterrupt(f"{going_on}{self.regen.where()}") from None
+
+    def _run(self):
         state = self.state
         state.reconcile(self.regen)
         if self.output_file is not None and not any(job.offline for job in state.jobs):

@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from alpaca_lib import batch_jobs
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, restore_sigint
 import generate_instruction as gen
 from openai_server import WORDS, OpenAIServer
 from test_generate import API_KEY, env, run_command  # noqa: F401 (env is a fixture)
@@ -169,18 +169,24 @@ def test_kill_9_then_rerun_makes_one_upload_and_one_batch(env, tmp_path, capsys)
     and the batch (batches.list) instead of making new ones. One upload and one batch in all."""
     output_dir = str(tmp_path / "batch")
     with OpenAIServer(batch_options=dict(lines_per_poll=1)) as server:
-        process = subprocess.Popen(batch_command(env, server, output_dir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            batches = list(server.batch_api.batches.values())
-            if batches and batches[0]["request_counts"]["completed"] >= 3:
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, process.communicate()
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
-        assert process.returncode == -signal.SIGKILL
+        for signal_number, done in ((signal.SIGINT, 2), (signal.SIGKILL, 4)):
+            process = subprocess.Popen(batch_command(env, server, output_dir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and process.poll() is None:
+                batches = list(server.batch_api.batches.values())
+                if batches and batches[0]["request_counts"]["completed"] >= done:
+                    break
+                time.sleep(0.02)
+            assert process.poll() is None, process.communicate()
+            process.send_signal(signal_number)
+            _, err = process.communicate()
+            if signal_number == signal.SIGINT:  # Ctrl-C: one line, the batch goes on
+                assert process.returncode == 130
+                assert err.splitlines()[-1].startswith("python -m generate_instruction: interrupted; batch batch_0001 "
+                                                       "(job 1) goes on on the server; ")
+            else:
+                assert process.returncode == -signal.SIGKILL
         assert json.load(open(os.path.join(output_dir, "batch_state.json")))["jobs"][0]["batch_id"] == "batch_0001"
         unsaved_dir = str(tmp_path / "unsaved")
         shutil.copytree(output_dir, unsaved_dir)
