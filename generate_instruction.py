@@ -142,10 +142,11 @@ def generate_instruction_following_data(
         max_empty_rounds: stop, showing a reply and the likely causes, after this many rounds in a row that keep no
             instruction (replies without a task in the prompt's format, or only rejected tasks); 0: never.
         batch: send the rounds as OpenAI Batch API jobs instead of live requests: billed at half the live price
-            (the prices given are live list prices; costs are shown at half), answered within 24 hours (often 1-3).
-            The first job holds enough rounds for the target at 5 instructions kept per prompt; a job that falls
-            short is topped up from its measured keep rate, and failed requests are sent again (up to 3 times).
-            The replies are applied in round order exactly as a live run applies them (same records for the same
+            (the prices given are live list prices; costs are shown at half), answered within the batch's 24-hour
+            window (often much sooner). --budget_usd / --budget_tokens cap each job, by its estimate, before it is
+            uploaded. The first job holds enough rounds for the target at 5 instructions kept per prompt; a job
+            that falls short is topped up from its measured keep rate, and failed requests are sent again (up to 3
+            times). The replies are applied in round order exactly as a live run applies them (same records for the same
             replies). Each job's ids are saved in OUTPUT_DIR/batch_state.json: kill the run at any moment and rerun
             the same command to resume it (polling, downloading or applying); nothing is uploaded or paid twice.
         batch_input_file: write the next batch job's requests to this JSONL file, in the OpenAI batch format (for

@@ -56,7 +56,9 @@ MAX_BYTES_PER_JOB = 200 * 1024 * 1024
 MAX_SENDS = 3
 # Polls in a row that may fail (connection lost, 5xx after the client's retries) before the run stops.
 MAX_POLL_FAILURES = 30
-# A line while polling when nothing changed for this long.
+# While polling, a line at each change of status, at most one a minute for changed counts (a job runs for hours),
+# and one every 10 minutes when nothing changed.
+COUNTS_LINE_SECONDS = 60
 QUIET_POLL_SECONDS = 600
 STATE_FILE = "batch_state.json"
 FINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -598,8 +600,9 @@ class BatchRun:
         return self.call(search)
 
     def wait(self, job):
-        """Poll until the batch ends, a line at each change of status or counts (and every 10 minutes)."""
-        failures, last, last_said = 0, None, 0.0
+        """Poll until the batch ends, with a line at each change of status, for changed counts (at most one a
+        minute), and every 10 minutes."""
+        failures, last, last_said = 0, (None, None), -math.inf
         while True:
             try:
                 batch = self.client.batches.retrieve(job.batch_id)
@@ -620,8 +623,9 @@ class BatchRun:
             job.status = batch.status
             job.counts = {"total": counts.total, "completed": counts.completed, "failed": counts.failed} if counts \
                 else None
-            now = (batch.status, json.dumps(job.counts))
-            if now != last or time.monotonic() - last_said >= QUIET_POLL_SECONDS:
+            now, waited = (batch.status, job.counts), time.monotonic() - last_said
+            if (now[0] != last[0] or (now[1] != last[1] and waited >= COUNTS_LINE_SECONDS)
+                    or waited >= QUIET_POLL_SECONDS):
                 self.state.save()
                 elapsed = format_duration(time.time() - batch.created_at) if batch.created_at else "?"
                 done = (f"{counts.completed}/{counts.total} done, {counts.failed} failed, " if counts else "")

@@ -65,9 +65,10 @@ def usage_line(text):
 
 
 @pytest.mark.parametrize("api, requests", [("chat", 20), ("completions", 4)])
-def test_a_batch_run_writes_the_regen_json_of_a_live_run(env, tmp_path, capsys, api, requests):
+def test_a_batch_run_writes_the_regen_json_of_a_live_run(env, tmp_path, capsys, monkeypatch, api, requests):
     """Same seed, same server replies: identical bytes. One upload, one batch, its status shown as it moves on; the
     usage line is the sum of the output's usage, priced at half the prices given."""
+    monkeypatch.setattr(batch_jobs, "COUNTS_LINE_SECONDS", 0)  # a line at every change of the counts
     live = live_regen(env, tmp_path, api=api)
     capsys.readouterr()
     with OpenAIServer(batch_options=dict(lines_per_poll=7)) as server:
