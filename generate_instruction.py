@@ -210,14 +210,13 @@ def generate_instruction_following_data(
     else:
         # -- or all rounds' requests as batch jobs: planned from the seeds alone, sent (or written for an offline
         # runner), their replies applied in round order through the same parsing and filters (alpaca_lib/batch_jobs.py)
-        jobs = batch_jobs.BatchRun(plan, settings, progress, regen, novelty_filter, budget,
-                                   client_factory=client and functools.partial(batch_jobs.open_client, client),
-                                   input_file=batch_input_file, output_file=batch_output_file,
-                                   poll_seconds=batch_poll_seconds, redact=client.redact if client else str)
-        ended = jobs.run()
-        if ended == "offline":
-            return
-        usage, short = jobs.usage, ended == "budget"
+        jobs = batch_jobs.BatchRun(
+            plan, settings, progress, regen, novelty_filter, budget,
+            client_factory=None if client is None else functools.partial(batch_jobs.open_client, client),
+            input_file=batch_input_file, output_file=batch_output_file, poll_seconds=batch_poll_seconds,
+            redact=str if client is None else client.redact)
+        short = jobs.run() == "budget"
+        usage = jobs.usage
 
     # -- stop: the target or the budget is reached (a run that cannot go on raised GenerationError)
     print(f"{'budget reached: ' if short else ''}{len(regen)} instructions in {regen.path} ({progress.kept} new this "
