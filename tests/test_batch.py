@@ -196,6 +196,9 @@ def test_kill_9_then_rerun_makes_one_upload_and_one_batch(env, tmp_path, capsys)
         state["jobs"][0].update(batch_id=None, input_file_id=None, status=None, counts=None)
         json.dump(state, open(state_path, "w"))
         server.batch_api.lines_per_poll = None
+        with pytest.raises(gen.GenerationError, match=r"batch job 1 in .*batch_state.json was planned with other "
+                                                      r"flags \(the requests these flags make differ"):
+            run(server, env, output_dir, temperature=0.5)
         capsys.readouterr()
         killed = run(server, env, output_dir, batch_poll_seconds=0.05)
         assert "uploading" not in capsys.readouterr().err
@@ -205,6 +208,28 @@ def test_kill_9_then_rerun_makes_one_upload_and_one_batch(env, tmp_path, capsys)
     assert "batch job 1: batch batch_0001 was created by an interrupted run; resuming it" in err
     assert server.batch_api.uploads == ["file-0001"] and server.batch_api.creates == ["batch_0001"]
     assert killed == unsaved and len(json.loads(killed)) >= 80
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["after regen.json was written", "before"])
+def test_a_kill_while_applying_neither_loses_nor_repeats_a_round(env, tmp_path, written):
+    """The state marks a checkpoint before regen.json is rewritten and clears it after: a kill between the two leaves
+    a checkpoint, and the rerun tells from regen.json's length whether the write happened."""
+    with OpenAIServer() as server:
+        expected = run(server, env, str(tmp_path / "clean"), num_instructions_to_generate=150)
+        output_dir = str(tmp_path / "killed")
+        first = json.loads(run(server, env, output_dir, num_instructions_to_generate=80))
+        state_path = os.path.join(output_dir, "batch_state.json")
+        state = json.load(open(state_path))
+        assert state["applied_rounds"] == 2 and state["checkpoint"] is None
+        state.update(checkpoint={"rounds": 2, "records": len(first), "kept": state["kept"]}, applied_rounds=0,
+                     applied_records=0, kept=0)
+        json.dump(state, open(state_path, "w"))
+        if not written:
+            open(os.path.join(output_dir, "regen.json"), "w").write("[]")
+        creates = len(server.batch_api.creates)
+        resumed = run(server, env, output_dir, num_instructions_to_generate=150)
+    assert resumed == expected
+    assert len(server.batch_api.creates) == creates  # the rounds downloaded before were enough
 
 
 def test_a_server_that_restarts_between_polls(env, tmp_path, capsys):
