@@ -35,15 +35,15 @@ from alpaca_lib import cli, data_files
 from alpaca_lib.api_client import Budget, Reply, Usage, connection_failure_cause, server_message
 from alpaca_lib.generation_rounds import (GenerationError, RequestResult, Tally, check_stop_rules, select_tasks)
 
-# OpenAI's Batch API bills half the live price (platform.openai.com/docs/guides/batch, checked 2026; Anthropic's and
-# Google's batch modes do too): the prices given on the command line are live list prices, and batch costs are shown
-# at this share of them.
+# OpenAI's Batch API bills half the live price (its Batch guide and pricing page, as price lists quote them in 2026;
+# Anthropic's and Google's batch modes do too): the prices given on the command line are live list prices, and batch
+# costs are shown at this share of them.
 BATCH_PRICE_FACTOR = 0.5
 # Instructions kept per prompt, to plan the first job. From the original's own figures: "less than $500" at
 # text-davinci-003's $0.02 per 1K tokens is at most 25 M tokens, and a prompt costs about 700 prompt + 1,600 completion
 # tokens, so its 52K instructions took at least ~10,900 prompts: about 4.8 kept per prompt. (The test server's replies
-# keep about 13 a prompt; real models keep fewer as the pool grows.) A job that falls short is topped up from the
-# rate it measured.
+# keep about 14 a prompt, 139 from the 10 prompts of tests/test_batch.py's first test; real models keep fewer as the
+# pool grows.) A job that falls short is topped up from the rate it measured.
 EXPECTED_KEPT_PER_PROMPT = 5
 # For the estimate printed before a job is submitted: characters per token of English prompts, and completion tokens
 # of a reply of 16 tasks (1,200-2,000 measured; see docs/generate.md, Cost).
