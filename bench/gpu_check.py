@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -79,6 +78,14 @@ TIMEOUTS = {"install": (90, 120), "environment": (60, 120), "prepare": (90, 180)
 # A step runs only when these steps succeeded.
 NEEDS = {"fsdp_padded": ("prepare",), "fsdp_padding_free": ("prepare",), "reload": ("fsdp_padded",),
          "full": ("prepare",), "lora": ("prepare",), "qlora": ("prepare",), "inference": ("prepare",)}
+# A step starts only after these have ended (whatever their outcome): it reads their figures or their output, or
+# installs what every other step imports.
+AFTER = {step: ("install",) for step in STEPS if step != "install"}
+for _step in ("fsdp_padded", "fsdp_padding_free", "full", "lora", "qlora", "smollm2"):
+    AFTER[_step] += ("environment",)  # MFU against its measured peak; QLoRA's skip reads its bitsandbytes
+AFTER["lora"] += ("full",)  # the ratios to full fine-tuning
+AFTER["qlora"] += ("full",)
+AFTER["inference"] += ("fsdp_padded",)  # answers with the trained model when there is one
 
 
 def size(args, name):
@@ -178,28 +185,46 @@ def run_all(args, argv):
         print(f"gpu_check: {line}", flush=True)
     child_argv = strip_flags(argv, ("--work_dir", "--output_dir")) + ["--work_dir", str(work_dir), "--output_dir",
                                                                       str(output_dir)]
-    results = {}
-    for step in STEPS:
-        remaining = args.time_budget - (time.monotonic() - start)
-        reason = skip_reason(args, step, results, remaining)
-        if reason:
-            results[step] = write_step(output_dir, step, args, status="skipped", reason=reason)
-        else:
-            timeout = min(TIMEOUTS[step][1 if args.dry_run else 0], remaining)
-            results[step] = run_step(output_dir, step, args, step_command(args, step, child_argv), timeout)
-        record = results[step]
-        print(f"gpu_check: {step}: {record['status']} in {record['seconds']:.1f} s"
-              + (f" ({record['reason']})" if record.get("reason") else "")
-              + (f": {record['headline']}" if record.get("headline") else ""), flush=True)
-        write_summary(output_dir, args, results, time.monotonic() - start)
+    # On a GPU one step at a time (each measures the GPU alone); a dry run's figures mean nothing, so two at a time.
+    workers = 2 if args.dry_run else 1
+    pending, running, results = list(STEPS), {}, {}
+    while pending or running:
+        for step, run in list(running.items()):
+            record = run.finished()
+            if record is not None:
+                del running[step]
+                results[step] = record
+                report(step, record)
+                write_summary(output_dir, args, results, time.monotonic() - start)
+        for step in list(pending):
+            if len(running) >= workers:
+                break
+            if any(other in pending or other in running for other in NEEDS.get(step, ()) + AFTER.get(step, ())):
+                continue
+            pending.remove(step)
+            remaining = args.time_budget - (time.monotonic() - start)
+            reason = skip_reason(args, step, results, remaining)
+            if reason:
+                results[step] = write_step(output_dir, step, args, status="skipped", reason=reason)
+                report(step, results[step])
+            else:
+                timeout = min(TIMEOUTS[step][1 if args.dry_run else 0], remaining)
+                running[step] = StepRun(output_dir, step, args, step_command(args, step, child_argv), timeout)
+        time.sleep(0.1)
     if not args.keep_work and not args.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     total = time.monotonic() - start
     write_summary(output_dir, args, results, total)
-    failed = [s for s, r in results.items() if r["status"] == "failed"]
+    failed = [s for s in STEPS if results[s]["status"] == "failed"]
     print(f"gpu_check: done in {total:.0f} s; {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
           f"; {output_dir / 'summary.md'}", flush=True)
     return 1 if failed else 0
+
+
+def report(step, record):
+    print(f"gpu_check: {step}: {record['status']} in {record['seconds']:.1f} s"
+          + (f" ({record['reason']})" if record.get("reason") else "")
+          + (f": {record['headline']}" if record.get("headline") else ""), flush=True)
 
 
 def strip_flags(argv, flags):
@@ -256,6 +281,8 @@ def skip_reason(args, step, results, remaining):
     for needed in NEEDS.get(step, ()):
         if results.get(needed, {}).get("status") != "ok":
             return f"needs the {needed} step, which did not succeed"
+    if remaining < min(15, args.time_budget / 10):  # too little left for a step to measure anything
+        return f"the time budget (--time_budget {args.time_budget:g} s) is spent"
     if step == "install" and not args.wheels:
         return "no --wheels folder given: the installed packages are used"
     if step == "qlora":
@@ -267,8 +294,6 @@ def skip_reason(args, step, results, remaining):
     if step == "smollm2" and not (Path(args.smollm2_dir) / "config.json").is_file():
         return (f"no SmolLM2-135M-Instruct folder at {args.smollm2_dir} (make it with `python utils.py download "
                 "smollm2_135m_instruct`, or pass --smollm2_dir)")
-    if remaining < 15:
-        return f"the time budget (--time_budget {args.time_budget:.0f} s) is spent"
     return None
 
 
@@ -284,48 +309,50 @@ def step_command(args, step, child_argv):
     return [sys.executable, *script]
 
 
-def run_step(output_dir, step, args, command, timeout):
-    """Run one step's child process, its output in logs/<step>.log; its JSON completed (seconds, log), or written as
-    failed (the exit status or the time limit, and the log's last error line) when the child did not write it."""
-    log_path = output_dir / "logs" / f"{step}.log"
-    json_path = output_dir / f"{step}.json"
-    json_path.unlink(missing_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if args.dry_run:
-        env.setdefault("OMP_NUM_THREADS", "1")  # small CPU models run faster on one thread on a shared machine
-    started, cpu_before = time.monotonic(), children_cpu_seconds()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-        log.flush()
-        # A session of its own: a time limit stops torchrun's workers too.
-        child = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        try:
-            returncode = child.wait(timeout=max(timeout, 1))
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            returncode, timed_out = child.wait(), True
-    seconds, cpu_seconds = time.monotonic() - started, children_cpu_seconds() - cpu_before
-    record = read_json(json_path)
-    if record is None or returncode != 0 or timed_out:
-        why = (f"stopped at its time limit of {timeout:.0f} s" if timed_out else
-               f"exit status {returncode}" if returncode != 0 else "the step wrote no figures")
-        last = last_error_line(log_path)
-        reason = f"{why}: {last}" if last else why
-        figures = record.get("figures", {}) if record else {}
-        return write_step(output_dir, step, args, status="failed", reason=reason, seconds=seconds, figures=figures,
-                          log=str(log_path.relative_to(output_dir)), cpu_seconds=cpu_seconds)
-    record.update(seconds=seconds, cpu_seconds=cpu_seconds, log=str(log_path.relative_to(output_dir)))
-    atomic_write_json(json_path, record)
-    return record
+class StepRun:
+    """One step's child process, its output in logs/<step>.log. finished() completes its JSON (seconds, CPU seconds,
+    log) once it has ended, or writes it as failed (the exit status or the time limit, and the log's last error line)
+    when the child did not write it; it stops the child at its time limit."""
 
+    def __init__(self, output_dir, step, args, command, timeout):
+        self.output_dir, self.step, self.args, self.timeout = output_dir, step, args, timeout
+        self.log_path = output_dir / "logs" / f"{step}.log"
+        self.json_path = output_dir / f"{step}.json"
+        self.json_path.unlink(missing_ok=True)
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        if args.dry_run:
+            env.setdefault("OMP_NUM_THREADS", "1")  # small CPU models run faster on one thread on a shared machine
+        self.started = time.monotonic()
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+            # A session of its own: a time limit stops torchrun's workers too.
+            self.child = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        self.timed_out = False
 
-def children_cpu_seconds():
-    """CPU seconds (user + system) of the finished child processes so far: on a shared machine, unlike the wall time,
-    the work a step did."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    def finished(self):
+        # wait4: this child's own CPU time (its waited-for children's, torchrun's workers, included)
+        pid, status, usage = os.wait4(self.child.pid, os.WNOHANG)
+        if pid == 0:
+            if time.monotonic() - self.started > self.timeout and not self.timed_out:
+                os.killpg(self.child.pid, signal.SIGKILL)
+                self.timed_out = True
+            return None
+        self.child.returncode = returncode = os.waitstatus_to_exitcode(status)
+        seconds, cpu_seconds = time.monotonic() - self.started, usage.ru_utime + usage.ru_stime
+        log = str(self.log_path.relative_to(self.output_dir))
+        record = read_json(self.json_path)
+        if record is None or returncode != 0 or self.timed_out:
+            why = (f"stopped at its time limit of {self.timeout:.0f} s" if self.timed_out else
+                   f"exit status {returncode}" if returncode != 0 else "the step wrote no figures")
+            last = last_error_line(self.log_path)
+            return write_step(self.output_dir, self.step, self.args, status="failed",
+                              reason=f"{why}: {last}" if last else why, seconds=seconds, cpu_seconds=cpu_seconds,
+                              figures=record.get("figures", {}) if record else {}, log=log)
+        record.update(seconds=seconds, cpu_seconds=cpu_seconds, log=log)
+        atomic_write_json(self.json_path, record)
+        return record
 
 
 def last_error_line(log_path):
@@ -375,7 +402,8 @@ def write_summary(output_dir, args, results, seconds):
         "| step | status | seconds (CPU) | figures / reason |",
         "|---|---|---|---|",
     ]
-    for step, record in results.items():
+    for step in (step for step in STEPS if step in results):
+        record = results[step]
         text = record.get("headline") or ""
         if record.get("reason"):
             text = (text + "; " if text else "") + record["reason"]
@@ -525,12 +553,12 @@ def prepare_step(args):
                 f"{len(tokenizer):,}; {len(sample):,} Alpaca records")
 
 
-def train_argv(args, step, output_name, steps, batch_size, model=None, max_length=None):
+def train_argv(args, output_name, steps, batch_size, model=None, max_length=None, data="data.json"):
     """train.py's command line for a training step: the GPU's bf16 and best attention, or the CPU's fp32."""
     import torch
 
     work = Path(args.work_dir)
-    argv = ["--model_name_or_path", str(model or work / "base"), "--data_path", str(work / "data.json"),
+    argv = ["--model_name_or_path", str(model or work / "base"), "--data_path", str(work / data),
             "--output_dir", str(work / output_name), "--max_steps", str(steps),
             "--per_device_train_batch_size", str(batch_size),
             "--model_max_length", str(max_length or size(args, "model_max_length")),
@@ -599,7 +627,7 @@ def fsdp_step(args, step):
 
     from alpaca_lib import hardware
 
-    argv = train_argv(args, step, f"out_{step}", size(args, "fsdp_steps"), size(args, "fsdp_batch"))
+    argv = train_argv(args, f"out_{step}", size(args, "fsdp_steps"), size(args, "fsdp_batch"))
     argv += ["--fsdp", "--fsdp_config", str(REPO_ROOT / "configs" / "fsdp_config.json")]
     if step == "fsdp_padding_free":
         argv += ["--padding_free", "True"]
@@ -614,7 +642,8 @@ def fsdp_step(args, step):
 
 def trained_model_fingerprint(args, trainer):
     """For the reload step: each trained parameter's float64 sum and sum of squares (gathered from FSDP's shards),
-    and the trained model's logits on one prompt, computed as training ran it (bf16 under FSDP on a GPU)."""
+    and the trained model's logits on one prompt as it computes them (their dtype says how: under FSDP's bf16
+    mixed-precision policy, bf16 parameters)."""
     import torch
 
     import utils
@@ -631,14 +660,17 @@ def trained_model_fingerprint(args, trainer):
         device = next(p for p in model.parameters()).device
         inputs = tokenizer([utils.format_prompt(record)], return_tensors="pt").to(device)
         model.eval()
-        logits = model(**inputs).logits.float().cpu()
+        logits = model(**inputs).logits
     if trainer.args.process_index == 0:
-        torch.save(dict(sums=sums, input_ids=inputs["input_ids"].cpu(), logits=logits,
-                        dtype=str(trainer.model.dtype) if hasattr(trainer.model, "dtype") else None,
-                        bf16=bool(trainer.args.bf16)), Path(args.work_dir) / "trained_fingerprint.pt")
+        torch.save(dict(sums=sums, input_ids=inputs["input_ids"].cpu(), logits=logits.float().cpu(),
+                        logits_dtype=str(logits.dtype).replace("torch.", ""),
+                        tf32=bool(torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32)),
+                   Path(args.work_dir) / "trained_fingerprint.pt")
 
 
 def reload_step(args):
+    import math
+
     import torch
     import transformers
 
@@ -651,28 +683,34 @@ def reload_step(args):
     equal, different = 0, []
     saved = dict(model.named_parameters())
     with torch.no_grad():
-        for name, (total, squares) in trained["sums"].items():
+        for name, trained_sums in trained["sums"].items():
             parameter = saved.get(name)
-            if parameter is not None and [parameter.double().sum().item(),
-                                          (parameter.double() ** 2).sum().item()] == [total, squares]:
+            # Equal tensors give float64 sums equal to ~1e-16; 30 training steps move them by ~1e-5 or more.
+            if parameter is not None and all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12) for a, b in zip(
+                    [parameter.double().sum().item(), (parameter.double() ** 2).sum().item()], trained_sums)):
                 equal += 1
             else:
                 different.append(name)
-        # The trained model ran in bf16 under FSDP's mixed precision on a GPU: the reloaded one the same way.
+        # Computed as the trained model computed them: FSDP's bf16 policy casts the parameters to bf16.
+        if trained["logits_dtype"] == "bfloat16":
+            model = model.to(torch.bfloat16)
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = trained["tf32"]
         model.eval()
         input_ids = trained["input_ids"].to(device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=trained["bf16"] and device == "cuda"):
-            logits = model(input_ids=input_ids).logits.float().cpu()
+        logits = model(input_ids=input_ids).logits.float().cpu()
     difference = (logits - trained["logits"]).abs().max().item()
     scale = trained["logits"].abs().max().item()
     agreement = (logits.argmax(-1) == trained["logits"].argmax(-1)).float().mean().item()
-    # fp32 on the CPU: the same weights give the same logits bit for bit; bf16 kernels differ by ~1e-3 of the scale.
-    tolerance = 0.02 * scale if trained["bf16"] and device == "cuda" else 1e-5 * max(scale, 1.0)
+    # fp32 on the CPU: the same weights give the same logits bit for bit; on a GPU the kernels may differ between the
+    # sharded and the plain model, by ~1e-3 of the scale in bf16 (check_padding_free's bound), less in fp32.
+    tolerance = (0.02 if trained["logits_dtype"] == "bfloat16" else 1e-3 if device == "cuda" else 1e-5) * scale
     figures = dict(parameters_compared=len(trained["sums"]), parameters_equal=equal,
                    parameters_different=different[:20],
                    logits_max_abs_difference=difference, logits_scale=scale, logits_tolerance=tolerance,
                    argmax_agreement=agreement, logits_match=difference <= tolerance,
-                   weights_match=not different, load_seconds=load_seconds, positions=int(input_ids.shape[1]))
+                   weights_match=not different, load_seconds=load_seconds, positions=int(input_ids.shape[1]),
+                   logits_dtype=trained["logits_dtype"])
     headline = (f"{equal} of {len(trained['sums'])} tensors equal (float64 sums); logits max difference "
                 f"{difference:.3g} (scale {scale:.3g}), argmax agreement {agreement:.1%}")
     if different or difference > tolerance:
@@ -684,7 +722,7 @@ def reload_step(args):
 
 def memory_step(args, step):
     extra = {"full": [], "lora": ["--lora_r", "8"], "qlora": ["--lora_r", "8", "--load_in_4bit", "True"]}[step]
-    argv = train_argv(args, step, f"out_{step}", size(args, "memory_steps"), size(args, "memory_batch")) + extra
+    argv = train_argv(args, f"out_{step}", size(args, "memory_steps"), size(args, "memory_batch")) + extra
     if step != "full":
         argv[argv.index("--learning_rate") + 1] = "3e-4"  # alpaca-lora's
     _, figures = run_training(args, step, argv)
@@ -744,16 +782,15 @@ def smollm2_step(args):
     import utils
 
     work = Path(args.work_dir)
-    if not (work / "data.json").is_file():  # prepare did not run: the records straight from --data_path
-        records = utils.load_alpaca_data(args.data_path)
-        utils.jdump(random.Random(0).sample(records, min(size(args, "records"), len(records))), work / "data.json")
-    argv = train_argv(args, "smollm2", "out_smollm2", size(args, "smollm2_steps"), size(args, "smollm2_batch"),
-                      model=args.smollm2_dir, max_length=size(args, "smollm2_max_length"))
+    records = utils.load_alpaca_data(args.data_path)
+    utils.jdump(random.Random(0).sample(records, min(size(args, "records"), len(records))), work / "smollm2.json")
+    argv = train_argv(args, "out_smollm2", size(args, "smollm2_steps"), size(args, "smollm2_batch"),
+                      model=args.smollm2_dir, max_length=size(args, "smollm2_max_length"), data="smollm2.json")
     _, figures = run_training(args, "smollm2", argv)
     figures.pop("mfu_measured_peak", None)  # training_figures' MFU is for the random Llama's shape
     figures.pop("mfu_datasheet_peak", None)
     figures.pop("model_tflops", None)
-    records = utils.load_alpaca_data(work / "data.json")
+    records = utils.load_alpaca_data(work / "smollm2.json")
     figures["generation"] = generation_figures(work / "out_smollm2", records, args, size(args, "smollm2_prompts"),
                                                size(args, "smollm2_new_tokens"), size(args, "smollm2_prompts"))
     generation = figures["generation"]
