@@ -96,13 +96,20 @@ class UsageError(Exception):
     pass
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad or unknown flag is one line (main prints it), not argparse's usage block."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The command line
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="bash bench/gpu_check.sh", description=__doc__.partition("\n")[0],
+    parser = ArgumentParser(
+        prog="bash bench/gpu_check.sh", allow_abbrev=False, description=__doc__.partition("\n")[0],
         epilog="Steps, figures and how to bring the pinned packages to a GPU machine: bench/README.md (GPU check).")
     parser.add_argument("--output_dir", required=True,
                         help="Folder for the figures: one <step>.json per step, summary.md, logs/<step>.log.")
@@ -146,8 +153,12 @@ def parse_args(argv=None):
         args.smollm2_dir = next((str(p) for p in SMOLLM2_FOLDERS if (p / "config.json").is_file()),
                                 str(SMOLLM2_FOLDERS[0]))
     args.smollm2_dir = os.path.abspath(os.path.expanduser(args.smollm2_dir))
-    if args.wheels is not None and not os.path.isdir(os.path.expanduser(args.wheels)):
-        raise UsageError(f"--wheels {args.wheels}: no such folder (bench/README.md says how to make it)")
+    if args.wheels is not None:
+        if not os.path.isdir(os.path.expanduser(args.wheels)):
+            raise UsageError(f"--wheels {args.wheels}: no such folder (bench/README.md says how to make it)")
+        args.wheels = os.path.abspath(os.path.expanduser(args.wheels))
+    if args.work_dir is not None:  # the steps run from the repository root; the paths given are the caller's
+        args.work_dir = os.path.abspath(os.path.expanduser(args.work_dir))
     if args.time_budget is None:
         args.time_budget = 600.0 if args.dry_run else 480.0
     args.output_dir = os.path.abspath(os.path.expanduser(args.output_dir))
@@ -300,7 +311,7 @@ def skip_reason(args, step, results, remaining):
 def step_command(args, step, child_argv):
     if step == "install":
         pins = requirement_pins()
-        return [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", os.path.expanduser(args.wheels),
+        return [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", args.wheels,
                 *(f"{package}=={pins[package]}" for package in WHEEL_PACKAGES)]
     script = [str(Path(__file__).resolve()), *child_argv, "--step", step]
     if step.startswith("fsdp_"):

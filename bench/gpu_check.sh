@@ -5,10 +5,9 @@
 #   bash bench/gpu_check.sh --dry_run --output_dir out              # every step on the CPU at tiny sizes
 # Exit status: 0 when no step failed, 1 when one did (each step's JSON says which and why), 2 for a bad flag.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 if ! command -v "$PYTHON" >/dev/null; then
     echo "gpu_check: error: no $PYTHON on PATH (set PYTHON=/path/to/python)" >&2
     exit 2
 fi
-exec "$PYTHON" bench/gpu_check.py "$@"
+exec "$PYTHON" "$(dirname "$0")/gpu_check.py" "$@"  # paths are taken from the caller's folder
