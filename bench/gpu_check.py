@@ -531,18 +531,20 @@ def environment_step(args):
 
 
 def prepare_step(args):
-    import torch
-    import transformers
-
     import utils
-    from measuring import TINYLLAMA_SHAPE, llama_config
-    from preprocess import build_llama_like_tokenizer
 
     work = Path(args.work_dir)
     started = time.perf_counter()
-    records = utils.load_alpaca_data(args.data_path)
+    records = utils.load_alpaca_data(args.data_path)  # a bad record is said before torch loads (seconds)
     sample = random.Random(0).sample(records, min(size(args, "records"), len(records)))
     utils.jdump(sample, work / "data.json")
+
+    import torch
+    import transformers
+
+    from measuring import TINYLLAMA_SHAPE, llama_config
+    from preprocess import build_llama_like_tokenizer
+
     # The dry run's tokenizer learns from its few records only; the GPU's from the whole file, as bench/preprocess.py.
     tokenizer = build_llama_like_tokenizer(sample if args.dry_run else records, work / "tokenizer",
                                            vocab_size=size(args, "vocab_size"))
