@@ -68,7 +68,7 @@ SIZES = {
     "memory_steps": (15, 3), "memory_batch": (8, 2),
     "model_max_length": (512, 256),
     "prompts": (32, 4), "new_tokens": (32, 8), "inference_batch": (16, 4),
-    "smollm2_steps": (10, 2), "smollm2_batch": (8, 2), "smollm2_max_length": (256, 48),
+    "smollm2_steps": (10, 2), "smollm2_batch": (8, 1), "smollm2_max_length": (256, 64),
     "smollm2_prompts": (16, 2), "smollm2_new_tokens": (32, 4),
 }
 # Seconds each step may take at most: (GPU, --dry_run). The whole run also stops at --time_budget.
@@ -525,7 +525,7 @@ def environment_step(args):
     figures["matmul"] = measured_matmul_tflops(args.dry_run)
     figures["datasheet_tflops"] = args.peak_tflops or next(
         (tflops for key, tflops in DATASHEET_BF16_TFLOPS.items() if key in name), None) if cuda else None
-    headline = (f"{name}; measured {figures['matmul']['dtype']} matmul {figures['matmul']['tflops']:.1f} TFLOPS"
+    headline = (f"{name}; measured {figures['matmul']['dtype']} matmul {figures['matmul']['tflops']:.3g} TFLOPS"
                 f"{'; ' + str(len(mismatches)) + ' package(s) differ from requirements.txt' if mismatches else ''}")
     step_output(args, "environment", figures, headline)
 
