@@ -27,7 +27,6 @@ one CPU process and says so; the JSON records it). bench/README.md says how to r
 import argparse
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -199,6 +198,27 @@ def run_all(args, argv):
     # On a GPU one step at a time (each measures the GPU alone); a dry run's figures mean nothing, so two at a time.
     workers = 2 if args.dry_run else 1
     pending, running, results = list(STEPS), {}, {}
+    try:
+        schedule(args, output_dir, child_argv, start, workers, pending, running, results)
+    except KeyboardInterrupt:  # the steps run in sessions of their own: Ctrl-C reaches only this process
+        for run in running.values():
+            os.killpg(run.child.pid, signal.SIGKILL)
+        print(f"\ngpu_check: interrupted; stopped {', '.join(running) or 'nothing'}; figures so far in {output_dir}",
+              file=sys.stderr)
+        return 130
+    if not args.keep_work and not args.work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    total = time.monotonic() - start
+    write_summary(output_dir, args, results, total)
+    failed = [s for s in STEPS if results[s]["status"] == "failed"]
+    print(f"gpu_check: done in {total:.0f} s; {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
+          f"; {output_dir / 'summary.md'}", flush=True)
+    return 1 if failed else 0
+
+
+def schedule(args, output_dir, child_argv, start, workers, pending, running, results):
+    """Start each pending step once the steps it needs or follows have ended, at most `workers` at a time; record
+    each step as it ends (results, summary.md)."""
     while pending or running:
         for step, run in list(running.items()):
             record = run.finished()
@@ -222,14 +242,6 @@ def run_all(args, argv):
                 timeout = min(TIMEOUTS[step][1 if args.dry_run else 0], remaining)
                 running[step] = StepRun(output_dir, step, args, step_command(args, step, child_argv), timeout)
         time.sleep(0.1)
-    if not args.keep_work and not args.work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    total = time.monotonic() - start
-    write_summary(output_dir, args, results, total)
-    failed = [s for s in STEPS if results[s]["status"] == "failed"]
-    print(f"gpu_check: done in {total:.0f} s; {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
-          f"; {output_dir / 'summary.md'}", flush=True)
-    return 1 if failed else 0
 
 
 def report(step, record):
