@@ -18,7 +18,6 @@ batching itself. With a trained model a batch runs until its longest answer ends
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import fire
@@ -36,6 +35,7 @@ import inference  # noqa: E402
 import train  # noqa: E402
 
 sys.path.append(str(REPO_ROOT / "bench"))
+from measuring import batched_and_single_generation  # noqa: E402
 from preprocess import build_llama_like_tokenizer  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -81,28 +81,15 @@ def main(num_prompts=64, max_new_tokens=64, batch_size=16, threads=1, tiny=False
           f"{os.getloadavg()[0]:.1f}", flush=True)
     inference.generate(model, tokenizer, prompts[:2], generation_config)  # warm-up
 
-    answers, batched_tokens = [None] * len(prompts), 0
-    start = time.perf_counter()
-    for positions in inference.length_sorted_batches(prompt_tokens, batch_size):
-        texts, tokens = inference.generate(model, tokenizer, [prompts[p] for p in positions], generation_config)
-        batched_tokens += tokens
-        for position, text in zip(positions, texts):
-            answers[position] = text
-    batched_s = time.perf_counter() - start
+    timed = batched_and_single_generation(model, tokenizer, prompts, generation_config, batch_size)
+    batched_tokens, batched_s = timed["batched_tokens"], timed["batched_s"]
+    single_tokens, single_s = timed["single_tokens"], timed["single_s"]
     print(f"batched (batch {batch_size}): {batched_tokens:,} tokens in {batched_s:6.1f} s = "
           f"{batched_tokens / batched_s:7.1f} tokens/s", flush=True)
-
-    single_answers, single_tokens = [], 0
-    start = time.perf_counter()
-    for prompt in prompts:
-        texts, tokens = inference.generate(model, tokenizer, [prompt], generation_config)
-        single_answers += texts
-        single_tokens += tokens
-    single_s = time.perf_counter() - start
     print(f"one at a time:     {single_tokens:,} tokens in {single_s:6.1f} s = {single_tokens / single_s:7.1f} "
           "tokens/s")
     ratio = (batched_tokens / batched_s) / (single_tokens / single_s)
-    same = sum(a == b for a, b in zip(answers, single_answers))
+    same = timed["identical"]
     print(f"speed-up: {ratio:.1f}x (goal >= 4x); identical answers: {same} of {len(prompts)}; load average "
           f"{os.getloadavg()[0]:.1f}")
 

@@ -30,6 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
+from measuring import TINYLLAMA_SHAPE, gb, llama_config, measured_train  # noqa: E402
+
+# ~0.48B with the 32K vocabulary
+CPU_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16,
+                 num_key_value_heads=16)
+
 CONFIGS = {
     "full": [],
     "lora_qv": ["--lora_r", "8", "--lora_target_modules", "q_proj,v_proj"],
@@ -38,94 +44,10 @@ CONFIGS = {
 }
 
 
-def proc_status_kb(field):
-    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak since start or reset), kB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss():
-    """Start VmHWM again from the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure(config, work, argv):
     """In a child process: train one configuration and print its figures as one `RESULT {json}` line."""
-    import torch
-    import transformers
-
-    import train
-
-    rss_before_load = proc_status_kb("VmRSS")
-    tokens_per_batch, step_ends, marks = [], [], {}
-
-    class Counting(train.DataCollatorForSupervisedDataset):
-        def __call__(self, instances):
-            tokens_per_batch.append(sum(len(instance["input_ids"]) for instance in instances))
-            return super().__call__(instances)
-
-    class Meter(transformers.TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            marks["load_peak"] = proc_status_kb("VmHWM")  # loading, LoRA wrapping, tokenizing, Trainer set-up
-            marks["rss_loaded"] = proc_status_kb("VmRSS")
-            reset_peak_rss()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            marks["train_peak"] = proc_status_kb("VmHWM")  # before the final save
-            if torch.cuda.is_available():
-                marks["gpu_peak"] = torch.cuda.max_memory_allocated()
-
-    original_trainer = transformers.Trainer
-
-    def trainer_with_meter(*args, **kwargs):
-        trainer = original_trainer(*args, **kwargs)
-        trainer.add_callback(Meter())
-        return trainer
-
-    train.DataCollatorForSupervisedDataset = Counting  # make_supervised_data_module builds this one
-    train.transformers.Trainer = trainer_with_meter
-    trainer = train.train(argv + ["--output_dir", str(Path(work) / f"out_{config}")])
-    train.transformers.Trainer = original_trainer
-
-    steps = len(step_ends)
-    timed_tokens = sum(tokens_per_batch[1:steps])  # the first step warms up; the loader may fetch one batch ahead
-    result = dict(
-        config=config, steps=steps,
-        trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        total=sum(p.numel() for p in trainer.model.parameters()),
-        rss_before_load=rss_before_load * 1024, load_peak=marks["load_peak"] * 1024,
-        rss_loaded=marks["rss_loaded"] * 1024, train_peak=marks["train_peak"] * 1024,
-        gpu_peak=marks.get("gpu_peak"),
-        tokens_per_s=timed_tokens / (step_ends[-1] - step_ends[0]) if steps > 1 else None,
-        tokens=sum(tokens_per_batch[:steps]),
-    )
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def model_config(vocab_size, gpu):
-    import transformers
-
-    if gpu:  # TinyLlama-1.1B's shape
-        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4)
-    else:  # ~0.48B with the 32K vocabulary
-        shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16,
-                     num_key_value_heads=16)
-    return transformers.LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, bos_token_id=1,
-                                    eos_token_id=2, tie_word_embeddings=False, **shape)
-
-
-def gb(num_bytes):
-    return f"{num_bytes / 2**30:.2f} GB"
+    _, result = measured_train(argv + ["--output_dir", str(Path(work) / f"out_{config}")])
+    print("RESULT " + json.dumps(dict(result, config=config)), flush=True)
 
 
 def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"),
@@ -169,7 +91,7 @@ def main(data_path=str(REPO_ROOT.parent / "shared" / "data" / "alpaca_data.json"
     utils.jdump(random.Random(seed).sample(records, steps * batch_size), work / "data.json")
     print(f"building the random model in {work} ...", flush=True)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(model_config(len(tokenizer), gpu))
+    model = transformers.LlamaForCausalLM(llama_config(len(tokenizer), TINYLLAMA_SHAPE if gpu else CPU_SHAPE))
     num_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import utils  # noqa: E402
 import train  # noqa: E402
+from measuring import TINYLLAMA_SHAPE, flops_per_token, llama_config  # noqa: E402
 from preprocess import build_llama_like_tokenizer  # noqa: E402
 
 COUNTS = {"positions": 0, "tokens": 0, "label_tokens": 0, "batches": 0, "cpu_seconds": 0.0}
@@ -70,33 +71,18 @@ class CountingCollator(train.DataCollatorForSupervisedDataset):
         return batch
 
 
-def model_config(vocab_size, gpu):
-    if gpu:  # TinyLlama-1.1B's shape
-        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4)
-    else:
-        shape = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4)
-    return transformers.LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, bos_token_id=1,
-                                    eos_token_id=2, tie_word_embeddings=False, **shape)
-
-
-def flops_per_token(config, seq_len):
-    """Training FLOPs per token: 6 x (non-embedding matmul params + lm_head) + causal attention scores/values."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    kv = h * config.num_key_value_heads // config.num_attention_heads
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size
-    matmul_params = layers * per_layer + h * config.vocab_size
-    attention = 6 * layers * h * seq_len  # 12*L*h*T/2: causal, forward+backward
-    return 6 * matmul_params + attention
+# ~9M parameters with the 32K vocabulary
+CPU_SHAPE = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4)
 
 
 def random_model(records, tokenizer_dir, work, gpu, seed):
-    """(folder, parameters) of a random-init Llama of model_config's shape with bench/preprocess.py's tokenizer."""
+    """(folder, parameters) of a random-init Llama (CPU_SHAPE, or TinyLlama's with gpu) with bench/preprocess.py's
+    tokenizer."""
     tokenizer = build_llama_like_tokenizer(records, tokenizer_dir)
     model_dir = work / "model"
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(model_config(len(tokenizer), gpu))
+    model = transformers.LlamaForCausalLM(llama_config(len(tokenizer), TINYLLAMA_SHAPE if gpu else CPU_SHAPE))
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir, sum(p.numel() for p in model.parameters())
