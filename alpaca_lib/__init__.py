@@ -12,6 +12,7 @@
   seed_tasks          the self-instruct seed tasks file stage 1 samples its prompts from
   regen_file          regen.json, stage 1's output: rewritten atomically after every round, resumed
   lora                LoRA / QLoRA adapters for train.py (peft, bitsandbytes)
+  saved_models        what a saved model keeps for other tools: the base's tokenizer.model (llama.cpp's converter)
   legacy_flags        the original README's transformers-4 flags, rewritten for transformers 5
   trainer_flags       train.py's command line over HfArgumentParser: one-line errors, the short --help, --help_all
   hardware            fitting a training run to the machine: GPU-less fallbacks, DDP over gloo, FSDP, DeepSpeed
