@@ -1,0 +1,182 @@
+"""Tests of what train.py saves for other tools (alpaca_lib/saved_models.py): the base's tokenizer.model kept in the
+output, its checkpoints and the --merge_lora folder, and llama.cpp's converters run on them: an Alpaca prompt has the
+same token ids after GGUF conversion as in training.
+
+llama.cpp's convert_hf_to_gguf.py and convert_lora_to_gguf.py ship in the llama-cpp-python source package: fetched
+once from the package registry (76.6 MB, about a minute; only the converters, 2 MB, are kept in ALPACA_TEST_CACHE,
+default ~/.cache/alpaca-tests), and the tests that run them skip, saying why, when the registry cannot be reached."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import gguf
+import pytest
+import sentencepiece
+import transformers
+from sentencepiece import sentencepiece_model_pb2
+
+from alpaca_lib import saved_models, tokenization
+import utils
+from conftest import SAMPLE_RECORDS
+import train
+from test_train import _model_folder, base_argv
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp with its converters
+CONVERTER_CACHE = Path(os.environ.get("ALPACA_TEST_CACHE", Path.home() / ".cache" / "alpaca-tests")) / \
+    "llama.cpp-converters-0.3.36"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+PROMPTS = [utils.format_prompt(record) for record in SAMPLE_RECORDS]  # 16: 8 with an input, 8 without
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_llama_dir, llama_tokenizer_dir):
+    """The tiny Llama with the LLaMA-like sentencepiece tokenizer: tokenizer.json and tokenizer.model (600 pieces)."""
+    return _model_folder(tmp_path_factory, "saved_llama", tiny_llama_dir, llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, llama_dir, alpaca_sample_path):
+    """Output folder of 2 steps of full fine-tuning ([PAD] added as token 600), with checkpoint-2."""
+    output_dir = tmp_path_factory.mktemp("saved_full") / "out"
+    train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "2", "--per_device_train_batch_size",
+                          "2", "--save_strategy", "steps", "--save_steps", "2"))
+    return output_dir
+
+
+def test_the_bases_tokenizer_model_is_kept_with_the_added_pad(full_run, llama_dir):
+    for folder in (full_run, full_run / "checkpoint-2"):
+        assert (folder / "tokenizer.model").read_bytes() == (llama_dir / "tokenizer.model").read_bytes(), folder
+        # as the original's slow tokenizer saved the token it added past the sentencepiece vocabulary
+        assert json.loads((folder / "added_tokens.json").read_text()) == {"[PAD]": 600}
+    trained = transformers.AutoTokenizer.from_pretrained(str(full_run))
+    expected = tokenization.prompt_token_ids(trained, PROMPTS)
+    # The sentencepiece files alone (the 2023 format, no tokenizer.json) make the same tokenizer: consistent.
+    sentencepiece_only = full_run.parent / "sentencepiece_only"
+    sentencepiece_only.mkdir()
+    for name in ("tokenizer.model", "added_tokens.json", "tokenizer_config.json"):
+        shutil.copy(full_run / name, sentencepiece_only / name)
+    rebuilt = tokenization.load_tokenizer(str(sentencepiece_only))
+    assert (len(rebuilt), rebuilt.convert_tokens_to_ids("[PAD]"), rebuilt.pad_token_id) == (601, 600, 600)
+    assert tokenization.prompt_token_ids(rebuilt, PROMPTS) == expected
+
+
+def test_a_tokenizer_model_is_kept_only_when_the_base_has_one_that_matches(tmp_path, tokenizer_matrix, llama_dir,
+                                                                           hf_tokenizer_dir, caplog):
+    opt = transformers.AutoTokenizer.from_pretrained(str(tokenizer_matrix["opt"]))  # byte-level BPE: nothing to keep
+    assert saved_models.keep_sentencepiece_model(opt, str(tokenizer_matrix["opt"]), str(tmp_path)) is None
+    other = transformers.AutoTokenizer.from_pretrained(str(hf_tokenizer_dir))  # not built on llama_dir's model
+    assert saved_models.keep_sentencepiece_model(other, str(llama_dir), str(tmp_path)) is None
+    assert os.listdir(tmp_path) == []
+    assert "tokenizer.model: not copied to" in caplog.text and "does not match the tokenizer (id 3 is" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# llama.cpp's converters
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converters():
+    """Folder holding llama.cpp's convert_hf_to_gguf.py and convert_lora_to_gguf.py (with the `conversion` and
+    `gguf-py` packages they import), from the llama-cpp-python sdist; made once in CONVERTER_CACHE. Skips when the
+    package registry cannot be reached."""
+    if (CONVERTER_CACHE / "convert_hf_to_gguf.py").exists():
+        return CONVERTER_CACHE
+    with tempfile.TemporaryDirectory() as download:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               "--timeout", "20", "--dest", download, LLAMA_CPP_PYTHON],
+                              capture_output=True, text=True, timeout=900)
+        sdists = list(Path(download).glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode or not sdists:
+            errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or ["no sdist"]
+            pytest.skip(f"{LLAMA_CPP_PYTHON} (llama.cpp's converters) could not be downloaded: {errors[-1]}")
+        staging = Path(tempfile.mkdtemp(dir=CONVERTER_CACHE.parent if CONVERTER_CACHE.parent.exists() else None))
+        with tarfile.open(sdists[0]) as sdist:
+            prefix = f"{sdists[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+            members = [m for m in sdist.getmembers() if m.name.startswith(prefix) and
+                       m.name[len(prefix):].startswith(CONVERTER_FILES)]
+            for member in members:
+                member.name = member.name[len(prefix):]
+            sdist.extractall(staging, members=members, filter="data")
+    CONVERTER_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, CONVERTER_CACHE)  # complete or absent
+    return CONVERTER_CACHE
+
+
+def run_converters(converters, *jobs):
+    """Run llama.cpp converter scripts in one Python process (one torch import): each job is (script name, argv)."""
+    code = ("import runpy, sys\n"
+            f"for script, argv in {[(str(converters / script), list(map(str, argv))) for script, argv in jobs]!r}:\n"
+            "    sys.argv = [script, *argv]\n"
+            "    runpy.run_path(script, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=converters)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def gguf_vocabulary(path):
+    """{field: value} of the tokenizer.ggml.* fields of a GGUF file, read with the gguf package."""
+    reader = gguf.GGUFReader(str(path))
+    return {name.removeprefix("tokenizer.ggml."): field.contents() for name, field in reader.fields.items()
+            if name.startswith("tokenizer.ggml.")}
+
+
+def llama_cpp_spm_ids(path, texts):
+    """The ids llama.cpp's sentencepiece tokenizer (llm_tokenizer_spm, the 'llama' tokenizer model) gives `texts` from
+    a GGUF file: sentencepiece's BPE, which llama.cpp reimplements (the bigram of the highest score merges first), over
+    the file's pieces, scores and token types, a space put before the text, and the BOS when add_bos_token says so."""
+    vocabulary = gguf_vocabulary(path)
+    assert vocabulary["model"] == "llama"
+    model = sentencepiece_model_pb2.ModelProto()
+    model.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    model.trainer_spec.byte_fallback = True
+    model.trainer_spec.unk_id = vocabulary["unknown_token_id"]
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = vocabulary.get("add_space_prefix", True)
+    model.normalizer_spec.remove_extra_whitespaces = False
+    for token_id, (token, score, token_type) in enumerate(zip(vocabulary["tokens"], vocabulary["scores"],
+                                                              vocabulary["token_type"])):
+        piece = model.pieces.add()
+        piece.piece, piece.score = token, score
+        # gguf's token types are sentencepiece's numbers; sentencepiece wants its one UNKNOWN at unk_id
+        piece.type = 2 if token_id == vocabulary["unknown_token_id"] else 1 if token_type == 2 else token_type
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.SerializeToString())
+    bos = [vocabulary["bos_token_id"]] if vocabulary.get("add_bos_token") else []
+    return [bos + ids for ids in processor.encode(list(texts))]
+
+
+def transformers_gguf_ids(path, texts):
+    """The ids of `texts` by the tokenizer transformers builds from a GGUF file (from_pretrained(gguf_file=...))."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return [tokenizer(text)["input_ids"] for text in texts]
+
+
+def same(expected, found):
+    """How many rows of ids are identical."""
+    return sum(a == b for a, b in zip(expected, found, strict=True))
+
+
+def test_gguf_conversion_tokenizes_alpaca_prompts_as_training(full_run, llama_cpp_converters, tmp_path):
+    expected = tokenization.prompt_token_ids(transformers.AutoTokenizer.from_pretrained(str(full_run)), PROMPTS)
+    without = tmp_path / "without_tokenizer_model"  # what train.py saved before: tokenizer.json only
+    shutil.copytree(full_run, without, ignore=shutil.ignore_patterns("checkpoint-*", "tokenizer.model",
+                                                                      "added_tokens.json"))
+    run_converters(llama_cpp_converters,
+                   ("convert_hf_to_gguf.py", [full_run, "--outfile", tmp_path / "model.gguf", "--outtype", "f32"]),
+                   ("convert_hf_to_gguf.py", [without, "--outfile", tmp_path / "vocab.gguf", "--vocab-only"]))
+
+    vocabulary = gguf_vocabulary(tmp_path / "model.gguf")
+    assert vocabulary["tokens"][600] == "[PAD]" and vocabulary["padding_token_id"] == 600  # from added_tokens.json
+    assert same(expected, llama_cpp_spm_ids(tmp_path / "model.gguf", PROMPTS)) == len(PROMPTS)
+    assert same(expected, transformers_gguf_ids(tmp_path / "model.gguf", PROMPTS)) == len(PROMPTS)
+    # Without tokenizer.model the converter reads tokenizer.json and scores every token -1000: llama.cpp then merges
+    # the leftmost pair first, and no prompt keeps its training ids.
+    assert set(gguf_vocabulary(tmp_path / "vocab.gguf")["scores"]) == {-1000.0}
+    assert same(expected, llama_cpp_spm_ids(tmp_path / "vocab.gguf", PROMPTS)) == 0
