@@ -163,20 +163,63 @@ def same(expected, found):
     return sum(a == b for a, b in zip(expected, found, strict=True))
 
 
-def test_gguf_conversion_tokenizes_alpaca_prompts_as_training(full_run, llama_cpp_converters, tmp_path):
-    expected = tokenization.prompt_token_ids(transformers.AutoTokenizer.from_pretrained(str(full_run)), PROMPTS)
-    without = tmp_path / "without_tokenizer_model"  # what train.py saved before: tokenizer.json only
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, llama_dir, alpaca_sample_path):
+    """Output folder of 1 step of `--lora_r 8 --merge_lora True` (the adapter, and merged/)."""
+    output_dir = tmp_path_factory.mktemp("saved_lora") / "out"
+    train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "1", "--lora_r", "8",
+                          "--merge_lora", "True", "--per_device_train_batch_size", "2", "--save_strategy", "no"))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def converted(llama_cpp_converters, full_run, lora_run, llama_dir, tmp_path_factory):
+    """Folder of the GGUF files llama.cpp's converters make, in one process: model.gguf (full fine-tuning), merged.gguf
+    (--merge_lora), adapter.gguf (convert_lora_to_gguf.py on the adapter, over the base), and vocab.gguf (the
+    vocabulary of the full fine-tuning's folder as train.py saved it before: without tokenizer.model)."""
+    folder = tmp_path_factory.mktemp("gguf")
+    without = folder / "without_tokenizer_model"
     shutil.copytree(full_run, without, ignore=shutil.ignore_patterns("checkpoint-*", "tokenizer.model",
                                                                       "added_tokens.json"))
     run_converters(llama_cpp_converters,
-                   ("convert_hf_to_gguf.py", [full_run, "--outfile", tmp_path / "model.gguf", "--outtype", "f32"]),
-                   ("convert_hf_to_gguf.py", [without, "--outfile", tmp_path / "vocab.gguf", "--vocab-only"]))
+                   ("convert_hf_to_gguf.py", [full_run, "--outfile", folder / "model.gguf", "--outtype", "f32"]),
+                   ("convert_hf_to_gguf.py", [lora_run / "merged", "--outfile", folder / "merged.gguf",
+                                              "--outtype", "f32"]),
+                   ("convert_lora_to_gguf.py", [lora_run, "--base", llama_dir, "--outfile", folder / "adapter.gguf",
+                                                "--outtype", "f32"]),
+                   ("convert_hf_to_gguf.py", [without, "--outfile", folder / "vocab.gguf", "--vocab-only"]))
+    return folder
 
-    vocabulary = gguf_vocabulary(tmp_path / "model.gguf")
+
+def test_gguf_conversion_tokenizes_alpaca_prompts_as_training(full_run, converted):
+    expected = tokenization.prompt_token_ids(transformers.AutoTokenizer.from_pretrained(str(full_run)), PROMPTS)
+    vocabulary = gguf_vocabulary(converted / "model.gguf")
     assert vocabulary["tokens"][600] == "[PAD]" and vocabulary["padding_token_id"] == 600  # from added_tokens.json
-    assert same(expected, llama_cpp_spm_ids(tmp_path / "model.gguf", PROMPTS)) == len(PROMPTS)
-    assert same(expected, transformers_gguf_ids(tmp_path / "model.gguf", PROMPTS)) == len(PROMPTS)
+    assert same(expected, llama_cpp_spm_ids(converted / "model.gguf", PROMPTS)) == len(PROMPTS)
+    assert same(expected, transformers_gguf_ids(converted / "model.gguf", PROMPTS)) == len(PROMPTS)
     # Without tokenizer.model the converter reads tokenizer.json and scores every token -1000: llama.cpp then merges
     # the leftmost pair first, and no prompt keeps its training ids.
-    assert set(gguf_vocabulary(tmp_path / "vocab.gguf")["scores"]) == {-1000.0}
-    assert same(expected, llama_cpp_spm_ids(tmp_path / "vocab.gguf", PROMPTS)) == 0
+    assert set(gguf_vocabulary(converted / "vocab.gguf")["scores"]) == {-1000.0}
+    assert same(expected, llama_cpp_spm_ids(converted / "vocab.gguf", PROMPTS)) == 0
+
+
+def test_a_lora_run_reaches_gguf_merged_or_as_an_adapter(lora_run, converted):
+    """Both of llama.cpp's ways: convert_hf_to_gguf.py on --merge_lora's folder (prompts tokenized as in training),
+    and convert_lora_to_gguf.py on the adapter itself (its A and B matrices, nothing else: no embedding rows)."""
+    expected = tokenization.prompt_token_ids(transformers.AutoTokenizer.from_pretrained(str(lora_run)), PROMPTS)
+    assert gguf_vocabulary(converted / "merged.gguf")["padding_token_id"] == 0  # <unk>, as the adapter's tokenizer
+    assert same(expected, llama_cpp_spm_ids(converted / "merged.gguf", PROMPTS)) == len(PROMPTS)
+    adapter = gguf.GGUFReader(str(converted / "adapter.gguf"))
+    assert adapter.fields["general.type"].contents() == "adapter"
+    assert sorted(tensor.name for tensor in adapter.tensors) == sorted(
+        f"blk.{layer}.attn_{proj}.weight.lora_{ab}" for layer in (0, 1) for proj in ("q", "v") for ab in ("a", "b"))
+
+
+def test_weight_diff_recover_keeps_the_tokenizer_model(full_run, llama_dir, tmp_path):
+    import weight_diff
+
+    weight_diff.make_diff(str(llama_dir), str(full_run), str(tmp_path / "diff"))
+    weight_diff.recover(str(llama_dir), str(tmp_path / "diff"), str(tmp_path / "recovered"), test_inference=False)
+    for folder in (tmp_path / "diff", tmp_path / "recovered"):
+        assert (folder / "tokenizer.model").read_bytes() == (llama_dir / "tokenizer.model").read_bytes()
+        assert json.loads((folder / "added_tokens.json").read_text()) == {"[PAD]": 600}
