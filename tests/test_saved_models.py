@@ -46,8 +46,8 @@ def llama_dir(tmp_path_factory, tiny_llama_dir, llama_tokenizer_dir):
 def full_run(tmp_path_factory, llama_dir, alpaca_sample_path):
     """Output folder of 2 steps of full fine-tuning ([PAD] added as token 600), with checkpoint-2."""
     output_dir = tmp_path_factory.mktemp("saved_full") / "out"
-    train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "2", "--per_device_train_batch_size",
-                          "2", "--save_strategy", "steps", "--save_steps", "2"))
+    train.train(base_argv(llama_dir, alpaca_sample_path, output_dir, "--max_steps", "2",
+                          "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2"))
     return output_dir
 
 
@@ -82,13 +82,13 @@ def test_a_tokenizer_model_is_kept_only_when_the_base_has_one_that_matches(tmp_p
 # llama.cpp's converters
 
 
-@pytest.fixture(scope="session")
-def llama_cpp_converters():
+def fetch_llama_cpp_converters(cache=CONVERTER_CACHE):
     """Folder holding llama.cpp's convert_hf_to_gguf.py and convert_lora_to_gguf.py (with the `conversion` and
-    `gguf-py` packages they import), from the llama-cpp-python sdist; made once in CONVERTER_CACHE. Skips when the
-    package registry cannot be reached."""
-    if (CONVERTER_CACHE / "convert_hf_to_gguf.py").exists():
-        return CONVERTER_CACHE
+    `gguf-py` packages they import), from the llama-cpp-python sdist; made once in `cache`. Raises RuntimeError (its
+    message says why) when the package registry cannot be reached."""
+    if (cache / "convert_hf_to_gguf.py").exists():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download:
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                                "--timeout", "20", "--dest", download, LLAMA_CPP_PYTHON],
@@ -96,8 +96,8 @@ def llama_cpp_converters():
         sdists = list(Path(download).glob("llama_cpp_python-*.tar.gz"))
         if done.returncode or not sdists:
             errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or ["no sdist"]
-            pytest.skip(f"{LLAMA_CPP_PYTHON} (llama.cpp's converters) could not be downloaded: {errors[-1]}")
-        staging = Path(tempfile.mkdtemp(dir=CONVERTER_CACHE.parent if CONVERTER_CACHE.parent.exists() else None))
+            raise RuntimeError(f"{LLAMA_CPP_PYTHON} (llama.cpp's converters) could not be downloaded: {errors[-1]}")
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
         with tarfile.open(sdists[0]) as sdist:
             prefix = f"{sdists[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
             members = [m for m in sdist.getmembers() if m.name.startswith(prefix) and
@@ -105,9 +105,17 @@ def llama_cpp_converters():
             for member in members:
                 member.name = member.name[len(prefix):]
             sdist.extractall(staging, members=members, filter="data")
-    CONVERTER_CACHE.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, CONVERTER_CACHE)  # complete or absent
-    return CONVERTER_CACHE
+    os.replace(staging, cache)  # complete or absent
+    return cache
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converters():
+    """fetch_llama_cpp_converters(), or skip saying why."""
+    try:
+        return fetch_llama_cpp_converters()
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 def run_converters(converters, *jobs):
