@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from alpaca_lib import lora, tokenization
+from alpaca_lib import lora
 import utils
 from conftest import REPO_ROOT, SAMPLE_RECORDS, _byte_level_bpe, _tiny_llama_folder
 import inference
