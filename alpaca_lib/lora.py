@@ -244,11 +244,13 @@ def special_tokens_to_add(tokenizer, missing):
     """
     if "eos_token" not in missing:
         return {}
-    logger.warning("the tokenizer has no EOS token: adding %s as a new token grows the vocabulary, and the adapter "
-                   "then holds its embedding rows, so stock PeftModel.from_pretrained needs the base resized first "
-                   "(model.resize_token_embeddings(len(tokenizer))) while AutoPeftModelForCausalLM, inference.py and "
-                   "--merge_lora True load it as it is; to keep the vocabulary, name a token the model has as "
-                   "eos_token in the tokenizer_config.json of --model_name_or_path", missing["eos_token"])
+    if missing["eos_token"] not in tokenizer.get_vocab():  # a token it has is only named EOS: nothing grows
+        logger.warning("the tokenizer has no EOS token: adding %s as a new token grows the vocabulary, and the "
+                       "adapter then holds its embedding rows, so stock PeftModel.from_pretrained needs the base "
+                       "resized first (model.resize_token_embeddings(len(tokenizer))) while AutoPeftModelForCausalLM, "
+                       "inference.py and --merge_lora True load it as it is; to keep the vocabulary, name a token the "
+                       "model has as eos_token in the tokenizer_config.json of --model_name_or_path",
+                       missing["eos_token"])
     return {"eos_token": missing["eos_token"]}
 
 

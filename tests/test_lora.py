@@ -4,6 +4,7 @@ before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA G
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 
@@ -184,6 +185,18 @@ def test_a_tokenizer_without_eos_grows_the_vocabulary_with_one_warning(tmp_path,
     torch.testing.assert_close(logits(auto, tokenizer), expected, rtol=0, atol=1e-5)
     ours, _ = inference.load_model(str(output_dir), device="cpu")
     torch.testing.assert_close(logits(ours, tokenizer), expected, rtol=0, atol=1e-5)
+
+
+def test_an_eos_the_vocabulary_has_is_only_named_without_a_warning(hf_tokenizer_dir, caplog):
+    source = transformers.AutoTokenizer.from_pretrained(str(hf_tokenizer_dir))  # <unk> 0, <s> 1, </s> 2
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=source.backend_tokenizer, unk_token="<unk>")
+    missing = train.missing_special_tokens(tokenizer)
+    assert missing == {"pad_token": "[PAD]", "eos_token": "</s>", "bos_token": "<s>"}
+    with caplog.at_level(logging.WARNING, logger="lora"):
+        to_add = lora.special_tokens_to_add(tokenizer, missing)
+    assert to_add == {"eos_token": "</s>"} and not caplog.records
+    assert tokenizer.add_special_tokens(to_add) == 0 and (len(tokenizer), tokenizer.eos_token_id) == (600, 2)
+    assert lora.pad_with_existing_token(tokenizer) == "<unk>" and tokenizer.pad_token_id == 0
 
 
 @pytest.fixture(scope="module")
