@@ -26,7 +26,7 @@ import transformers
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from alpaca_lib import cli, hardware, legacy_flags, lora, tokenization, trainer_flags
+from alpaca_lib import cli, hardware, legacy_flags, lora, saved_models, tokenization, trainer_flags
 from alpaca_lib.cli import UsageError
 from utils import IGNORE_INDEX, PROMPT_DICT  # noqa: F401 -- PROMPT_DICT: the original defined it here; forks import it
 import utils
@@ -443,15 +443,22 @@ def load_tokenizer(model_args, training_args):
                          f"{cli.first_line(e)}") from None
 
 
-def load_model_and_tokenizer(model_args, training_args):
+def load_model_and_tokenizer(model_args, training_args, lora_vocabulary=None):
     """The base model (fp32 by default) and its tokenizer, with the original's special tokens added; with --lora_r,
-    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (alpaca_lib/lora.py)."""
+    the base frozen (4-bit with --load_in_4bit) under LoRA adapters (alpaca_lib/lora.py), and the base's vocabulary
+    kept: pad with a token it has, add only a missing EOS (lora.special_tokens_to_add). lora_vocabulary (default:
+    --lora_r > 0) chooses that token rule alone (--merge_lora loads the base without adapters, with the LoRA rule)."""
     tokenizer = load_tokenizer(model_args, training_args)  # first: a wrong --model_name_or_path fails in a second
     if model_args.lora_r:  # checked against config.json, before the weights load
         lora_targets = lora.target_modules(model_args, training_args.cache_dir)
     model = load_model(model_args, training_args, len(tokenizer))
     special_tokens_dict = missing_special_tokens(tokenizer)
+    lora_vocabulary = bool(model_args.lora_r) if lora_vocabulary is None else lora_vocabulary
+    if lora_vocabulary:
+        special_tokens_dict = lora.special_tokens_to_add(tokenizer, special_tokens_dict)
     num_new = smart_tokenizer_and_embedding_resize(special_tokens_dict, tokenizer, model)
+    if lora_vocabulary:
+        lora.pad_with_existing_token(tokenizer)
     if special_tokens_dict:
         logger.info("Added special tokens %s: %d new tokens, whose embedding rows are the mean of the %d old tokens' "
                     "(%d embedding rows)", special_tokens_dict, num_new, len(tokenizer) - num_new,
@@ -548,10 +555,14 @@ def train(argv=None):
 
     trainer = transformers.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     trainer.add_callback(DistributedCheck(trainer, int(os.environ.get("WORLD_SIZE", "1"))))
+    trainer.add_callback(saved_models.SentencepieceModelKeeper(tokenizer, model_args.model_name_or_path,
+                                                               training_args.cache_dir))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # parse_args resolved `last`
     trainer.save_state()
     safe_save_model_for_hf_trainer(trainer=trainer, output_dir=training_args.output_dir)
-    if training_args.should_save:
+    if training_args.should_save:  # the base's tokenizer.model, for llama.cpp's converter (saved_models)
+        saved_models.keep_sentencepiece_model(tokenizer, model_args.model_name_or_path, training_args.output_dir,
+                                              training_args.cache_dir)
         logger.info("Saved the %s and tokenizer to %s", "LoRA adapter" if model_args.lora_r else "model",
                     training_args.output_dir)
     if model_args.merge_lora and training_args.should_save:
@@ -563,9 +574,11 @@ def save_merged_model(model_args, training_args):
     """--merge_lora: the base as training loaded it (unquantized) plus the adapter just saved, one full model in
     <output_dir>/merged; loading the adapter back is proof that it is whole."""
     with hardware.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
-        base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args)
+        base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args,
+                                                        lora_vocabulary=True)
         merged_dir = os.path.join(training_args.output_dir, "merged")
-        lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir)
+        lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir, model_args.model_name_or_path,
+                         training_args.cache_dir)
     logger.info("Saved base + adapter merged into one model to %s", merged_dir)
 
 

@@ -22,7 +22,7 @@ from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while th
 
 import torch
 
-from alpaca_lib import cli, legacy_checkpoints, tokenization
+from alpaca_lib import cli, legacy_checkpoints, saved_models, tokenization
 from alpaca_lib.checkpoint_tensors import (Checkpoint, CorrectionsWriter, ShardedSafetensorsWriter,
                                            atomic_output_folder, tensor_sha256)
 from alpaca_lib.weight_diff_format import (CORRECTIONS_NAME, Manifest, WeightDiffError, apply_corrections,
@@ -264,16 +264,16 @@ def load_tokenizer(folder):
 
 
 def save_tokenizer(tokenizer, source_folder, out_folder, num_embeddings):
-    """Save `tokenizer` (plus the source's tokenizer.model, for tools that want it), then check that AutoTokenizer
-    reloads it identically and that every token id has an embedding row."""
+    """Save `tokenizer` (plus the source's tokenizer.model and added_tokens.json, for tools that want them:
+    saved_models), then check that AutoTokenizer reloads it identically and that every token id has an embedding
+    row."""
     from transformers import AutoTokenizer
 
     if len(tokenizer) > num_embeddings:
         raise WeightDiffError(f"{source_folder}: the tokenizer has {len(tokenizer)} tokens but the model only "
                               f"{num_embeddings} embedding rows")
     tokenizer.save_pretrained(out_folder)
-    if os.path.exists(os.path.join(source_folder, "tokenizer.model")):
-        shutil.copyfile(os.path.join(source_folder, "tokenizer.model"), os.path.join(out_folder, "tokenizer.model"))
+    saved_models.keep_sentencepiece_model(tokenizer, os.fspath(source_folder), out_folder)
     reloaded = AutoTokenizer.from_pretrained(out_folder)
     probe = utils.format_prompt({"instruction": INFERENCE_INSTRUCTION, "input": ""}) + " déjà vu 東京\n"
     for attribute in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):

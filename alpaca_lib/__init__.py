@@ -13,6 +13,7 @@
   regen_file          regen.json, stage 1's output: rewritten atomically after every round, resumed
   batch_jobs          stage 1 as batch jobs (OpenAI Batch API, vllm run-batch files): planned, sent once, applied
   lora                LoRA / QLoRA adapters for train.py (peft, bitsandbytes)
+  saved_models        what a saved model keeps for other tools: the base's tokenizer.model (llama.cpp's converter)
   legacy_flags        the original README's transformers-4 flags, rewritten for transformers 5
   trainer_flags       train.py's command line over HfArgumentParser: one-line errors, the short --help, --help_all
   hardware            fitting a training run to the machine: GPU-less fallbacks, DDP over gloo, FSDP, DeepSpeed

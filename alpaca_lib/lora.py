@@ -235,11 +235,43 @@ def quantization_kwargs(model_args, training_args):
     return dict(quantization_config=config, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
 
 
+def special_tokens_to_add(tokenizer, missing):
+    """The part of `missing` (train.missing_special_tokens: name -> token) that LoRA adds: the EOS only, which every
+    target ends with. Any other added token would grow the vocabulary and put embedding rows in the adapter, which
+    stock `PeftModel.from_pretrained` cannot load on the unresized base, nor llama.cpp's convert_lora_to_gguf.py.
+    The pad token is one the tokenizer has (pad_with_existing_token); a missing BOS or UNK is left missing, as no
+    training row uses it. A missing EOS still has to be added: one warning says what follows and what to give instead.
+    """
+    if "eos_token" not in missing:
+        return {}
+    if missing["eos_token"] not in tokenizer.get_vocab():  # a token it has is only named EOS: nothing grows
+        logger.warning("the tokenizer has no EOS token: adding %s as a new token grows the vocabulary, and the "
+                       "adapter then holds its embedding rows, so stock PeftModel.from_pretrained needs the base "
+                       "resized first (model.resize_token_embeddings(len(tokenizer))) while AutoPeftModelForCausalLM, "
+                       "inference.py and --merge_lora True load it as it is; to keep the vocabulary, name a token the "
+                       "model has as eos_token in the tokenizer_config.json of --model_name_or_path",
+                       missing["eos_token"])
+    return {"eos_token": missing["eos_token"]}
+
+
+def pad_with_existing_token(tokenizer):
+    """Make the tokenizer's UNK, or else its EOS, the pad token when it has none (alpaca-lora's pad id 0 for LLaMA;
+    TRL's pad = EOS). Padding never changes a LoRA step: padded positions are masked out of attention and their
+    labels are IGNORE_INDEX, so the loss and every gradient are those of any other pad token (tests/test_lora.py).
+    Returns the pad token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("LoRA: padding with %s (id %d), a token the base has: the vocabulary is kept as it is",
+                    tokenizer.pad_token, tokenizer.pad_token_id)
+    return tokenizer.pad_token
+
+
 def add_adapters(model, model_args, training_args, targets, new_token_ids):
     """Freeze `model` and wrap it in LoRA adapters (a peft.PeftModel); returns it.
 
-    `new_token_ids`: the tokens train.py added, whose embedding and lm_head rows it set (mean rule). Those rows are
-    stored in the adapter (peft's trainable_token_indices, kept frozen), so that whoever loads it gets the very rows
+    `new_token_ids`: the tokens train.py added (none unless the tokenizer had no EOS: special_tokens_to_add), whose
+    embedding and lm_head rows it set (mean rule). Those rows are stored in the adapter (peft's
+    trainable_token_indices, kept frozen), so that whoever loads it gets the very rows
     training used, whatever the base's row count, dtype or padding rows: a few kilobytes, where peft's default saves
     both whole embedding matrices (about 1 GB for LLaMA-7B in fp32) whenever the vocabulary grew.
     """
@@ -288,10 +320,11 @@ def base_model_args(model_args):
     return dataclasses.replace(model_args, lora_r=0, load_in_4bit=False, lora_target_modules=None, merge_lora=False)
 
 
-def save_merged(base, tokenizer, adapter_dir, output_dir):
+def save_merged(base, tokenizer, adapter_dir, output_dir, base_name_or_path=None, cache_dir=None):
     """base + the adapter saved in `adapter_dir`, merged into plain weights (W + alpha/r * B @ A, and the saved token
     rows), saved as a full model (safetensors) with its tokenizer in `output_dir`, which appears complete or not at all
-    (an earlier one is replaced)."""
+    (an earlier one is replaced). With base_name_or_path, the base's tokenizer.model is kept too (saved_models)."""
+    from alpaca_lib import saved_models
     from alpaca_lib.checkpoint_tensors import atomic_output_folder
 
     merged = merge_adapter(base, adapter_dir)
@@ -299,6 +332,8 @@ def save_merged(base, tokenizer, adapter_dir, output_dir):
     with atomic_output_folder(output_dir, overwrite=True) as folder:
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        if base_name_or_path:
+            saved_models.keep_sentencepiece_model(tokenizer, base_name_or_path, folder, cache_dir)
     return merged
 
 

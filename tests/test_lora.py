@@ -4,6 +4,7 @@ before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA G
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 
@@ -13,9 +14,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from alpaca_lib import lora, tokenization
+from alpaca_lib import lora
 import utils
-from conftest import REPO_ROOT, SAMPLE_RECORDS
+from conftest import REPO_ROOT, SAMPLE_RECORDS, _byte_level_bpe, _tiny_llama_folder
 import inference
 import train
 import weight_diff
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, tiny_llama_dir, llama_tokenizer_dir):
-    """The tiny Llama (600 rows) with the LLaMA-like tokenizer (600 tokens, no pad: train.py adds [PAD] as row 600)."""
+    """The tiny Llama (600 rows) with the LLaMA-like tokenizer (600 tokens, no pad: LoRA pads with <unk>, id 0; full
+    fine-tuning adds [PAD] as row 600), and its tokenizer.model."""
     return _model_folder(tmp_path_factory, "lora_llama", tiny_llama_dir, llama_tokenizer_dir)
 
 
@@ -67,26 +69,24 @@ def lora_free_names(model):
 # What is saved, and what trained
 
 
-def test_the_output_is_the_adapter_with_the_added_rows_and_the_tokenizer(lora_run, llama_dir):
+def test_the_output_is_the_adapter_and_the_tokenizer_with_the_bases_vocabulary(lora_run, llama_dir):
     trainer, output_dir = lora_run
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)  # alpaca-lora's values
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
-    assert config["trainable_token_indices"] == {"model.embed_tokens": [600], "lm_head": [600]}
+    assert config["trainable_token_indices"] is None  # no embedding rows: stock peft and llama.cpp load it
     assert config["base_model_name_or_path"] == str(llama_dir.resolve())
     assert not (output_dir / "model.safetensors").exists()
     saved = load_file(str(output_dir / "adapter_model.safetensors"))
-    lora_keys = {name for name in saved if ".lora_A." in name or ".lora_B." in name}
-    assert len(lora_keys) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
-    rows = {name: tensor for name, tensor in saved.items() if name not in lora_keys}
-    assert {name: tuple(tensor.shape) for name, tensor in rows.items()} == {  # one row each, not the whole matrices
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (1, 64),
-        "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (1, 64)}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
-    assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id == 600
+    assert len(saved) == 2 * 2 * 2 and all(".lora_A." in name or ".lora_B." in name for name in saved)  # 2 layers x
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))  # (q_proj, v_proj) x (A, B)
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, len(tokenizer)) == ("<unk>", 0, 600)  # alpaca-lora's pad
+    for folder in (output_dir, output_dir / "merged"):  # the base's sentencepiece model, nothing added to it
+        assert (folder / "tokenizer.model").read_bytes() == (llama_dir / "tokenizer.model").read_bytes()
+        assert not (folder / "added_tokens.json").exists()
 
 
-def test_only_the_adapters_change_and_the_new_rows_are_the_mean_rule(lora_run, llama_dir):
+def test_only_the_adapters_change(lora_run, llama_dir):
     trainer, output_dir = lora_run
     model = trainer.model
     assert {name for name, p in model.named_parameters() if p.requires_grad} == {
@@ -95,33 +95,28 @@ def test_only_the_adapters_change_and_the_new_rows_are_the_mean_rule(lora_run, l
     trained = lora_free_names(model)
     assert sorted(trained) == sorted(base)
     for name, tensor in base.items():
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            assert torch.equal(trained[name][:600], tensor), name
-            mean = tokenization.mean_row(tensor)  # the rule of train.smart_tokenizer_and_embedding_resize, bit for bit
-            assert torch.equal(trained[name][600:], mean), name
-            saved = load_file(str(output_dir / "adapter_model.safetensors"))
-            key = "model.embed_tokens" if name.startswith("model.") else "lm_head"
-            assert torch.equal(saved[f"base_model.model.{key}.token_adapter.trainable_tokens_delta"], mean)
-        else:
-            assert torch.equal(trained[name], tensor), name
+        assert torch.equal(trained[name], tensor), name  # the embeddings too: 600 rows, as the base
     lora_b = [p for name, p in model.named_parameters() if ".lora_B." in name]
     assert len(lora_b) == 4 and all(p.abs().max() > 1e-3 for p in lora_b)  # B starts at zero: it trained
 
 
-def test_base_plus_adapter_and_the_merged_model_give_the_trained_logits(lora_run, llama_dir):
+def test_stock_peft_and_the_merged_model_give_the_trained_logits(lora_run, llama_dir):
     trainer, output_dir = lora_run
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
     expected = logits(trainer.model, tokenizer)
 
     base = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir))
-    assert (logits(base, tokenizer) - expected[..., :600]).abs().max() > 1e-2  # the adapter matters
-    base.resize_token_embeddings(len(tokenizer))  # whatever rule grows the rows: the adapter brings its own
-    reloaded = peft.PeftModel.from_pretrained(base, str(output_dir)).eval()
+    assert (logits(base, tokenizer) - expected).abs().max() > 1e-2  # the adapter matters
+    reloaded = peft.PeftModel.from_pretrained(base, str(output_dir)).eval()  # the base as it is: no resize
     torch.testing.assert_close(logits(reloaded, tokenizer), expected, rtol=0, atol=1e-5)
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(output_dir)).eval()
+    torch.testing.assert_close(logits(auto, tokenizer), expected, rtol=0, atol=1e-5)
+    ours, _ = inference.load_model(str(output_dir), device="cpu")  # inference.py's path
+    torch.testing.assert_close(logits(ours, tokenizer), expected, rtol=0, atol=1e-5)
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(output_dir / "merged"))
     assert merged.dtype == torch.float32 and merged.config.use_cache
-    assert merged.get_input_embeddings().num_embeddings == 601
+    assert merged.get_input_embeddings().num_embeddings == 600
     torch.testing.assert_close(logits(merged, tokenizer), expected, rtol=0, atol=1e-5)
     assert (output_dir / "merged" / "tokenizer.json").exists()
 
@@ -131,6 +126,77 @@ def test_merged_model_round_trips_through_weight_diff(lora_run, llama_dir, tmp_p
     weight_diff.make_diff(str(llama_dir), str(output_dir / "merged"), str(tmp_path / "diff"))
     weight_diff.recover(str(llama_dir), str(tmp_path / "diff"), str(tmp_path / "recovered"), test_inference=False)
     assert_bit_identical(load_weights(tmp_path / "recovered"), load_weights(output_dir / "merged"))
+
+
+def lora_step(model_args, training_args, records, pad_token):
+    """(loss, {LoRA parameter name: gradient}) of one forward and backward pass of train.py's LoRA model and tokenizer
+    (train.load_model_and_tokenizer, seeded) on `records`, padded with `pad_token` as train.py collates them."""
+    transformers.set_seed(0)
+    model, tokenizer = train.load_model_and_tokenizer(model_args, training_args)
+    tokenizer.pad_token = pad_token
+    dataset = train.SupervisedDataset("records", tokenizer, records=records)
+    batch = train.DataCollatorForSupervisedDataset(tokenizer)([dataset[i] for i in range(len(dataset))])
+    assert (batch["input_ids"] == tokenizer.pad_token_id).sum() > 20  # the rows differ in length: padded
+    loss = model(**batch).loss
+    loss.backward()
+    return loss, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_pad_token_does_not_change_a_lora_step(llama_dir, tmp_path, monkeypatch):
+    """Padded positions are masked out of attention and their labels are IGNORE_INDEX: whichever token pads, the loss
+    and every gradient are the same, bit for bit. So LoRA pads with <unk> (id 0, alpaca-lora's choice) rather than
+    growing the vocabulary for [PAD] (what changes then is the softmax's extra [PAD] class, not the padding)."""
+    model_args = train.ModelArguments(model_name_or_path=str(llama_dir), lora_r=8, lora_dropout=0.0)
+    training_args = train.TrainingArguments(output_dir=str(tmp_path), model_max_length=512)
+    records = SAMPLE_RECORDS[:6]
+    steps = {pad: lora_step(model_args, training_args, records, pad) for pad in ("<unk>", "</s>")}  # 600 rows
+    with monkeypatch.context() as patch:  # the full fine-tuning rule: [PAD] added as row 600
+        patch.setattr(lora, "special_tokens_to_add", lambda tokenizer, missing: missing)
+        grown = {pad: lora_step(model_args, training_args, records, pad) for pad in ("[PAD]", "<unk>")}
+    for (loss, grads), (other_loss, other_grads) in ((steps["<unk>"], steps["</s>"]), (grown["[PAD]"], grown["<unk>"])):
+        assert torch.equal(loss, other_loss)
+        assert grads.keys() == other_grads.keys() and len(grads) == 8
+        for name, grad in grads.items():
+            assert torch.equal(grad, other_grads[name]), name
+            assert grad.abs().max() > 0 or ".lora_A." in name  # B starts at zero, so A's first gradient is zero
+    assert not torch.equal(steps["<unk>"][0], grown["<unk>"][0])  # 600 classes or 601: another softmax
+
+
+def test_a_tokenizer_without_eos_grows_the_vocabulary_with_one_warning(tmp_path, tmp_path_factory,
+                                                                        alpaca_sample_path, capsys):
+    """The one token LoRA must add: the EOS every target ends with. Then the adapter holds its rows (peft's
+    trainable_token_indices), AutoPeftModelForCausalLM and inference.py load it, and a warning says what to do."""
+    bpe = _byte_level_bpe(first_specials=["<unk>"], vocab_size=600)  # no </s> anywhere in its vocabulary
+    folder = _tiny_llama_folder(tmp_path_factory, "no_eos",
+                                transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>"))
+    output_dir = tmp_path / "out"
+    trainer = train.train(base_argv(folder, alpaca_sample_path, output_dir, "--max_steps", "1", *LORA_ARGS))
+    warnings = [line.split(" WARNING lora: ")[1] for line in capsys.readouterr().err.splitlines()
+                if " WARNING lora: " in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "the tokenizer has no EOS token: adding </s> as a new token grows the vocabulary, and the adapter then holds "
+        "its embedding rows, so stock PeftModel.from_pretrained needs the base resized first")
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"model.embed_tokens": [600], "lm_head": [600]}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token) == ("</s>", 600, "<unk>")
+    expected = logits(trainer.model.eval(), tokenizer)
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(output_dir)).eval()  # resizes the base to the tokenizer
+    torch.testing.assert_close(logits(auto, tokenizer), expected, rtol=0, atol=1e-5)
+    ours, _ = inference.load_model(str(output_dir), device="cpu")
+    torch.testing.assert_close(logits(ours, tokenizer), expected, rtol=0, atol=1e-5)
+
+
+def test_an_eos_the_vocabulary_has_is_only_named_without_a_warning(hf_tokenizer_dir, caplog):
+    source = transformers.AutoTokenizer.from_pretrained(str(hf_tokenizer_dir))  # <unk> 0, <s> 1, </s> 2
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=source.backend_tokenizer, unk_token="<unk>")
+    missing = train.missing_special_tokens(tokenizer)
+    assert missing == {"pad_token": "[PAD]", "eos_token": "</s>", "bos_token": "<s>"}
+    with caplog.at_level(logging.WARNING, logger="lora"):
+        to_add = lora.special_tokens_to_add(tokenizer, missing)
+    assert to_add == {"eos_token": "</s>"} and not caplog.records
+    assert tokenizer.add_special_tokens(to_add) == 0 and (len(tokenizer), tokenizer.eos_token_id) == (600, 2)
+    assert lora.pad_with_existing_token(tokenizer) == "<unk>" and tokenizer.pad_token_id == 0
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +216,14 @@ def matrix_runs(tmp_path_factory, tokenizer_matrix, alpaca_sample_path):
 def test_inference_answers_as_the_trained_model(family, lora_run, matrix_runs, tokenizer_matrix):
     model, output_dir = (lora_run[0].model, lora_run[1]) if family == "llama1" else matrix_runs[family]
     config = json.loads((output_dir / "adapter_config.json").read_text())
-    added = {"llama1": {"model.embed_tokens": [600], "lm_head": [600]}, "opt": None,
-             "qwen": {"model.embed_tokens": [563, 564], "lm_head": [563, 564]}}[family]
-    assert config["trainable_token_indices"] == added
+    assert config["trainable_token_indices"] is None  # LoRA adds no token: llama1 pads with <unk>; qwen has a pad,
+    # and its missing <s> and <unk> (which full fine-tuning adds into unused rows 563-564) are used by no row
 
     loaded, tokenizer = inference.load_model(str(output_dir), device="cpu")
     rows = loaded.get_input_embeddings().weight
-    trained_rows = model.get_input_embeddings().weight  # the embedding the trained model reads (rows merged in)
-    assert torch.equal(rows, trained_rows)  # [PAD] at 600 (llama1), <s> and <unk> in qwen's unused rows 563-564
-    if family == "qwen":
-        tokens = [tokenizer.convert_ids_to_tokens(i) for i in added["lm_head"]]
-        assert tokens == ["<s>", "<unk>"] and rows.shape[0] == 640
+    assert torch.equal(rows, model.get_input_embeddings().weight)
+    assert (rows.shape[0], len(tokenizer)) == {"llama1": (600, 600), "opt": (len(tokenizer), len(tokenizer)),
+                                               "qwen": (640, 563)}[family]
     torch.testing.assert_close(logits(loaded, tokenizer), logits(model, tokenizer), rtol=0, atol=1e-5)
     assert greedy_one_at_a_time(loaded, tokenizer, PROMPTS, 10) == greedy_one_at_a_time(model, tokenizer, PROMPTS, 10)
 
@@ -217,7 +280,6 @@ def test_torchrun_two_processes_lora_on_cpu_is_ddp(tmp_path, llama_dir, alpaca_s
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 3
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(output_dir))
     base = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir))
-    base.resize_token_embeddings(len(tokenizer))
     adapted = peft.PeftModel.from_pretrained(base, str(output_dir)).eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(output_dir / "merged"))
     torch.testing.assert_close(logits(merged, tokenizer), logits(adapted, tokenizer), rtol=0, atol=1e-5)
