@@ -2,9 +2,10 @@
 
 The prompt is the one the model was trained with: the Alpaca template of utils.py, or the model's chat template for
 a folder train.py saved with --prompt_format chat_template (its prompt_format.json says so); the answer ends at EOS or
-where the model starts a new "### Instruction:" (cut off). Any causal LM folder works (a train.py output, a recovered Alpaca, a hub model), and a
-LoRA adapter folder (with adapter_config.json) on its base model. --api_base sends the same prompts to an
-OpenAI-compatible server instead (vLLM serving the trained model, for large evaluations).
+where the model starts a new "### Instruction:" (cut off). Any causal LM folder works (a train.py output, a
+recovered Alpaca, a hub model), and a LoRA adapter folder (with adapter_config.json) on its base model. --api_base
+sends the same prompts to an OpenAI-compatible server instead (vLLM serving the trained model, for large
+evaluations; a chat-trained folder is asked through the chat endpoint).
 
     python inference.py --model_name_or_path out/                                       # interactive
     python inference.py --model_name_or_path out/ --instruction "Name three primes." [--input "..."]

@@ -32,6 +32,7 @@ FORMAT_FILE = "prompt_format.json"
 # AlpacaEval's and most instruction-to-chat conversions).
 USER_CONTENT_RULE = "{instruction}\n\n{input}"
 IGNORE_INDEX = -100  # utils.IGNORE_INDEX (the package does not import utils)
+PROGRESS_FROM = 4096  # conversations: fewer render and tokenize in a few seconds, without a progress bar
 
 
 class ChatTemplateError(UsageError):
@@ -164,8 +165,12 @@ def tokenize_conversations(tokenizer, conversations, max_length=None):
     template's last token before the content merges with the content's first, that merged token carries no loss; such
     rows are counted in a warning. Returns (input_ids, labels): lists of lists of ints.
     """
+    from tqdm import tqdm
+
     input_ids, labels, dropped, merged = [], [], [], []
-    for index, messages in enumerate(conversations):
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0" or len(conversations) <= PROGRESS_FROM
+    for index, messages in enumerate(tqdm(conversations, desc="Rendering and tokenizing", unit="example",
+                                          disable=quiet, mininterval=1)):
         try:
             spans, text = assistant_spans(tokenizer, messages, index)
         except jinja2.TemplateError as e:  # e.g. a template that raises on a system turn or roles out of order

@@ -228,3 +228,22 @@ def test_training_saves_the_format_and_inference_reads_it(tmp_path, tokenizer_ma
     (tmp_path / "odd" / "prompt_format.json").write_text('{"prompt_format": "vicuna"}')
     with pytest.raises(ChatTemplateError, match="prompt_format should be one of alpaca, chat_template"):
         chat_format.read_prompt_format(tmp_path / "odd")
+
+
+@pytest.mark.parametrize("prompt_format", ["chat_template", "alpaca"])
+def test_a_lora_adapter_and_its_merged_model_carry_the_format(prompt_format, tmp_path, tokenizer_matrix,
+                                                              alpaca_sample_path):
+    out = tmp_path / "lora"
+    train.train(base_argv(tokenizer_matrix["llama3"], alpaca_sample_path, out, "--max_steps", "1", "--lora_r", "2",
+                          "--merge_lora", "True", "--prompt_format", prompt_format, "--save_strategy", "no"))
+    base_template = transformers.AutoTokenizer.from_pretrained(tokenizer_matrix["llama3"]).chat_template
+    for folder in (out, out / "merged"):
+        assert chat_format.read_prompt_format(folder) == prompt_format
+        template = transformers.AutoTokenizer.from_pretrained(folder).chat_template
+        assert (template == base_template) == (prompt_format == "chat_template")
+    assert (out / "adapter_config.json").exists()
+    merged = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    prompt = chat_ids(merged, [{"role": "user", "content": "Name a colour."}], add_generation_prompt=True)
+    if prompt_format == "alpaca":
+        expected = tokenization.prompt_token_ids(merged, [utils.format_prompt({"instruction": "Name a colour."})])
+        assert prompt == expected[0]

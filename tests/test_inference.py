@@ -693,7 +693,8 @@ def test_api_base_a_prompt_past_the_servers_context_is_that_records_failure(api_
 
 
 def chat_trained_folder(tokenizer_matrix, family, folder):
-    """A copy of the family's model folder marked as trained with --prompt_format chat_template, as train.py saves it."""
+    """A copy of the family's model folder marked as trained with --prompt_format chat_template (as train.py saves
+    it)."""
     import shutil
 
     from alpaca_lib import chat_format
