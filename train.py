@@ -99,10 +99,10 @@ class DataArguments:
     )
     prompt_format: Optional[str] = field(
         default=None,
-        metadata={"help": "alpaca (default: the original's prompt) or chat_template: each record rendered through the "
-                  "model's chat template as a user turn (instruction, a blank line, input) and an assistant turn "
-                  "(output), the loss on the assistant tokens only. A file of conversations implies chat_template. "
-                  "The saved folder records it (prompt_format.json) for inference.py.",
+        metadata={"help": "alpaca (the original's prompt) or chat_template: each record rendered through the model's "
+                  "chat template as a user turn (instruction, a blank line, input) and an assistant turn (output), "
+                  "the loss on the assistant tokens only. Unset: chat_template for a file of conversations, else "
+                  "alpaca. The saved folder records it (prompt_format.json) for inference.py.",
                   "choices": list(chat_format.PROMPT_FORMATS)},
     )
     padding_free: bool = field(

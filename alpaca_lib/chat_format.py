@@ -270,14 +270,19 @@ def alpaca_chat_template(tokenizer, prompt_dict):
 
 def set_saved_template(tokenizer, prompt_format, prompt_dict):
     """Before a tokenizer is saved: under the Alpaca format its chat template becomes alpaca_chat_template (a base's
-    own template would build a prompt the model was not trained on); under chat_template it keeps its own."""
-    if prompt_format == "alpaca":
-        tokenizer.chat_template = alpaca_chat_template(tokenizer, prompt_dict)
+    own template would build a prompt the model was not trained on); under chat_template it keeps its own. A
+    tokenizer whose BOS no text renders is saved without a template, with a warning: training goes on."""
+    if prompt_format in (None, "alpaca"):
+        try:
+            tokenizer.chat_template = alpaca_chat_template(tokenizer, prompt_dict)
+        except ChatTemplateError as e:
+            logger.warning("%s; the model is saved without a chat template", e)
+            tokenizer.chat_template = None
 
 
 def save_prompt_format(folder, prompt_format):
     """Write FORMAT_FILE into a saved model, adapter or checkpoint folder (atomically)."""
-    data_files.jdump({"prompt_format": prompt_format}, os.path.join(folder, FORMAT_FILE))
+    data_files.jdump({"prompt_format": prompt_format or "alpaca"}, os.path.join(folder, FORMAT_FILE))
 
 
 def read_prompt_format(name_or_path):

@@ -247,3 +247,9 @@ def test_a_lora_adapter_and_its_merged_model_carry_the_format(prompt_format, tmp
     if prompt_format == "alpaca":
         expected = tokenization.prompt_token_ids(merged, [utils.format_prompt({"instruction": "Name a colour."})])
         assert prompt == expected[0]
+
+
+def test_help_explains_the_flag():
+    parser = transformers.HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
+    text = " ".join(parser.format_help().split())
+    assert "--prompt_format {alpaca,chat_template}" in text and "Unset: chat_template for a file of conversations" in text
