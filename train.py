@@ -381,7 +381,10 @@ class SupervisedDataset(Dataset):
 
         logger.info("Formatting %d examples (prompt format: %s)", len(list_data_dict), prompt_format or "alpaca")
         if prompt_format == "chat_template":
-            data_dict = preprocess_conversations(list_data_dict, tokenizer)
+            try:
+                data_dict = preprocess_conversations(list_data_dict, tokenizer)
+            except chat_format.ChatTemplateError as e:  # "record N: ...": the file's name first
+                raise chat_format.ChatTemplateError(f"{data_path}: {e}") from None
         else:
             sources = [utils.format_prompt(example) for example in list_data_dict]
             targets = [f"{example['output']}{tokenizer.eos_token}" for example in list_data_dict]

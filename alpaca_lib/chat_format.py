@@ -130,15 +130,20 @@ def prompt_ids(tokenizer, messages):
     return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
-def assistant_spans(tokenizer, messages, index=None):
+def special_tokens(tokenizer):
+    """The texts of the tokenizer's special tokens (bos, eos, ... and added special tokens such as <|im_start|>)."""
+    return tuple(dict.fromkeys([token for token in tokenizer.all_special_tokens if token] + [
+        token.content for token in tokenizer.added_tokens_decoder.values() if token.special]))
+
+
+def assistant_spans(tokenizer, messages, index=None, specials=None):
     """[(text before the turn, text through the turn's end-of-turn token)] for each assistant turn of `messages`, and
     the whole rendered text. The text before is messages[:i] with the generation prompt; the text through is
     messages[:i+1], less the whitespace the template writes after the turn's last special token (ChatML's newline
     after <|im_end|>: never generated, as generation stops at that token). ChatTemplateError when the template renders
     a turn differently once later turns follow (its tokens cannot be found then)."""
     text = render(tokenizer, messages)
-    specials = [token for token in tokenizer.all_special_tokens if token] + [
-        token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    specials = special_tokens(tokenizer) if specials is None else specials
     spans = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -150,7 +155,7 @@ def assistant_spans(tokenizer, messages, index=None):
                                     "turn differently once later turns follow (or without the generation prompt), so "
                                     "its tokens cannot be found")
         stripped = through.rstrip()
-        if stripped != through and stripped.endswith(tuple(specials)) and len(stripped) > len(before):
+        if stripped != through and stripped.endswith(specials) and len(stripped) > len(before):
             through = stripped
         spans.append((before, through))
     return spans, text
@@ -168,11 +173,12 @@ def tokenize_conversations(tokenizer, conversations, max_length=None):
     from tqdm import tqdm
 
     input_ids, labels, dropped, merged = [], [], [], []
+    specials = special_tokens(tokenizer)
     quiet = os.environ.get("LOCAL_RANK", "0") != "0" or len(conversations) <= PROGRESS_FROM
     for index, messages in enumerate(tqdm(conversations, desc="Rendering and tokenizing", unit="example",
                                           disable=quiet, mininterval=1)):
         try:
-            spans, text = assistant_spans(tokenizer, messages, index)
+            spans, text = assistant_spans(tokenizer, messages, index, specials)
         except jinja2.TemplateError as e:  # e.g. a template that raises on a system turn or roles out of order
             raise ChatTemplateError(f"record {index}: the chat template refuses it: {cli.first_line(e)}") from None
         texts = [text] + [piece for span in spans for piece in span]

@@ -253,3 +253,15 @@ def test_help_explains_the_flag():
     parser = transformers.HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
     text = " ".join(parser.format_help().split())
     assert "--prompt_format {alpaca,chat_template}" in text and "Unset: chat_template for a file of conversations" in text
+
+
+def test_a_template_that_refuses_a_record_names_file_and_record(tokenizer_matrix, tmp_path):
+    """Gemma-style templates raise on a system turn: one line naming the file and the record, not a Jinja traceback."""
+    tokenizer = load_tokenizer(tokenizer_matrix["qwen"])
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    path = tmp_path / "chat.json"
+    utils.jdump([{"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION}], path)
+    with pytest.raises(ChatTemplateError) as raised:
+        train.SupervisedDataset(str(path), tokenizer)
+    assert str(raised.value) == f"{path}: record 1: the chat template refuses it: System role not supported"
