@@ -1,9 +1,11 @@
 """Use a trained Alpaca model: talk to it, ask it one thing, or answer a whole instruction file (batched, resumable).
 
-The prompt is the Alpaca template of utils.py; the answer ends at EOS or where the model starts a new
-"### Instruction:" (cut off). Any causal LM folder works (a train.py output, a recovered Alpaca, a hub model), and a
-LoRA adapter folder (with adapter_config.json) on its base model. --api_base sends the same prompts to an
-OpenAI-compatible server instead (vLLM serving the trained model, for large evaluations).
+The prompt is the one the model was trained with: the Alpaca template of utils.py, or the model's chat template for
+a folder train.py saved with --prompt_format chat_template (its prompt_format.json says so); the answer ends at EOS or
+where the model starts a new "### Instruction:" (cut off). Any causal LM folder works (a train.py output, a
+recovered Alpaca, a hub model), and a LoRA adapter folder (with adapter_config.json) on its base model. --api_base
+sends the same prompts to an OpenAI-compatible server instead (vLLM serving the trained model, for large
+evaluations; a chat-trained folder is asked through the chat endpoint).
 
     python inference.py --model_name_or_path out/                                       # interactive
     python inference.py --model_name_or_path out/ --instruction "Name three primes." [--input "..."]
@@ -23,7 +25,7 @@ from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while th
 
 import tqdm
 
-from alpaca_lib import api_client, cli, tokenization
+from alpaca_lib import api_client, chat_format, cli, tokenization
 from alpaca_lib.api_client import APIError
 # clean_output and grow_embeddings are not used here but imported from here (tests/test_inference.py)
 from alpaca_lib.decoding import Decoding, InferenceError, clean_output  # noqa: F401
@@ -36,6 +38,25 @@ import utils
 
 def build_prompt(instruction, task_input=""):
     return utils.format_prompt({"instruction": instruction, "input": task_input})
+
+
+def user_turn(instruction, task_input=""):
+    """The chat messages of a task, as --prompt_format chat_template trained on it (chat_format.user_content)."""
+    return [{"role": "user", "content": chat_format.user_content(instruction, task_input)}]
+
+
+class Prompter:
+    """The prompt of a task in the format the model was trained with (chat_format.read_prompt_format): the Alpaca
+    prompt's text, or the ids of the model's chat template rendering the user turn with its generation prompt,
+    exactly the training row's prompt part."""
+
+    def __init__(self, tokenizer, prompt_format):
+        self.tokenizer, self.prompt_format = tokenizer, prompt_format
+
+    def __call__(self, instruction, task_input=""):
+        if self.prompt_format == "chat_template":
+            return chat_format.prompt_ids(self.tokenizer, user_turn(instruction, task_input))
+        return build_prompt(instruction, task_input)
 
 
 def default_generator(model_name_or_path):
@@ -88,8 +109,10 @@ def inference(
     answers one and prints it. --input_path answers every record of a file into --output_path, in the AlpacaEval
     format: a JSON list of {"instruction", "input", "output", "generator"} (plus `id` and `motivation_app` when the
     input has them), in the input's order, rewritten atomically after each batch. Rerunning the same command
-    resumes: outputs already in the file are kept and not generated again. The prompt is the Alpaca template; an
-    answer ends at EOS or before a restarted "### Instruction:".
+    resumes: outputs already in the file are kept and not generated again. The prompt is the Alpaca template, or
+    for a model trained with --prompt_format chat_template (prompt_format.json in its folder or adapter folder) its
+    chat template's user turn (the instruction, a blank line, the input); an answer ends at EOS or before a restarted
+    "### Instruction:".
 
     Args:
         model_name_or_path: the model: a folder written by train.py or weight_diff.py recover, a hub id, or a LoRA
@@ -115,8 +138,9 @@ def inference(
         device: auto (cuda if available, else mps, else cpu), or a torch device name such as cpu, cuda, cuda:1.
         trust_remote_code: allow model code from the model's repository to run (off by default).
         api_base: With it, --input_path is answered by this server's /v1/completions instead of a model loaded
-            here (e.g. vLLM serving the trained folder); --concurrency, --request_timeout and --max_retries apply to
-            it only.
+            here (e.g. vLLM serving the trained folder); by /v1/chat/completions when --model_name is a folder here
+            trained with --prompt_format chat_template (the server renders the chat template). --concurrency,
+            --request_timeout and --max_retries apply to it only.
         model_name: the model name to request from --api_base (for vLLM, the name or path it serves).
         max_retries: A prompt whose request still fails is skipped, and a rerun fills it in. A prompt the server
             refuses (longer than its context, or a content filter) is left out, named in a warning and in the last
@@ -135,6 +159,7 @@ def inference(
 
     # a local model; what its mode reads first (the file's earlier answers, a pipe's first line) is read before it loads
     output = tasks = None
+    prompt_format = chat_format.read_prompt_format(model_name_or_path)  # an adapter folder holds it too
     if input_path is not None:
         output = resumed_output(input_path, output_path,
                                 default_generator(model_name_or_path) if generator is None else generator)
@@ -144,12 +169,15 @@ def inference(
         tasks = typed_or_piped_tasks()
     model, tokenizer, generation_config = load_local_model(decoding, model_name_or_path, base_model, dtype, device,
                                                            trust_remote_code)
+    prompter = Prompter(tokenizer, prompt_format)
+    if prompt_format == "chat_template":
+        chat_format.check_chat_template(tokenizer, model_name_or_path)
     if output is not None:
-        answer_file_locally(model, tokenizer, generation_config, output, batch_size, model_name_or_path)
+        answer_file_locally(model, tokenizer, generation_config, output, batch_size, model_name_or_path, prompter)
     elif instruction is not None:
-        answer_instruction(model, tokenizer, generation_config, instruction, input)
+        answer_instruction(model, tokenizer, generation_config, instruction, input, prompter)
     else:
-        chat(model, tokenizer, generation_config, tasks)
+        chat(model, tokenizer, generation_config, tasks, prompter)
     return None
 
 
@@ -229,37 +257,38 @@ def load_local_model(decoding, model_name_or_path, base_model, dtype, device, tr
 # The modes
 
 
-def answer_instruction(model, tokenizer, generation_config, instruction, task_input):
+def answer_instruction(model, tokenizer, generation_config, instruction, task_input, prompter=build_prompt):
     """--instruction: print its answer as it is generated."""
-    prompt = build_prompt(instruction, task_input)
+    prompt = prompter(instruction, task_input)
     check_context(model, prompt_lengths(tokenizer, [prompt]), generation_config.max_new_tokens)
     generate(model, tokenizer, [prompt], generation_config, streamer=AnswerPrinter(tokenizer))
 
 
-def chat(model, tokenizer, generation_config, tasks):
+def chat(model, tokenizer, generation_config, tasks, prompter=build_prompt):
     """Answer each (instruction, input) of `tasks` as it comes, streaming the answer, a blank line after each."""
     check_context(model, [], generation_config.max_new_tokens)
     for instruction, task_input in tasks:
-        generate(model, tokenizer, [build_prompt(instruction, task_input)], generation_config,
+        generate(model, tokenizer, [prompter(instruction, task_input)], generation_config,
                  streamer=AnswerPrinter(tokenizer))
         print(flush=True)
 
 
-def answer_file_locally(model, tokenizer, generation_config, output, batch_size, model_name_or_path):
+def answer_file_locally(model, tokenizer, generation_config, output, batch_size, model_name_or_path,
+                        prompter=build_prompt):
     """--input_path with a local model: the missing outputs, the file written after each batch."""
     print(f"Answering {len(output.instructions) - len(output)} instructions with {model_name_or_path} on "
           f"{model.device}, batches of {batch_size}", file=sys.stderr)
     try:
-        generate_missing_outputs(model, tokenizer, generation_config, output, batch_size)
+        generate_missing_outputs(model, tokenizer, generation_config, output, batch_size, prompter)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(output.where()) from None
     print(f"{output.path}: {len(output)} outputs", file=sys.stderr)
 
 
-def generate_missing_outputs(model, tokenizer, generation_config, output, batch_size):
+def generate_missing_outputs(model, tokenizer, generation_config, output, batch_size, prompter=build_prompt):
     """Generate the missing outputs in length-sorted batches, writing the file after each batch."""
     pending = [i for i in range(len(output.instructions)) if not output.done(i)]
-    prompts = [build_prompt(output.instructions[i]["instruction"], output.instructions[i]["input"]) for i in pending]
+    prompts = [prompter(output.instructions[i]["instruction"], output.instructions[i]["input"]) for i in pending]
     lengths = prompt_lengths(tokenizer, prompts)
     check_context(model, lengths, generation_config.max_new_tokens)
     bar = tqdm.tqdm(total=len(output.instructions), initial=len(output), unit="prompt", dynamic_ncols=True)
@@ -282,7 +311,9 @@ def answer_file_with_api(output, decoding, server, model_name, batch_size):
     """--api_base: the missing outputs from the server, the file written after every `batch_size` answers; the last
     line says what the server refused and the usage. InferenceError when prompts failed after all retries."""
     api = server.client()
-    prompts = {index: build_prompt(record["instruction"], record["input"])
+    # A model trained through its chat template is asked through the server's chat endpoint, which renders it
+    chat = os.path.isdir(model_name) and chat_format.read_prompt_format(model_name) == "chat_template"
+    prompts = {index: (user_turn if chat else build_prompt)(record["instruction"], record["input"])
                for index, record in enumerate(output.instructions) if not output.done(index)}
     try:
         failed, refused = asyncio.run(answer_with_server(api, output, prompts, decoding.api_params(model_name),

@@ -26,7 +26,7 @@ import transformers
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from alpaca_lib import cli, hardware, legacy_flags, lora, saved_models, tokenization, trainer_flags
+from alpaca_lib import chat_format, cli, hardware, legacy_flags, lora, saved_models, tokenization, trainer_flags
 from alpaca_lib.cli import UsageError
 from utils import IGNORE_INDEX, PROMPT_DICT  # noqa: F401 -- PROMPT_DICT: the original defined it here; forks import it
 import utils
@@ -94,7 +94,16 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(
-        default=None, metadata={"help": "Path to the training data: Alpaca-format .json list or .jsonl records."}
+        default=None, metadata={"help": "Path to the training data: Alpaca-format .json list or .jsonl records, or "
+                                        "conversations ({\"messages\": [{\"role\", \"content\"}, ...]})."}
+    )
+    prompt_format: Optional[str] = field(
+        default=None,
+        metadata={"help": "alpaca (the original's prompt) or chat_template: each record rendered through the model's "
+                  "chat template as a user turn (instruction, a blank line, input) and an assistant turn (output), "
+                  "the loss on the assistant tokens only. Unset: chat_template for a file of conversations, else "
+                  "alpaca. The saved folder records it (prompt_format.json) for inference.py.",
+                  "choices": list(chat_format.PROMPT_FORMATS)},
     )
     padding_free: bool = field(
         default=False,
@@ -158,9 +167,14 @@ def parse_args(argv=None):
         if hasattr(namespace, flag):
             setattr(namespace, flag, cli.expand_path(getattr(namespace, flag)))
     notices += check_args(namespace)
-    records = utils.load_training_data(namespace.data_path)  # every record, now: loading a 7B model takes minutes
+    # every record, now: loading a 7B model takes minutes
+    records, prompt_format = chat_format.load_training_records(namespace.data_path, namespace.prompt_format,
+                                                               utils.load_training_data)
     # A missing folder, before anything asks the hub for it (with retries, for minutes) as if it were a hub id.
     tokenization.check_model_source("model_name_or_path", namespace.model_name_or_path, need_tokenizer=True)
+    if prompt_format == "chat_template":  # a tokenizer loads in a second; the model, in minutes
+        chat_format.check_chat_template(
+            load_tokenizer(namespace, namespace), f"--model_name_or_path {namespace.model_name_or_path}")
     # Notices are printed once, by the first process; every process applies the same rewrites.
     if int(os.environ.get("RANK", "0")) == 0:
         for notice in notices:
@@ -170,7 +184,7 @@ def parse_args(argv=None):
         # traversal per step (transformers would turn it on). Pass --ddp_find_unused_parameters True if yours differs.
         namespace.ddp_find_unused_parameters = False
     model_args, data_args, training_args = trainer_flags.to_dataclasses(parser, namespace)
-    data_args.records = records
+    data_args.records, data_args.prompt_format = records, prompt_format
     return model_args, data_args, training_args
 
 
@@ -339,22 +353,42 @@ def preprocess(
     return dict(input_ids=input_ids, labels=labels)
 
 
+def preprocess_conversations(records, tokenizer: transformers.PreTrainedTokenizerBase) -> Dict:
+    """--prompt_format chat_template: each record (Alpaca, or a conversation) through the tokenizer's chat template,
+    the labels on the assistant turns only, rows cut to model_max_length (chat_format.tokenize_conversations).
+    Returns dict(input_ids=[LongTensor], labels=[LongTensor])."""
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else None
+    conversations = [chat_format.conversation(record) for record in records]
+    input_ids, labels = chat_format.tokenize_conversations(tokenizer, conversations, max_length)
+    return dict(input_ids=[torch.tensor(ids, dtype=torch.long) for ids in input_ids],
+                labels=[torch.tensor(label, dtype=torch.long) for label in labels])
+
+
 class SupervisedDataset(Dataset):
     """Dataset for supervised fine-tuning: the records of an Alpaca-format file, tokenized by preprocess."""
 
-    def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizerBase, records=None):
+    def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizerBase, records=None,
+                 prompt_format=None):
         """records: the records of data_path when the caller has read them already (train() does: parse_args
-        checks them before the model loads); None reads data_path."""
+        checks them before the model loads); None reads data_path. prompt_format: alpaca (None: alpaca unless the
+        file holds conversations) or chat_template (alpaca_lib/chat_format.py)."""
         super().__init__()
         logger.info("Loading data from %s", data_path)
-        # load_training_data names the file, record and field of bad input
-        list_data_dict = utils.load_training_data(data_path) if records is None else records
+        if records is None:  # names the file, record and field of bad input
+            records, prompt_format = chat_format.load_training_records(data_path, prompt_format,
+                                                                       utils.load_training_data)
+        list_data_dict = records
 
-        logger.info("Formatting %d examples", len(list_data_dict))
-        sources = [utils.format_prompt(example) for example in list_data_dict]
-        targets = [f"{example['output']}{tokenizer.eos_token}" for example in list_data_dict]
-
-        data_dict = preprocess(sources, targets, tokenizer)
+        logger.info("Formatting %d examples (prompt format: %s)", len(list_data_dict), prompt_format or "alpaca")
+        if prompt_format == "chat_template":
+            try:
+                data_dict = preprocess_conversations(list_data_dict, tokenizer)
+            except chat_format.ChatTemplateError as e:  # "record N: ...": the file's name first
+                raise chat_format.ChatTemplateError(f"{data_path}: {e}") from None
+        else:
+            sources = [utils.format_prompt(example) for example in list_data_dict]
+            targets = [f"{example['output']}{tokenizer.eos_token}" for example in list_data_dict]
+            data_dict = preprocess(sources, targets, tokenizer)
         if not data_dict["input_ids"]:
             raise utils.AlpacaDataError(
                 f"{data_path}: every example's prompt is at least model_max_length={tokenizer.model_max_length} "
@@ -412,7 +446,8 @@ def make_supervised_data_module(
 ) -> Dict:
     """Make dataset and collator for supervised fine-tuning (the records parse_args checked, if data_args has them)."""
     train_dataset = SupervisedDataset(tokenizer=tokenizer, data_path=data_args.data_path,
-                                      records=getattr(data_args, "records", None))
+                                      records=getattr(data_args, "records", None),
+                                      prompt_format=getattr(data_args, "prompt_format", None))
     padding_free = getattr(data_args, "padding_free", False)
     data_collator = DataCollatorForSupervisedDataset(
         tokenizer=tokenizer,
@@ -531,6 +566,19 @@ class DistributedCheck(transformers.TrainerCallback):
         hardware.check_distributed(self.trainer, self.world_size, args)
 
 
+class PromptFormatSaver(transformers.TrainerCallback):
+    """Writes the prompt format into every checkpoint-N folder, so inference.py prompts a checkpoint as trained."""
+
+    def __init__(self, prompt_format):
+        self.prompt_format = prompt_format
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
+                                                   f"{state.global_step}")
+        if args.should_save and os.path.isdir(checkpoint):
+            chat_format.save_prompt_format(checkpoint, self.prompt_format)
+
+
 def safe_save_model_for_hf_trainer(trainer: transformers.Trainer, output_dir: str):
     """Save the model (gathered from FSDP / DeepSpeed shards, as safetensors) and tokenizer to output_dir."""
     # The Trainer turned the KV cache off for training; a saved model should generate with it.
@@ -548,6 +596,8 @@ def train(argv=None):
 
     # The model (or LoRA adapters over the frozen base) and tokenizer, the original's special tokens added to both
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    # Saved with the model and every checkpoint: the Alpaca format's chat template renders the Alpaca prompt
+    chat_format.set_saved_template(tokenizer, data_args.prompt_format, PROMPT_DICT)
     hardware.resolve_fsdp_wrap_class(training_args, model)
     configure_padding_free(data_args, training_args, model)
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args,
@@ -557,28 +607,33 @@ def train(argv=None):
     trainer.add_callback(DistributedCheck(trainer, int(os.environ.get("WORLD_SIZE", "1"))))
     trainer.add_callback(saved_models.SentencepieceModelKeeper(tokenizer, model_args.model_name_or_path,
                                                                training_args.cache_dir))
+    trainer.add_callback(PromptFormatSaver(data_args.prompt_format))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # parse_args resolved `last`
     trainer.save_state()
     safe_save_model_for_hf_trainer(trainer=trainer, output_dir=training_args.output_dir)
-    if training_args.should_save:  # the base's tokenizer.model, for llama.cpp's converter (saved_models)
+    if training_args.should_save:
+        # the base's tokenizer.model, for llama.cpp's converter (saved_models); the prompt format, for inference
         saved_models.keep_sentencepiece_model(tokenizer, model_args.model_name_or_path, training_args.output_dir,
                                               training_args.cache_dir)
+        chat_format.save_prompt_format(training_args.output_dir, data_args.prompt_format)
         logger.info("Saved the %s and tokenizer to %s", "LoRA adapter" if model_args.lora_r else "model",
                     training_args.output_dir)
     if model_args.merge_lora and training_args.should_save:
-        save_merged_model(model_args, training_args)
+        save_merged_model(model_args, training_args, data_args.prompt_format)
     return trainer
 
 
-def save_merged_model(model_args, training_args):
+def save_merged_model(model_args, training_args, prompt_format="alpaca"):
     """--merge_lora: the base as training loaded it (unquantized) plus the adapter just saved, one full model in
-    <output_dir>/merged; loading the adapter back is proof that it is whole."""
+    <output_dir>/merged (with the prompt format, as the adapter); loading the adapter back is proof that it is whole."""
     with hardware.outside_deepspeed_zero3():  # only this process loads it; ZeRO-3 would wait for the others
         base, base_tokenizer = load_model_and_tokenizer(lora.base_model_args(model_args), training_args,
                                                         lora_vocabulary=True)
+        chat_format.set_saved_template(base_tokenizer, prompt_format, PROMPT_DICT)
         merged_dir = os.path.join(training_args.output_dir, "merged")
         lora.save_merged(base, base_tokenizer, training_args.output_dir, merged_dir, model_args.model_name_or_path,
                          training_args.cache_dir)
+        chat_format.save_prompt_format(merged_dir, prompt_format)
     logger.info("Saved base + adapter merged into one model to %s", merged_dir)
 
 

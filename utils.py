@@ -49,13 +49,21 @@ def format_prompt(example: dict) -> str:
 
 
 def validate(path):
-    """Check an Alpaca-format data file (.json or .jsonl) exactly as train.py will, and print its counts.
+    """Check a training data file (.json or .jsonl) exactly as train.py will, and print its counts.
 
     Args:
         path: the data file: a JSON list of records or JSON lines, each with string `instruction` and `output`, and
-            `input` (a record without it has an empty input).
+            `input` (a record without it has an empty input); or conversations, each {"messages": [{"role":
+            system|user|assistant, "content": str}, ...]} with at least one assistant turn.
     """
-    records = load_training_data(path)
+    from alpaca_lib import chat_format
+
+    records, prompt_format = chat_format.load_training_records(path, load_alpaca=load_training_data)
+    if prompt_format == "chat_template":  # a file of conversations
+        turns = sum(m["role"] == "assistant" for r in records for m in r["messages"])
+        with_system = sum(any(m["role"] == "system" for m in r["messages"]) for r in records)
+        print(f"{path}: {len(records)} conversations, {turns} assistant turns, {with_system} with a system turn")
+        return None
     with_input = sum(1 for r in records if r["input"] != "")
     empty_output = sum(1 for r in records if r["output"] == "")
     print(f"{path}: {len(records)} records, {with_input} with a non-empty input, {empty_output} with an empty output")

@@ -5,6 +5,7 @@
   errors              UserError, the one type every user-facing error derives from
   data_files          Alpaca-format records and files: atomic writes, JSON / JSON lines, the data loader
   tokenization        tokenizer and vocabulary rules shared by training, inference and the weight diff
+  chat_format         prompt formats: the Alpaca prompt or the model's chat template, conversations, labels
   api_client          talking to OpenAI-compatible servers: checks, retries shown, usage, cost, budget
   novelty_filter      the exact ROUGE-L novelty filter of stage 1 and `deduplicate`
   reply_parser        stage 1's replies read back into tasks, and the rules a generated task must pass

@@ -132,9 +132,17 @@ def load_model(model_name_or_path, base_model=None, dtype="auto", device="auto",
 # Generation
 
 
+def prompt_token_ids(tokenizer, prompts):
+    """The ids of each prompt: a text (the Alpaca prompt) as train.py starts a training row
+    (tokenization.prompt_token_ids), or ids already (a chat template's rendering, chat_format.prompt_ids)."""
+    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+    text_ids = iter(tokenization.prompt_token_ids(tokenizer, texts) if texts else [])
+    return [next(text_ids) if isinstance(prompt, str) else list(prompt) for prompt in prompts]
+
+
 def prompt_lengths(tokenizer, prompts):
     """The token count of each prompt, as generate tokenizes it."""
-    return [len(ids) for ids in tokenization.prompt_token_ids(tokenizer, prompts)] if prompts else []
+    return [len(ids) for ids in prompt_token_ids(tokenizer, prompts)] if prompts else []
 
 
 def length_sorted_batches(lengths, batch_size):
@@ -159,11 +167,11 @@ def check_context(model, lengths, max_new_tokens):
 
 
 def prompt_batch(tokenizer, prompts):
-    """input_ids and attention_mask of `prompts`, padded on the tokenizer's (left) side: each prompt's ids exactly as
-    train.py starts a training row (tokenization.prompt_token_ids), never with what the tokenizer appends
+    """input_ids and attention_mask of `prompts` (texts or ids: prompt_token_ids), padded on the tokenizer's (left)
+    side: each prompt's ids exactly as train.py starts a training row, never with what the tokenizer appends
     (add_eos_token's EOS) and never cut, whatever the tokenizer's truncation_side and model_max_length (check_context
     warns instead)."""
-    ids = tokenization.prompt_token_ids(tokenizer, prompts)
+    ids = prompt_token_ids(tokenizer, prompts)
     return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
 
 

@@ -24,7 +24,8 @@ class _RecordFailed(Exception):
 
 
 async def answer_with_server(api, output, prompts, params, batch_size):
-    """Send each prompt of `prompts` ({record index: prompt}, the records missing from `output`; one request each,
+    """Send each prompt of `prompts` ({record index: a completion prompt, or a list of chat messages sent to
+    /v1/chat/completions}, the records missing from `output`; one request each,
     `api.concurrency` in flight) with the completion `params`; write the file after every `batch_size` answers and
     when stopped. Returns (the number of prompts whose request failed after its retries, {record index:
     api_client.RequestRefused} for those the server refused: they can never succeed as they are)."""
@@ -33,6 +34,9 @@ async def answer_with_server(api, output, prompts, params, batch_size):
 
     async def ask(index):
         try:
+            if isinstance(prompts[index], list):  # chat messages: the server renders them with its chat template
+                reply, _ = await api.chat(prompts[index], label=f"record {index}", **params)
+                return index, reply
             replies, _ = await api.complete([prompts[index]], label=f"record {index}", **params)
         except api_client.RequestFailed as e:
             raise _RecordFailed(index, e) from None

@@ -142,6 +142,20 @@ REAL_TOKENIZER_MATRIX = ("smollm2",)
 QWEN_EMBEDDING_ROWS = 640  # a padded vocabulary: more embedding rows than the tokenizer has tokens (Qwen2, Pythia)
 
 
+# The chat templates of the llama3 and qwen families, as Meta's and Qwen's tokenizers write them (shortened: no tools,
+# no dates); they change no id, only what apply_chat_template renders.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
+    "+ '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
 def _byte_level_bpe(first_specials=(), last_specials=(), vocab_size=560, extra_lines=()):
     """A GPT-2-style byte-level BPE trained on sample_text_lines() (+ extra_lines): `first_specials` take ids 0..
     (GPT-2/OPT layout), `last_specials` come after the learned tokens (the Llama-3 / Qwen layout)."""
@@ -171,12 +185,13 @@ def build_matrix_tokenizer(name, llama_tokenizer_dir):
       llama1_eos    the same with add_eos_token=True (some LLaMA conversions and fine-tuning guides);
       opt           GPT-2/OPT byte-level BPE: <s> 0, <pad> 1, </s> 2, <unk> 3, and `</s>` put before every sequence;
       llama3        Llama-3: byte-level BPE, BOS <|begin_of_text|>, EOS the end-of-turn <|eot_id|> (distinct from
-                    <|end_of_text|>), no pad, no unk, special tokens after the learned ones;
+                    <|end_of_text|>), no pad, no unk, special tokens after the learned ones; Llama-3's chat template;
       qwen          Qwen2.5: byte-level BPE, no BOS, pad <|endoftext|>, EOS <|im_end|>, no unk; its model has
-                    QWEN_EMBEDDING_ROWS rows, more than the tokenizer's tokens;
+                    QWEN_EMBEDDING_ROWS rows, more than the tokenizer's tokens; a ChatML chat template;
       gpt2_pad_eos  GPT-2 with the common `pad_token = eos_token`: <|endoftext|> is bos, eos, unk and pad, no BOS added;
       smollm2       the real SmolLM2 tokenizer (REAL_TOKENIZER_MATRIX): byte-level BPE of 49,152 tokens, ChatML
-                    specials first (<|endoftext|> unk 0, <|im_start|> bos 1, <|im_end|> eos and pad 2), no BOS added.
+                    specials first (<|endoftext|> unk 0, <|im_start|> bos 1, <|im_end|> eos and pad 2), no BOS added;
+                    its own ChatML chat template.
     """
     from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
@@ -192,10 +207,12 @@ def build_matrix_tokenizer(name, llama_tokenizer_dir):
         tok = _byte_level_bpe(last_specials=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
                                              "<|start_header_id|>", "<|end_header_id|>"])
         _prepend(tok, "<|begin_of_text|>")
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                       chat_template=LLAMA3_CHAT_TEMPLATE)
     if name == "qwen":
         tok = _byte_level_bpe(last_specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       chat_template=CHATML_TEMPLATE)
     if name == "gpt2_pad_eos":
         tok = _byte_level_bpe(last_specials=["<|endoftext|>"])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",

@@ -686,3 +686,104 @@ def test_api_base_a_prompt_past_the_servers_context_is_that_records_failure(api_
                     f"{', '.join(map(str, long_records))}. Usage: ") in err
     assert [r["instruction"] for r in json.loads(output_path.read_text())] == [
         r["instruction"] for i, r in enumerate(records) if i not in long_records]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models trained through their chat template (prompt_format.json in the folder)
+
+
+def chat_trained_folder(tokenizer_matrix, family, folder):
+    """A copy of the family's model folder marked as trained with --prompt_format chat_template (as train.py saves
+    it)."""
+    import shutil
+
+    from alpaca_lib import chat_format
+
+    shutil.copytree(tokenizer_matrix[family], folder)
+    chat_format.save_prompt_format(folder, "chat_template")
+    return folder
+
+
+def chat_training_prompt_ids(folder, records):
+    """{(instruction, input): the masked part before the first label of the row train.py builds with
+    --prompt_format chat_template}."""
+    import train
+
+    tokenizer = train.load_tokenizer(train.ModelArguments(model_name_or_path=str(folder)),
+                                     train.TrainingArguments(output_dir="unused"))
+    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    rows = train.preprocess_conversations(records, tokenizer)
+    prompts = []
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        first_label = int((labels != utils.IGNORE_INDEX).nonzero()[0])
+        prompts.append(ids[:first_label].tolist())
+    return {(r["instruction"], r.get("input", "")): ids for r, ids in zip(records, prompts)}
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen"])
+def test_a_chat_template_model_is_prompted_as_its_training_rows_in_every_mode(family, tokenizer_matrix, tmp_path,
+                                                                              alpaca_sample_path, monkeypatch,
+                                                                              prompts_fed_to_generate):
+    folder = chat_trained_folder(tokenizer_matrix, family, tmp_path / "chat_model")
+    expected = chat_training_prompt_ids(folder, SAMPLE_RECORDS)
+    run_batch(folder, alpaca_sample_path, tmp_path / "out.json", batch_size=5, max_new_tokens=1)
+    assert sorted(prompts_fed_to_generate) == sorted(expected[r["instruction"], r["input"]] for r in SAMPLE_RECORDS)
+    for record in SAMPLE_RECORDS[:2]:
+        prompts_fed_to_generate.clear()
+        inference.inference(model_name_or_path=str(folder), instruction=record["instruction"],
+                            input=record["input"], max_new_tokens=1, device="cpu")
+        assert prompts_fed_to_generate == [expected[record["instruction"], record["input"]]]
+    prompts_fed_to_generate.clear()
+    read_end, write_end = os.pipe()
+    os.write(write_end, f"{SAMPLE_RECORDS[1]['instruction']}\n{SAMPLE_RECORDS[1]['input']}\n".encode())
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        inference.inference(model_name_or_path=str(folder), max_new_tokens=1, device="cpu")
+    assert prompts_fed_to_generate == [expected[SAMPLE_RECORDS[1]["instruction"], SAMPLE_RECORDS[1]["input"]]]
+
+
+def test_the_real_smollm2_trained_through_its_template_is_prompted_as_trained(tokenizer_matrix, tmp_path,
+                                                                             prompts_fed_to_generate):
+    folder = chat_trained_folder(tokenizer_matrix, "smollm2", tmp_path / "chat_model")
+    record = SAMPLE_RECORDS[1]
+    expected = chat_training_prompt_ids(folder, [record])[record["instruction"], record["input"]]
+    inference.inference(model_name_or_path=str(folder), instruction=record["instruction"], input=record["input"],
+                        max_new_tokens=1, device="cpu")
+    assert prompts_fed_to_generate == [expected]
+
+
+def test_a_lora_adapter_folder_carries_the_format(tokenizer_matrix, tmp_path, prompts_fed_to_generate):
+    """train.py saves prompt_format.json beside adapter_config.json: the adapter folder is prompted as trained."""
+    import peft
+    import transformers
+
+    from alpaca_lib import chat_format
+
+    base = tokenizer_matrix["qwen"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(adapter))
+    chat_format.save_prompt_format(adapter, "chat_template")
+    record = SAMPLE_RECORDS[1]
+    expected = chat_training_prompt_ids(base, [record])[record["instruction"], record["input"]]
+    inference.inference(model_name_or_path=str(adapter), instruction=record["instruction"], input=record["input"],
+                        max_new_tokens=1, device="cpu")
+    assert prompts_fed_to_generate == [expected]
+
+
+def test_api_base_asks_a_chat_template_model_through_the_chat_endpoint(api_env, tokenizer_matrix, tmp_path,
+                                                                       alpaca_sample_path):
+    """A server serving a chat-trained folder under its path gets chat requests (it renders the template); an
+    Alpaca-trained one gets the Alpaca prompts as completions, as before."""
+    folder = chat_trained_folder(tokenizer_matrix, "qwen", tmp_path / "chat_model")
+    with OpenAIServer(respond=lambda prompt, body: f"Answer to: {prompt.splitlines()[0]}") as server:
+        inference.inference(api_base=server.base_url, model_name=str(folder), input_path=str(alpaca_sample_path),
+                            output_path=str(tmp_path / "out.json"), max_new_tokens=64)
+        requests = server.completed_requests()
+    assert {r["path"] for r in requests} == {"/v1/chat/completions"}
+    sent = sorted(r["body"]["messages"][0]["content"] for r in requests)
+    assert all(len(r["body"]["messages"]) == 1 and r["body"]["messages"][0]["role"] == "user" for r in requests)
+    assert sent == sorted(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in SAMPLE_RECORDS)
+    outputs = json.loads((tmp_path / "out.json").read_text())
+    assert [r["output"] for r in outputs] == [f"Answer to: {r['instruction']}" for r in SAMPLE_RECORDS]

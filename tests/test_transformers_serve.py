@@ -21,8 +21,6 @@ from conftest import SAMPLE_RECORDS
 import generate_instruction as gen
 from test_generate import PROMPT_HEADER, free_port, write_seed_tasks
 
-CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 STARTUP_TIMEOUT = 120
 
 
@@ -36,8 +34,15 @@ def healthy(url):
 
 @pytest.fixture(scope="module")
 def served_model(tmp_path_factory, tiny_llama_dir, hf_tokenizer_dir):
-    """(base URL, model name = the folder it serves, log path) of `transformers serve` on the tiny Llama."""
-    yield from serve(tmp_path_factory.mktemp("served_model"), tiny_llama_dir, hf_tokenizer_dir, CHAT_TEMPLATE)
+    """(base URL, model name = the folder it serves, log path) of `transformers serve` on the tiny Llama, with the
+    chat template train.py saves for the Alpaca format (it renders the Alpaca prompt)."""
+    from transformers import AutoTokenizer
+
+    from alpaca_lib import chat_format
+    from utils import PROMPT_DICT
+
+    template = chat_format.alpaca_chat_template(AutoTokenizer.from_pretrained(str(hf_tokenizer_dir)), PROMPT_DICT)
+    yield from serve(tmp_path_factory.mktemp("served_model"), tiny_llama_dir, hf_tokenizer_dir, template)
 
 
 def serve(folder, model_dir, tokenizer_dir, chat_template):
@@ -145,6 +150,29 @@ def test_inference_api_base_matches_the_local_model(served_model, tmp_path, monk
     local = json.loads((tmp_path / "local.json").read_text())
     assert [r["output"] for r in served] == [r["output"] for r in local]
     assert len({r["output"] for r in served}) == 4
+
+
+def test_a_chat_request_gets_the_alpaca_prompt_of_training(served_model, tmp_path):
+    """A chat client (OpenAI's chat API) talking to an Alpaca-trained folder gets the answers inference.py gets with
+    the Alpaca prompt: the saved chat template builds the training prompt. (transformers serve passes only role and
+    content on, so a user message's `input` key does not reach the template: tasks without an input here.)"""
+    import openai
+
+    import inference
+    from alpaca_lib.decoding import clean_output
+
+    base_url, model_name, _ = served_model
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=1)
+    records = [record for record in SAMPLE_RECORDS if not record["input"]][:3]
+    input_path = tmp_path / "instructions.json"
+    input_path.write_text(json.dumps(records))
+    inference.inference(model_name_or_path=model_name, input_path=str(input_path), device="cpu",
+                        output_path=str(tmp_path / "local.json"), max_new_tokens=16)
+    local = [r["output"] for r in json.loads((tmp_path / "local.json").read_text())]
+    served = [clean_output(client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": r["instruction"]}], max_tokens=16,
+        temperature=0).choices[0].message.content) for r in records]
+    assert served == local and len(set(local)) == 3
 
 
 def test_chat_requests_to_a_model_without_a_chat_template_stop_at_once_with_the_hint(
