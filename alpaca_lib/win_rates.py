@@ -276,7 +276,7 @@ def draw_chart(results, path):
 
     rows = [("all pairs", results["overall"])] + list(results["by_motivation_app"].items())
     labels = [f"{name} ({t['n']})" for name, t in rows]
-    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.28 * len(rows)))
+    figure, axes = plt.subplots(figsize=(9, 1.5 + 0.28 * len(rows)))
     left = [0.0] * len(rows)
     for outcome, colour in zip(OUTCOMES, ("#4c9a2a", "#c8c8c8", "#c0392b")):
         shares = [t[outcome] / t["n"] if t["n"] else 0.0 for _, t in rows]
@@ -290,14 +290,14 @@ def draw_chart(results, path):
         if rate["win_rate"] is not None and rate["win_rate"] == rate["win_rate"] and rate["ci95"] is not None:
             low, high = rate["ci95"]
             axes.errorbar([rate["win_rate"]], [offset], xerr=[[rate["win_rate"] - low], [high - rate["win_rate"]]],
-                          fmt=marker, color=colour, markersize=5, capsize=3, label=name)
+                          fmt=marker, color=colour, markeredgecolor="white", markersize=6, capsize=3, label=name)
     axes.set_yticks(range(len(rows)), labels, fontsize=8)
     axes.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no margins
     axes.set_xlim(0, 1)
     axes.set_xlabel("share of pairs")
-    axes.set_title(f"{results['model']} vs {results['reference']}: {raw_name} {percent(raw['win_rate'])} "
+    axes.set_title(f"{results['model']} vs {results['reference']}\n{raw_name} {percent(raw['win_rate'])} "
                    f"({interval(raw['ci95'])}), length-controlled {percent(lc['win_rate'])} "
-                   f"({interval(lc['ci95'])})", fontsize=10, pad=20)
+                   f"({interval(lc['ci95'])})", fontsize=9, pad=20)
     axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize=8, frameon=False)
     figure.tight_layout()
     with data_files.atomic_open(path, "wb") as f:

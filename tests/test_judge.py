@@ -418,12 +418,6 @@ def length_judge(prompt, body):
     return "Verdict: " + ("A" if draw < p_a else "B")
 
 
-def longer_judge(prompt, body):
-    """Always prefers the longer response."""
-    a, b = shown_responses(prompt)
-    return "Verdict: " + ("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie")
-
-
 def length_probabilities(prompt, body):
     """A weighted judge that decides by length alone: P(A) = logistic((len(A) - len(B)) / 100 characters)."""
     a, b = shown_responses(prompt)
@@ -494,10 +488,15 @@ def test_a_judge_blind_to_length_keeps_its_raw_win_rate(server, tmp_path, capsys
 
 
 def test_an_empty_answer_model_does_not_win_and_length_control_does_not_rescue_it(server, tmp_path):
-    """The null model: empty outputs against real ones, judged by a judge that goes by length (the case where a
-    length correction could most easily lift it)."""
+    """The null model: empty outputs against real ones, judged by a judge that reads (an empty answer is no answer)
+    and otherwise goes by length: every pair lies on the short side, where a length correction could lift it."""
     model_path, reference_path = sized_files(tmp_path, 60, 0.5, seed=4, empty_model=True)
-    server.respond = longer_judge
+
+    def reading_length_judge(prompt, body):
+        a, b = shown_responses(prompt)
+        return "Verdict: B" if not a else "Verdict: A" if not b else length_judge(prompt, body)
+
+    server.respond = reading_length_judge
     results = run_judge(server, model_path, reference_path, tmp_path / "out")
     assert (results["overall"]["win"], results["overall"]["tie"], results["overall"]["loss"]) == (0, 0, 60)
     assert results["length_controlled"]["win_rate"] < 0.02 and results["length_controlled"]["ci95"][1] < 0.05
