@@ -4,6 +4,9 @@ text-davinci-003 on the 252 self-instruct user-oriented instructions, as the Alp
 Each pair is judged twice, once in each order (judges favour a position); a pair is a win only when both orders
 prefer the model, a loss only when both prefer the reference, and a tie otherwise. Judgments are cached in JSONL:
 kill it and rerun, and only the missing ones are asked. Any OpenAI-compatible chat model judges, at temperature 0.
+Next to the raw win rate: the length-controlled one (AlpacaEval 2's length model, minimal form) and the judge's
+biases; with --weighted, preferences weighed by the verdict token's probability (logprobs), as AlpacaEval's weighted
+annotator.
 
     python judge.py --model_outputs outputs/alpaca.json --reference_outputs text-davinci-003_predictions.jsonl \
         --judge_model gpt-4o [--api_base http://localhost:8000/v1] [--output_dir judge_results]
@@ -144,8 +147,9 @@ def combine(model_first, reference_first):
 
 
 def judge_messages(instruction, task_input, response_a, response_b, weighted=False):
-    text = (WEIGHTED_PROMPT if weighted else JUDGE_PROMPT).format(instruction=instruction.strip(), input=task_input.strip() or NO_INPUT,
-                               response_a=response_a, response_b=response_b)
+    template = WEIGHTED_PROMPT if weighted else JUDGE_PROMPT
+    text = template.format(instruction=instruction.strip(), input=task_input.strip() or NO_INPUT,
+                           response_a=response_a, response_b=response_b)
     return [{"role": "user", "content": text}]
 
 
@@ -522,6 +526,11 @@ def judge(
     write_reports(results, output_dir, judge_model, seed, bootstrap_samples)
     for line in win_rates.warnings(results):
         print(f"warning: {line}", file=sys.stderr)
+    by_text = results["weighted"]["judgments"]["text verdict"] if weighted else 0
+    if by_text:
+        total = by_text + results["weighted"]["judgments"]["weighted"]
+        print(f"note: the server sent no logprobs (or none of a verdict) for {by_text} of {total} judgments; those "
+              "count by their text verdict (1, 0 or 0.5)", file=sys.stderr)
     report_left_out(results, judgments, cache, asked, output_dir, judge_model, max_malformed_retries)
     return None
 

@@ -283,8 +283,9 @@ def draw_chart(results, path):
         axes.barh(range(len(rows)), shares, left=left, color=colour, label=outcome)
         left = [a + b for a, b in zip(left, shares)]
     lc = results["length_controlled"]
+    overall = results["overall"]
     raw_name, raw = (("weighted", results["weighted"]) if results.get("weighted")
-                     else ("win rate", {"win_rate": results["overall"]["win_rate"], "ci95": results["overall"]["ci95"]}))
+                     else ("win rate", {"win_rate": overall["win_rate"], "ci95": overall["ci95"]}))
     for offset, name, rate, colour, marker in ((-0.2, raw_name, raw, "black", "D"),
                                                 (0.2, "length-controlled", lc, "#1f5fbf", "o")):
         if rate["win_rate"] is not None and rate["win_rate"] == rate["win_rate"] and rate["ci95"] is not None:

@@ -554,7 +554,10 @@ def test_a_server_without_logprobs_falls_back_to_the_text_verdict_and_says_so(se
     # Hard verdicts: wins 1, the loss 0, the bias pair (A both times) 0.5.
     assert [o["preference"] for o in results["outcomes"]] == [1.0, 1.0, 1.0, 0.0, 0.5]
     assert results["weighted"]["win_rate"] == results["overall"]["win_rate"] == 0.7
-    assert "by the text verdict (the server sent no logprobs): 10." in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "by the text verdict (the server sent no logprobs): 10." in captured.out
+    assert ("note: the server sent no logprobs (or none of a verdict) for 10 of 10 judgments; those count by their "
+            "text verdict (1, 0 or 0.5)") in captured.err
     entries = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
     assert {(e["source"], e["top_logprobs"]) for e in entries} == {("text verdict", None)}
 
@@ -591,5 +594,6 @@ def test_bias_figures_are_exact(server, tmp_path, capsys):
     assert biases["orders_disagree"] == 3 / 16
     report = (tmp_path / "out" / "results.md").read_text()
     assert ("| P(prefers the first shown) | 0.59 (32 judgments) | 0.52 | 0.50 | 0.54 | 0.53 |\n"
-            "| P(prefers the longer) | 0.85 (20 judgments with lengths 30+ characters apart) | 0.64 | 0.68 | 0.65 | 0.61 |\n"
+            "| P(prefers the longer) | 0.85 (20 judgments with lengths 30+ characters apart) | 0.64 | 0.68 | 0.65 "
+            "| 0.61 |\n"
             "| pairs whose two orders disagree | 0.19 (3 of 16) | – | – | – | – |") in report
