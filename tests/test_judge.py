@@ -387,6 +387,54 @@ def test_an_empty_outputs_file_is_named_as_empty(tmp_path):
 # Length control, weighted preferences, the judge's biases
 
 
+def test_text_verdict_keys_are_unchanged_and_the_weighted_mode_has_its_own():
+    """A cache written before --weighted existed keeps its keys; a weighted judgment of the same prompt is another."""
+    messages = [{"role": "user", "content": "Which is better?"}]
+    key = judge.judgment_key("gpt-4o", messages)
+    assert key == "69617defba93b9064814f9e12e499c893083edf3f962dcec50743b2e80ab0ae7"
+    assert judge.judgment_key("gpt-4o", messages, weighted=True) != key
+    pair = judge.Pair({"instruction": "Say hi.", "input": "", "output": "hi"},
+                      {"instruction": "Say hi.", "input": "", "output": "hello"}, 0)
+    text, weighted = judge.make_judgments([pair], "j"), judge.make_judgments([pair], "j", weighted=True)
+    assert text[0].messages[0]["content"].endswith("Verdict: tie")
+    assert weighted[0].messages[0]["content"].endswith("the single letter A or B: no explanation, no quotes, no "
+                                                       "spaces, no new lines.")
+    assert {j.key for j in text}.isdisjoint({j.key for j in weighted})
+
+
+@pytest.mark.parametrize("top, text, expected", [
+    ([("A", math.log(0.6)), ("B", math.log(0.3)), ("The", math.log(0.1))], "A", ("A", 0.6 / 0.9, "weighted")),
+    ([(" B", math.log(0.5)), ("B", math.log(0.25)), ("A", math.log(0.25))], "B", ("B", 0.25, "weighted")),
+    ([("tie", math.log(0.5)), ("A", math.log(0.5))], "tie", ("A", 0.75, "weighted")),  # a tie token counts half
+    ([("Response", 0.0)], "Response", (None, None, "text verdict")),  # no verdict among the alternatives
+    (None, "B", ("B", 0.0, "text verdict")),  # the server sent no logprobs
+    (None, "**A**", ("A", 1.0, "text verdict")),
+    (None, "Reasons.\nVerdict: tie", ("tie", 0.5, "text verdict")),
+    (None, "Alpha", (None, None, "text verdict")),
+])
+def test_weighted_verdicts(top, text, expected):
+    verdict, preference_a, source = judge.weighted_verdict(judge.api_client.Reply(text, "length", top))
+    assert (verdict, source) == (expected[0], expected[2])
+    assert preference_a == (None if expected[1] is None else pytest.approx(expected[1]))
+
+
+def test_length_controlled_fit_on_known_preferences():
+    """Preferences that follow length alone come back to 50% at zero length difference; preferences blind to length
+    keep their mean; a side that loses every pair stays near 0%; the interval is reproducible with its seed."""
+    differences = [(-1) ** i * (20 + 7 * i) for i in range(60)]
+    follows_length = [1 / (1 + math.exp(-d / 100)) for d in differences]
+    assert judge.win_rates.length_controlled_win_rate(follows_length, differences)["win_rate"] == pytest.approx(
+        0.5, abs=0.01)
+    blind = [0.8] * 60
+    assert judge.win_rates.length_controlled_win_rate(blind, differences)["win_rate"] == pytest.approx(0.8, abs=0.01)
+    losing = judge.win_rates.length_controlled_win_rate([0.0] * 60, [-abs(d) for d in differences])
+    assert losing["win_rate"] < 0.01 and losing["length_coefficient"] > 0
+    first = judge.win_rates.length_controlled_interval(blind[:30] + [0.2] * 30, differences, samples=40, seed=1)
+    assert first == judge.win_rates.length_controlled_interval(blind[:30] + [0.2] * 30, differences, samples=40,
+                                                               seed=1)
+    assert first[0] < 0.5 < first[1]
+
+
 def sized_files(tmp_path, n, model_longer_share, seed=0, model_good_share=None, empty_model=False):
     """n pairs whose outputs differ in length by 20 to 400 characters, the model's the longer in about
     `model_longer_share` of them; with model_good_share, one of the two outputs (the model's in about that share,
