@@ -4,6 +4,9 @@ text-davinci-003 on the 252 self-instruct user-oriented instructions, as the Alp
 Each pair is judged twice, once in each order (judges favour a position); a pair is a win only when both orders
 prefer the model, a loss only when both prefer the reference, and a tie otherwise. Judgments are cached in JSONL:
 kill it and rerun, and only the missing ones are asked. Any OpenAI-compatible chat model judges, at temperature 0.
+Next to the raw win rate: the length-controlled one (AlpacaEval 2's length model, minimal form) and the judge's
+biases; with --weighted, preferences weighed by the verdict token's probability (logprobs), as AlpacaEval's weighted
+annotator.
 
     python judge.py --model_outputs outputs/alpaca.json --reference_outputs text-davinci-003_predictions.jsonl \
         --judge_model gpt-4o [--api_base http://localhost:8000/v1] [--output_dir judge_results]
@@ -14,6 +17,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -31,9 +35,8 @@ import utils
 
 DEFAULT_JUDGE_MODEL = "gpt-4o"
 
-# Written for this project. The verdict goes on a last line of its own, so a reply is parsed by one regular
-# expression, whatever reasoning comes before it.
-JUDGE_PROMPT = """\
+# Written for this project: the task and the pair, then how to answer (a verdict line, or the verdict token alone).
+_TASK = """\
 Two AI assistants were given the same task. Decide which response completes it better.
 
 Judge what a careful user would value: does the response do what the instruction asks, is it correct, is it \
@@ -55,14 +58,26 @@ two responses is random and says nothing about them. If they are equally good, o
 {response_b}
 [End of Response B]
 
+"""
+# The verdict goes on a last line of its own, so a reply is parsed by one regular expression, whatever reasoning comes
+# before it.
+JUDGE_PROMPT = _TASK + """\
 Explain your decision in at most three sentences. Then end with a line that is exactly one of:
 Verdict: A
 Verdict: B
 Verdict: tie"""
+# --weighted: the verdict is the reply's first (and only) token, so its probabilities are the judge's confidence. No
+# tie, as AlpacaEval's weighted annotator: two responses equally good show as P(A) near P(B).
+WEIGHTED_PROMPT = _TASK + """\
+Answer with the verdict alone: A if Response A is better, B if Response B is better. Your whole reply must be the \
+single letter A or B: no explanation, no quotes, no spaces, no new lines."""
 NO_INPUT = "(none)"
 # Sent after a reply without a verdict line, in the same conversation.
 CORRECTION = ("Your reply did not end with a verdict line. Answer with one line only: \"Verdict: A\", "
               "\"Verdict: B\" or \"Verdict: tie\".")
+WEIGHTED_CORRECTION = "Answer with the single letter A or B, and nothing else."
+# --weighted: how many alternatives of the verdict token are asked for (AlpacaEval's weighted annotator asks for 5).
+TOP_LOGPROBS = 5
 # A line that is only a verdict: "Verdict: A|B|tie" and the forms judges write besides it ("**Final Verdict: B**",
 # "Verdict - Response A", "Verdict: Assistant A", "Verdict: it's a tie", a line "It's a tie."), in any case, with
 # markdown emphasis or brackets. A line that says more than the verdict ("Verdict: A is better") is not one.
@@ -73,6 +88,8 @@ VERDICT_LINE = re.compile(
 
 # The two orders in which each pair is shown: which side is Response A.
 ORDERS = ("model_first", "reference_first")
+# A verdict's preference for Response A (a tie counts half, AlpacaEval's 1.5).
+PREFERENCE_FOR_A = {"A": 1.0, "B": 0.0, "tie": 0.5}
 
 
 def parse_verdict(reply):
@@ -82,6 +99,33 @@ def parse_verdict(reply):
         return None
     verdict = "".join(matches[-1]).lower()
     return "tie" if verdict.endswith("tie") else verdict.upper()
+
+
+def verdict_probabilities(top_logprobs):
+    """{"A", "B", "tie": probability} of the verdict token, summed over the alternatives [(token, logprob)] that are
+    one of them once stripped ("A", " A"; "tie" in any case)."""
+    totals = {"A": 0.0, "B": 0.0, "tie": 0.0}
+    for token, logprob in top_logprobs or []:
+        word = token.strip()
+        verdict = word if word in ("A", "B") else "tie" if word.lower() == "tie" else None
+        if verdict is not None:
+            totals[verdict] += math.exp(logprob)
+    return totals
+
+
+def weighted_verdict(reply):
+    """(verdict, preference for Response A in [0, 1], source) of a one-token reply (api_client.Reply). "weighted": the
+    verdict token's probabilities, (P(A) + P(tie) / 2) / (P(A) + P(B) + P(tie)) (AlpacaEval's P(A) / (P(A) + P(B))
+    when the judge gives a tie no weight), the verdict the likelier; "text verdict": the server sent no logprobs (or
+    none of a verdict), the reply's text decides (1, 0 or 0.5). (None, None, source) when the text is no verdict."""
+    probabilities = verdict_probabilities(reply.top_logprobs)
+    total = sum(probabilities.values())
+    if total > 0:
+        preference_a = (probabilities["A"] + probabilities["tie"] / 2) / total
+        return max(probabilities, key=probabilities.get), preference_a, "weighted"
+    word = reply.text.strip().strip("*\"'.`")
+    verdict = word if word in ("A", "B") else "tie" if word.lower() == "tie" else parse_verdict(reply.text)
+    return verdict, PREFERENCE_FOR_A.get(verdict), "text verdict"
 
 
 def preferred_side(order, verdict):
@@ -102,15 +146,20 @@ def combine(model_first, reference_first):
     return "tie"
 
 
-def judge_messages(instruction, task_input, response_a, response_b):
-    text = JUDGE_PROMPT.format(instruction=instruction.strip(), input=task_input.strip() or NO_INPUT,
-                               response_a=response_a, response_b=response_b)
+def judge_messages(instruction, task_input, response_a, response_b, weighted=False):
+    template = WEIGHTED_PROMPT if weighted else JUDGE_PROMPT
+    text = template.format(instruction=instruction.strip(), input=task_input.strip() or NO_INPUT,
+                           response_a=response_a, response_b=response_b)
     return [{"role": "user", "content": text}]
 
 
-def judgment_key(judge_model, messages):
-    """What a judgment depends on: the judge model and the exact prompt (so a changed output is judged again)."""
-    text = json.dumps({"judge_model": judge_model, "messages": messages}, sort_keys=True, ensure_ascii=False)
+def judgment_key(judge_model, messages, weighted=False):
+    """What a judgment depends on: the judge model, the exact prompt (so a changed output is judged again) and how it
+    is asked (--weighted: one token with its logprobs)."""
+    what = {"judge_model": judge_model, "messages": messages}
+    if weighted:  # added only then, so that the text verdicts cached before --weighted existed keep their keys
+        what.update(mode="weighted", max_tokens=1, top_logprobs=TOP_LOGPROBS)
+    text = json.dumps(what, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -151,22 +200,43 @@ def pair_records(model_records, reference_records):
     return pairs, len(model_records) - len(pairs), len(reference_records) - len(pairs)
 
 
-def make_judgments(pairs, judge_model):
+def shown(pair, order):
+    """(the record shown first, the one shown second) in `order`."""
+    return (pair.model, pair.reference) if order == "model_first" else (pair.reference, pair.model)
+
+
+def make_judgments(pairs, judge_model, weighted=False):
     judgments = []
     for index, pair in enumerate(pairs):
         for order in ORDERS:
-            first, second = (pair.model, pair.reference) if order == "model_first" else (pair.reference, pair.model)
+            first, second = shown(pair, order)
             messages = judge_messages(pair.model["instruction"], pair.model["input"], first["output"],
-                                      second["output"])
-            judgments.append(Judgment(index, order, messages, judgment_key(judge_model, messages)))
+                                      second["output"], weighted)
+            judgments.append(Judgment(index, order, messages, judgment_key(judge_model, messages, weighted)))
     return judgments
 
 
-def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()):
+def judgment_preference(order, entry):
+    """How much a cached judgment in `order` favours the model, in [0, 1] (its weighted preference, else its verdict's;
+    None without a verdict)."""
+    preference_a = entry.get("preference_a")
+    if preference_a is None:
+        preference_a = PREFERENCE_FOR_A.get(entry["verdict"])
+    if preference_a is None:
+        return None
+    return preference_a if order == "model_first" else 1 - preference_a
+
+
+def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=(), weighted=False,
+                    lc_bootstrap_samples=1000):
     """Everything the report shows, from the cached judgments of these pairs (and the judgments the server refused
-    in this run: [Refusal])."""
+    in this run: [Refusal]). With `weighted`, the weighted win rate too (the mean over pairs of the two orders' mean
+    preference), and the length-controlled win rate is fitted on those preferences (else on the counted ones)."""
     sides = collections.defaultdict(dict)  # pair index -> {order: preferred side or None}
+    preferences = collections.defaultdict(dict)  # pair index -> {order: preference for the model}
+    sources = collections.Counter()  # weighted judgments: "weighted" or "text verdict"
     malformed = unanswered = 0
+    first_shown = []  # (preference for the first shown, its length, the second's length)
     for judgment in judgments:
         entry = cache.entries.get(judgment.key)
         if entry is None:
@@ -175,6 +245,13 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()
         if entry["verdict"] is None:
             unanswered += 1
         sides[judgment.pair_index][judgment.order] = preferred_side(judgment.order, entry["verdict"])
+        preference = judgment_preference(judgment.order, entry)
+        if preference is not None:
+            preferences[judgment.pair_index][judgment.order] = preference
+            sources[entry.get("source", "text verdict")] += 1
+            first, second = shown(pairs[judgment.pair_index], judgment.order)
+            first_shown.append((preference if judgment.order == "model_first" else 1 - preference,
+                                len(first["output"]), len(second["output"])))
     outcomes, kinds = {}, collections.Counter()
     for index, by_order in sides.items():
         model_first, reference_first = by_order.get("model_first"), by_order.get("reference_first")
@@ -190,6 +267,25 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()
     judged = sorted(outcomes)
     overall = tally([outcomes[i] for i in judged])
     overall["ci95"] = bootstrap_interval([SCORES[outcomes[i]] for i in judged], bootstrap_samples, seed)
+    # The preference each pair contributes: its counted score, or with --weighted the mean of its two orders'.
+    pair_preferences = ([sum(preferences[i].values()) / 2 for i in judged] if weighted
+                        else [SCORES[outcomes[i]] for i in judged])
+    weighted_results = None
+    if weighted:
+        weighted_results = {"win_rate": sum(pair_preferences) / len(judged) if judged else None,
+                            "ci95": bootstrap_interval(pair_preferences, bootstrap_samples, seed),
+                            "judgments": {source: sources[source] for source in ("weighted", "text verdict")}}
+    differences = [len(pairs[i].model["output"]) - len(pairs[i].reference["output"]) for i in judged]
+    raw = weighted_results["win_rate"] if weighted else overall["win_rate"]
+    length_controlled = {"of": "weighted" if weighted else "counted", "raw_win_rate": raw, "win_rate": None,
+                         "ci95": None, "length_coefficient": None, "intercept": None, "bootstrap_samples": 0}
+    if len(judged) >= 2:
+        length_controlled.update(win_rates.length_controlled_win_rate(pair_preferences, differences))
+        length_controlled["ci95"] = win_rates.length_controlled_interval(pair_preferences, differences,
+                                                                         lc_bootstrap_samples, seed)
+        length_controlled["bootstrap_samples"] = lc_bootstrap_samples
+    biases = win_rates.judge_biases(first_shown)
+    biases["orders_disagree"] = kinds["orders disagree (position bias)"] / len(judged) if judged else None
     by_category = collections.defaultdict(list)
     for index in judged:
         by_category[pairs[index].category].append(outcomes[index])
@@ -198,9 +294,13 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()
     return {
         "model": pairs[0].model["generator"] if pairs else None,
         "reference": pairs[0].reference["generator"] if pairs else None,
+        "judging": "weighted" if weighted else "text verdict",
         "pairs": len(pairs),
         "judged": len(judged),
         "overall": overall,
+        "weighted": weighted_results,
+        "length_controlled": length_controlled,
+        "biases": biases,
         "consistency": dict(kinds),
         "malformed_replies": malformed,
         "judgments_without_verdict": unanswered,
@@ -212,7 +312,8 @@ def compute_results(pairs, judgments, cache, seed, bootstrap_samples, refused=()
                      "reason": r.reason, "message": r.message} for r in sorted(
             refused, key=lambda r: (r.judgment.pair_index, ORDERS.index(r.judgment.order)))],
         "outcomes": [{"instruction": pairs[i].model["instruction"], "input": pairs[i].model["input"],
-                      "outcome": outcomes[i]} for i in judged],
+                      "outcome": outcomes[i], "preference": preference}
+                     for i, preference in zip(judged, pair_preferences)],
     }
 
 
@@ -238,29 +339,39 @@ class _JudgmentFailed(Exception):
 
 
 async def ask_judge(api, judgment, pairs, cache, settings):
-    """Ask one judgment, with up to `max_malformed_retries` follow-ups for a reply without a verdict line; cache it.
-    A request that failed is a _JudgmentFailed naming the judgment."""
+    """Ask one judgment, with up to `max_malformed_retries` follow-ups for a reply without a verdict; cache it. With
+    settings["weighted"], one token with its logprobs (weighted_verdict). A request that failed is a _JudgmentFailed
+    naming the judgment."""
     messages, usage, malformed = list(judgment.messages), Usage(), 0
     label = f"pair {judgment.pair_index} ({judgment.order.replace('_', ' ')})"
+    weighted = settings["weighted"]
+    params = (dict(max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS) if weighted
+              else dict(max_tokens=settings["max_tokens"]))
     for attempt in range(settings["max_malformed_retries"] + 1):
         try:
             reply, request_usage = await api.chat(messages, label=label, model=settings["judge_model"],
-                                                  temperature=0, max_tokens=settings["max_tokens"])
+                                                  temperature=0, **params)
         except RequestFailed as e:
             raise _JudgmentFailed(judgment, e) from None
         usage.add(request_usage)
-        verdict = parse_verdict(reply.text)
+        if weighted:
+            verdict, preference_a, source = weighted_verdict(reply)
+        else:
+            verdict = parse_verdict(reply.text)
         if verdict is not None:
             break
         malformed += 1
-        messages = messages + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": CORRECTION}]
+        messages = messages + [{"role": "assistant", "content": reply.text},
+                               {"role": "user", "content": WEIGHTED_CORRECTION if weighted else CORRECTION}]
     pair = pairs[judgment.pair_index]
-    cache.append({"key": judgment.key, "judge_model": settings["judge_model"], "order": judgment.order,
-                  "model": pair.model["generator"], "reference": pair.reference["generator"],
-                  "instruction": pair.model["instruction"], "input": pair.model["input"], "verdict": verdict,
-                  "preferred": preferred_side(judgment.order, verdict), "malformed_replies": malformed,
-                  "reply": reply.text, "prompt_tokens": usage.prompt_tokens,
-                  "completion_tokens": usage.completion_tokens})
+    entry = {"key": judgment.key, "judge_model": settings["judge_model"], "order": judgment.order,
+             "model": pair.model["generator"], "reference": pair.reference["generator"],
+             "instruction": pair.model["instruction"], "input": pair.model["input"], "verdict": verdict,
+             "preferred": preferred_side(judgment.order, verdict), "malformed_replies": malformed,
+             "reply": reply.text, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    if weighted:
+        entry.update(preference_a=preference_a, source=source, top_logprobs=reply.top_logprobs)
+    cache.append(entry)
     return verdict
 
 
@@ -329,6 +440,8 @@ def judge(
     budget_usd=None,
     budget_tokens=None,
     retry_without_verdict=False,
+    weighted=False,
+    lc_bootstrap_samples=1000,
 ):
     """Compare two models' outputs on the same instructions with an LLM judge; report wins, ties and losses.
 
@@ -341,7 +454,16 @@ def judge(
     left out and reported (no verdict at all is an error); at temperature 0 the judge would write the same again, so
     a rerun asks it again only with --retry_without_verdict. A judgment the server refuses (an output past the
     judge's context, a content filter) leaves its pair out: the run goes on, and the report counts and lists them.
-    Win rate = (wins + ties / 2) / pairs, with a 95% bootstrap interval.
+    Win rate = (wins + ties / 2) / pairs, with a 95% bootstrap interval. Next to it, the length-controlled win rate
+    (AlpacaEval 2's, in its minimal form): a logistic regression of each pair's preference on tanh(standardised
+    length difference) + a constant, fitted on this run's pairs and predicted at zero length difference; a warning
+    when it differs from the raw one by more than 10 points. And the judge's biases: P(it prefers the first shown),
+    P(it prefers the longer), the share of pairs whose two orders disagree, next to AlpacaEval's published figures.
+
+    With --weighted, each judgment asks for the verdict token alone (max_tokens 1, "A" or "B") with its logprobs,
+    as AlpacaEval's weighted annotator: a judgment's preference is P(A) / (P(A) + P(B)), a pair's the mean of its
+    two orders', and the weighted win rate their mean (reported with the counted one, from the likelier tokens). A
+    reply without logprobs (many servers ignore them) counts by its text verdict; the report says how many did.
 
     Writes OUTPUT_DIR/results.md (printed too), results.json and results.png (shares by motivation_app when the
     outputs carry it, as inference.py's outputs on the user-oriented set do). Every judgment is cached in
@@ -365,10 +487,15 @@ def judge(
         max_retries: A judgment that still fails is left for a rerun.
         retry_without_verdict: ask again the cached judgments whose replies never gave a verdict (by default they
             are kept: at temperature 0 the same prompt gets the same reply).
+        weighted: ask a one-token verdict with its logprobs and weigh it by its probability (a new judgment for the
+            cache: text verdicts cached before are kept for runs without it). --max_tokens is then 1.
+        lc_bootstrap_samples: resamples (the first of the win rate's) for the 95% interval of the length-controlled
+            win rate; each is a refit.
     """
     # -- check every flag before anything is read or sent
     for flag, value, low in (("max_tokens", max_tokens, 1), ("max_malformed_retries", max_malformed_retries, 0),
-                             ("bootstrap_samples", bootstrap_samples, 1), ("seed", seed, 0)):
+                             ("bootstrap_samples", bootstrap_samples, 1), ("seed", seed, 0),
+                             ("lc_bootstrap_samples", lc_bootstrap_samples, 1)):
         cli.check_number(flag, value, low, int)
     server = api_client.ServerOptions(api_base, concurrency, request_timeout, max_retries, prompt_price_per_million,
                                       completion_price_per_million, budget_usd, budget_tokens)
@@ -381,20 +508,29 @@ def judge(
     os.makedirs(output_dir, exist_ok=True)
     cache = JudgmentCache(cache_path or os.path.join(output_dir, "judgments.jsonl"))
     cache.load()
-    judgments = make_judgments(pairs, judge_model)
+    judgments = make_judgments(pairs, judge_model, weighted)
     missing = judgments_to_ask(pairs, judgments, cache, retry_without_verdict)
 
     # -- ask the missing judgments (the key is read only now: a report from a complete cache asks nothing)
     asked = Asked()
     if missing:
         settings = {"judge_model": judge_model, "max_tokens": max_tokens,
-                    "max_malformed_retries": max_malformed_retries, "model_outputs": str(model_outputs)}
+                    "max_malformed_retries": max_malformed_retries, "model_outputs": str(model_outputs),
+                    "weighted": weighted}
         asked = ask_judgments(server, missing, pairs, cache, settings)
 
     # -- results and reports
-    results = compute_results(pairs, judgments, cache, seed, bootstrap_samples, asked.refused)
+    results = compute_results(pairs, judgments, cache, seed, bootstrap_samples, asked.refused, weighted,
+                              lc_bootstrap_samples)
     results.update(judge_model=judge_model, unmatched=unmatched)
     write_reports(results, output_dir, judge_model, seed, bootstrap_samples)
+    for line in win_rates.warnings(results):
+        print(f"warning: {line}", file=sys.stderr)
+    by_text = results["weighted"]["judgments"]["text verdict"] if weighted else 0
+    if by_text:
+        total = by_text + results["weighted"]["judgments"]["weighted"]
+        print(f"note: the server sent no logprobs (or none of a verdict) for {by_text} of {total} judgments; those "
+              "count by their text verdict (1, 0 or 0.5)", file=sys.stderr)
     report_left_out(results, judgments, cache, asked, output_dir, judge_model, max_malformed_retries)
     return None
 

@@ -363,6 +363,9 @@ class Reply:
 
     text: str
     finish_reason: str | None
+    # chat, when asked for (logprobs=True, top_logprobs=N) and given: the first token's alternatives, most likely
+    # first, as [(token, logprob)]; None where the server sent none
+    top_logprobs: list | None = None
 
 
 @dataclasses.dataclass
@@ -482,7 +485,10 @@ class APIClient:
         response, usage = await self._create(self.client.chat.completions.create, label,
                                              dict(params, messages=messages))
         choice = response.choices[0]
-        return Reply(choice.message.content or "", choice.finish_reason), usage
+        first = (getattr(getattr(choice, "logprobs", None), "content", None) or [None])[0]
+        top = None if first is None else ([(t.token, t.logprob) for t in first.top_logprobs or []]
+                                          or [(first.token, first.logprob)])
+        return Reply(choice.message.content or "", choice.finish_reason, top), usage
 
     async def _complete_one_by_one(self, prompts, label, params):
         """One request per prompt, concurrently; a prompt whose request failed after its retries gets None (all

@@ -51,12 +51,19 @@ Scripted replies (inference and judge tests): `respond(prompt, body)` -> text re
 prompt is the completion prompt, or the chat messages' contents joined by newlines; `body` is the request. The
 request's `stop` and `max_tokens` still cut the text, as a real server does. It runs on the server's threads: keep it
 a pure function of its arguments (or lock what it shares).
+
+Logprobs (chat): a request with `logprobs: true` (and `top_logprobs: N`) gets OpenAI's shape, choices[0].logprobs =
+{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}, one entry per server token of the
+reply. `first_token_probabilities(prompt, body)` -> {token: probability} scripts the first token's distribution (its
+top N, most likely first); the other tokens, and every token without it, have probability 1. With `ignore_logprobs`
+the server answers "logprobs": null even when asked, as many servers do.
 """
 
 import email.parser
 import email.policy
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -306,6 +313,30 @@ class OpenAIServer:
         with self._lock:
             return [r for r in self.requests if r["outcome"] == "ok"]
 
+    # -- logprobs on chat completions ----------------------------------------------------------------------------------
+
+    first_token_probabilities = None  # None, or f(prompt, body) -> {token: probability} for the reply's first token
+    ignore_logprobs = False  # True: "logprobs": null even when the request asks for them
+
+    def _chat_logprobs(self, body, prompt, text):
+        """choices[i].logprobs for a chat reply: None unless asked (and not ignored); else one entry per token."""
+        if not body.get("logprobs") or self.ignore_logprobs:
+            return None
+        top_n = int(body.get("top_logprobs") or 0)
+
+        def entry(token, probability):
+            return {"token": token, "logprob": math.log(probability) if probability > 0 else -9999.0,
+                    "bytes": list(token.encode("utf-8"))}
+
+        content = []
+        for position, token in enumerate(re.findall(r"\s*\S+", text)):
+            scripted = self.first_token_probabilities(prompt, body) if position == 0 and \
+                self.first_token_probabilities else {token: 1.0}
+            top = sorted(((t, p) for t, p in scripted.items() if p > 0), key=lambda item: -item[1])
+            content.append({**entry(token, scripted.get(token, 0.0)),
+                            "top_logprobs": [entry(t, p) for t, p in top[:top_n]]})
+        return {"content": content}
+
     # -- request handling --------------------------------------------------------------------------------------------
 
     def _next_transport_fault(self):
@@ -425,7 +456,7 @@ class OpenAIServer:
             completion_tokens += count_tokens(text)
             if chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish_reason})
+                                "logprobs": self._chat_logprobs(body, prompt, text), "finish_reason": finish_reason})
             else:
                 choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -2,8 +2,11 @@
 kill + resume, budgets, the bootstrap interval, the reports; and the real 252 user-oriented instructions paired with
 text-davinci-003's answers when ../shared/data is there."""
 
+import hashlib
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -75,7 +78,7 @@ def server(monkeypatch):
 
 def run_judge(server, model_path, reference_path, output_dir, **kwargs):
     args = dict(judge_model="judge-1", api_base=server.base_url, output_dir=str(output_dir), max_retries=0,
-                bootstrap_samples=2000)
+                bootstrap_samples=2000, lc_bootstrap_samples=50)
     args.update(kwargs)
     judge.judge(model_path, reference_path, **args)
     return json.loads((output_dir / "results.json").read_text())
@@ -378,3 +381,267 @@ def test_an_empty_outputs_file_is_named_as_empty(tmp_path):
     with pytest.raises(eval_files.EvalDataError, match=f"^{re.escape(str(empty))}: holds no records$"):
         judge.judge(model_outputs=str(empty), reference_outputs=str(reference), judge_model="j",
                     output_dir=str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Length control, weighted preferences, the judge's biases
+
+
+def test_text_verdict_keys_are_unchanged_and_the_weighted_mode_has_its_own():
+    """A cache written before --weighted existed keeps its keys; a weighted judgment of the same prompt is another."""
+    messages = [{"role": "user", "content": "Which is better?"}]
+    key = judge.judgment_key("gpt-4o", messages)
+    assert key == "69617defba93b9064814f9e12e499c893083edf3f962dcec50743b2e80ab0ae7"
+    assert judge.judgment_key("gpt-4o", messages, weighted=True) != key
+    pair = judge.Pair({"instruction": "Say hi.", "input": "", "output": "hi"},
+                      {"instruction": "Say hi.", "input": "", "output": "hello"}, 0)
+    text, weighted = judge.make_judgments([pair], "j"), judge.make_judgments([pair], "j", weighted=True)
+    assert text[0].messages[0]["content"].endswith("Verdict: tie")
+    assert weighted[0].messages[0]["content"].endswith("the single letter A or B: no explanation, no quotes, no "
+                                                       "spaces, no new lines.")
+    assert {j.key for j in text}.isdisjoint({j.key for j in weighted})
+
+
+@pytest.mark.parametrize("top, text, expected", [
+    ([("A", math.log(0.6)), ("B", math.log(0.3)), ("The", math.log(0.1))], "A", ("A", 0.6 / 0.9, "weighted")),
+    ([(" B", math.log(0.5)), ("B", math.log(0.25)), ("A", math.log(0.25))], "B", ("B", 0.25, "weighted")),
+    ([("tie", math.log(0.5)), ("A", math.log(0.5))], "tie", ("A", 0.75, "weighted")),  # a tie token counts half
+    ([("Response", 0.0)], "Response", (None, None, "text verdict")),  # no verdict among the alternatives
+    (None, "B", ("B", 0.0, "text verdict")),  # the server sent no logprobs
+    (None, "**A**", ("A", 1.0, "text verdict")),
+    (None, "Reasons.\nVerdict: tie", ("tie", 0.5, "text verdict")),
+    (None, "Alpha", (None, None, "text verdict")),
+])
+def test_weighted_verdicts(top, text, expected):
+    verdict, preference_a, source = judge.weighted_verdict(judge.api_client.Reply(text, "length", top))
+    assert (verdict, source) == (expected[0], expected[2])
+    assert preference_a == (None if expected[1] is None else pytest.approx(expected[1]))
+
+
+def test_length_controlled_fit_on_known_preferences():
+    """Preferences that follow length alone come back to 50% at zero length difference; preferences blind to length
+    keep their mean; a side that loses every pair stays near 0%; the interval is reproducible with its seed."""
+    differences = [(-1) ** i * (20 + 7 * i) for i in range(60)]
+    follows_length = [1 / (1 + math.exp(-d / 100)) for d in differences]
+    assert judge.win_rates.length_controlled_win_rate(follows_length, differences)["win_rate"] == pytest.approx(
+        0.5, abs=0.01)
+    blind = [0.8] * 60
+    assert judge.win_rates.length_controlled_win_rate(blind, differences)["win_rate"] == pytest.approx(0.8, abs=0.01)
+    losing = judge.win_rates.length_controlled_win_rate([0.0] * 60, [-abs(d) for d in differences])
+    assert losing["win_rate"] < 0.01 and losing["length_coefficient"] > 0
+    first = judge.win_rates.length_controlled_interval(blind[:30] + [0.2] * 30, differences, samples=40, seed=1)
+    assert first == judge.win_rates.length_controlled_interval(blind[:30] + [0.2] * 30, differences, samples=40,
+                                                               seed=1)
+    assert first[0] < 0.5 < first[1]
+
+
+def sized_files(tmp_path, n, model_longer_share, seed=0, model_good_share=None, empty_model=False):
+    """n pairs whose outputs differ in length by 20 to 400 characters, the model's the longer in about
+    `model_longer_share` of them; with model_good_share, one of the two outputs (the model's in about that share,
+    drawn apart from length) says GOOD. empty_model: every model output is empty."""
+    rng = random.Random(seed)
+    model, reference = [], []
+    for index in range(n):
+        base, gap = rng.randint(40, 600), rng.randint(20, 400)
+        longer = rng.random() < model_longer_share
+        model_length, reference_length = (base + gap, base) if longer else (base, base + gap)
+        good = None if model_good_share is None else rng.random() < model_good_share
+        texts = []
+        for length, is_good in ((model_length, good is True), (reference_length, good is False)):
+            head = "GOOD answer: " if is_good else "An answer: "
+            texts.append((head + "words " * length)[:length])
+        instruction = f"Task {index}."
+        model.append({"instruction": instruction, "input": "", "output": "" if empty_model else texts[0]})
+        reference.append({"instruction": instruction, "input": "", "output": texts[1]})
+    return (write_outputs(tmp_path / "model.json", model, "ours"),
+            write_outputs(tmp_path / "reference.json", reference, "davinci"))
+
+
+def length_judge(prompt, body):
+    """Decides by length alone, as a noisy judge does: A with probability logistic((len(A) - len(B)) / 100
+    characters), drawn from a hash of the prompt (the same prompt, the same verdict)."""
+    a, b = shown_responses(prompt)
+    p_a = 1 / (1 + math.exp(-(len(a) - len(b)) / 100))
+    draw = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) / 16 ** 64
+    return "Verdict: " + ("A" if draw < p_a else "B")
+
+
+def length_probabilities(prompt, body):
+    """A weighted judge that decides by length alone: P(A) = logistic((len(A) - len(B)) / 100 characters)."""
+    a, b = shown_responses(prompt)
+    p_a = 1 / (1 + math.exp(-(len(a) - len(b)) / 100))
+    return {"A": p_a, "B": 1 - p_a}
+
+
+def quality_judge(prompt, body):
+    """Ignores length: the response saying GOOD wins (one of the two always does)."""
+    a, b = shown_responses(prompt)
+    return "Verdict: " + ("A" if "GOOD" in a else "B")
+
+
+def argmax_letter(probabilities):
+    def respond(prompt, body):
+        scripted = probabilities(prompt, body)
+        return max(scripted, key=scripted.get)
+    return respond
+
+
+@pytest.mark.parametrize("longer_share", [0.85, 0.15])
+def test_a_judge_deciding_by_length_alone_is_near_50_percent_length_controlled(server, tmp_path, capsys,
+                                                                                longer_share):
+    model_path, reference_path = sized_files(tmp_path, 80, longer_share, seed=1)
+    server.respond = length_judge
+    results = run_judge(server, model_path, reference_path, tmp_path / "out", lc_bootstrap_samples=100)
+    raw, lc = results["overall"], results["length_controlled"]
+    assert lc["of"] == "counted" and lc["raw_win_rate"] == raw["win_rate"]
+    # The raw rate is far from 50% and its interval excludes it; the length-controlled one comes back to it.
+    assert abs(raw["win_rate"] - 0.5) > 0.2 and not raw["ci95"][0] < 0.5 < raw["ci95"][1]
+    assert abs(lc["win_rate"] - 0.5) < 0.1 and lc["ci95"][0] < 0.5 < lc["ci95"][1]
+    assert lc["length_coefficient"] > 2  # the preference follows length
+    warning = (f"the length-controlled win rate ({judge.win_rates.percent(lc['win_rate'])}) differs from the counted "
+               f"one ({judge.win_rates.percent(raw['win_rate'])}) by {100 * abs(lc['win_rate'] - raw['win_rate']):.1f} "
+               "points (more than 10)")
+    assert f"warning: {warning}" in capsys.readouterr().err
+    assert f"**Warning**: {warning}" in (tmp_path / "out" / "results.md").read_text()
+    assert results["biases"]["prefers_longer"] > 0.75
+
+
+def test_a_weighted_judge_deciding_by_length_alone_is_50_percent_length_controlled(server, tmp_path):
+    model_path, reference_path = sized_files(tmp_path, 80, 0.8, seed=2)
+    server.respond, server.first_token_probabilities = argmax_letter(length_probabilities), length_probabilities
+    results = run_judge(server, model_path, reference_path, tmp_path / "out", weighted=True)
+    models = json.loads(open(model_path).read())
+    references = json.loads(open(reference_path).read())
+    # Each order gives the model logistic((its length - the reference's) / 100); a pair's preference is their mean.
+    expected = [1 / (1 + math.exp(-(len(m["output"].strip()) - len(r["output"].strip())) / 100))
+                for m, r in zip(models, references)]
+    assert results["weighted"]["win_rate"] == pytest.approx(sum(expected) / 80, abs=1e-9)
+    assert results["weighted"]["win_rate"] > 0.65
+    assert results["weighted"]["judgments"] == {"weighted": 160, "text verdict": 0}
+    assert results["length_controlled"]["of"] == "weighted"
+    assert results["length_controlled"]["win_rate"] == pytest.approx(0.5, abs=0.05)  # the weighted rate: 69%
+
+
+def test_a_judge_blind_to_length_keeps_its_raw_win_rate(server, tmp_path, capsys):
+    model_path, reference_path = sized_files(tmp_path, 80, 0.8, seed=3, model_good_share=0.7)
+    server.respond = quality_judge
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    models = json.loads(open(model_path).read())
+    assert results["overall"]["win"] == sum("GOOD" in m["output"] for m in models)
+    assert results["overall"]["tie"] == 0
+    lc = results["length_controlled"]
+    assert lc["win_rate"] == pytest.approx(results["overall"]["win_rate"], abs=0.03)
+    assert abs(lc["length_coefficient"]) < 1
+    assert "warning: the length-controlled" not in capsys.readouterr().err
+
+
+def test_an_empty_answer_model_does_not_win_and_length_control_does_not_rescue_it(server, tmp_path):
+    """The null model: empty outputs against real ones, judged by a judge that reads (an empty answer is no answer)
+    and otherwise goes by length: every pair lies on the short side, where a length correction could lift it."""
+    model_path, reference_path = sized_files(tmp_path, 60, 0.5, seed=4, empty_model=True)
+
+    def reading_length_judge(prompt, body):
+        a, b = shown_responses(prompt)
+        return "Verdict: B" if not a else "Verdict: A" if not b else length_judge(prompt, body)
+
+    server.respond = reading_length_judge
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    assert (results["overall"]["win"], results["overall"]["tie"], results["overall"]["loss"]) == (0, 0, 60)
+    assert results["length_controlled"]["win_rate"] < 0.02 and results["length_controlled"]["ci95"][1] < 0.05
+
+
+def weighted_probabilities(prompt, body):
+    """GOOD in A: A likely (some weight on a token that is no verdict); GOOD in B: B likely; neither: the first
+    position favoured; both TIE: weight on a tie token."""
+    a, b = shown_responses(prompt)
+    if "TIE" in a and "TIE" in b:
+        return {"tie": 0.5, "A": 0.3, "B": 0.2}
+    if ("GOOD" in a) != ("GOOD" in b):
+        return {"A": 0.85, " B": 0.1, "The": 0.05} if "GOOD" in a else {"A": 0.3, "B": 0.7}
+    return {"A": 0.6, "B": 0.4}
+
+
+def test_weighted_preferences_read_the_verdict_tokens_probabilities(server, tmp_path, capsys):
+    kinds = ["win"] * 3 + ["loss"] * 2 + ["bias", "tie"]
+    model_path, reference_path = make_files(tmp_path, kinds)
+    server.respond, server.first_token_probabilities = argmax_letter(weighted_probabilities), weighted_probabilities
+    results = run_judge(server, model_path, reference_path, tmp_path / "out", weighted=True)
+    requests = server.completed_requests()
+    assert len(requests) == 14 and all(r["body"]["max_tokens"] == 1 and r["body"]["logprobs"] is True
+                                       and r["body"]["top_logprobs"] == 5 for r in requests)
+    assert all(judge.WEIGHTED_PROMPT.split("[Instruction]")[1].endswith(r["body"]["messages"][0]["content"][-60:])
+               for r in requests)
+    # P(model) in each order (model first, then reference first): win 0.85/0.95 and 0.7; loss 0.3 and 1 - 0.85/0.95;
+    # bias 0.6 and 0.4; tie (0.3 + 0.25) / 1.0 and 1 - that.
+    expected = [(0.85 / 0.95 + 0.7) / 2] * 3 + [(0.3 + 1 - 0.85 / 0.95) / 2] * 2 + [0.5, 0.5]
+    assert [o["preference"] for o in results["outcomes"]] == pytest.approx(expected, abs=1e-9)
+    assert results["weighted"]["win_rate"] == pytest.approx(sum(expected) / 7, abs=1e-9)
+    assert results["weighted"]["judgments"] == {"weighted": 14, "text verdict": 0}
+    # The counted win rate from the likelier token of each: 3 wins, 2 losses, the bias pair and the tie pair ties.
+    assert (results["overall"]["win"], results["overall"]["tie"], results["overall"]["loss"]) == (3, 2, 2)
+    report = capsys.readouterr().out
+    assert f"| weighted: mean P(model) of the verdict token, both orders | " \
+           f"{judge.win_rates.percent(sum(expected) / 7)} |" in report
+    assert "By the token's probabilities: 14 judgments; by the text verdict (the server sent no logprobs): 0." in report
+
+    # Another judging mode is another judgment: text verdicts are asked anew, and a weighted rerun asks nothing.
+    server.respond = scripted_judge
+    run_judge(server, model_path, reference_path, tmp_path / "out")
+    assert len(server.completed_requests()) == 28
+    assert run_judge(server, model_path, reference_path, tmp_path / "out", weighted=True) == results
+    assert len(server.completed_requests()) == 28
+
+
+def test_a_server_without_logprobs_falls_back_to_the_text_verdict_and_says_so(server, tmp_path, capsys):
+    model_path, reference_path = make_files(tmp_path, ["win"] * 3 + ["loss", "bias"])
+    server.respond, server.first_token_probabilities = argmax_letter(weighted_probabilities), weighted_probabilities
+    server.ignore_logprobs = True
+    results = run_judge(server, model_path, reference_path, tmp_path / "out", weighted=True)
+    assert all(r["response"]["choices"][0]["logprobs"] is None for r in server.completed_requests())
+    assert results["weighted"]["judgments"] == {"weighted": 0, "text verdict": 10}
+    # Hard verdicts: wins 1, the loss 0, the bias pair (A both times) 0.5.
+    assert [o["preference"] for o in results["outcomes"]] == [1.0, 1.0, 1.0, 0.0, 0.5]
+    assert results["weighted"]["win_rate"] == results["overall"]["win_rate"] == 0.7
+    captured = capsys.readouterr()
+    assert "by the text verdict (the server sent no logprobs): 10." in captured.out
+    assert ("note: the server sent no logprobs (or none of a verdict) for 10 of 10 judgments; those count by their "
+            "text verdict (1, 0 or 0.5)") in captured.err
+    entries = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
+    assert {(e["source"], e["top_logprobs"]) for e in entries} == {("text verdict", None)}
+
+
+def test_a_one_token_reply_that_is_no_verdict_gets_a_follow_up(server, tmp_path):
+    model_path, reference_path = make_files(tmp_path, ["win"] * 2)
+
+    def respond(prompt, body):
+        return "B" if judge.WEIGHTED_CORRECTION in prompt else "Response"
+
+    server.respond, server.first_token_probabilities = respond, lambda prompt, body: (
+        {"B": 0.9, "A": 0.1} if judge.WEIGHTED_CORRECTION in prompt else {"Response": 0.9, "The": 0.1})
+    results = run_judge(server, model_path, reference_path, tmp_path / "out", weighted=True)
+    assert results["malformed_replies"] == 4 and len(server.completed_requests()) == 8
+    assert [o["preference"] for o in results["outcomes"]] == pytest.approx([0.5, 0.5])
+
+
+def test_bias_figures_are_exact(server, tmp_path, capsys):
+    kinds = ["win"] * 7 + ["loss"] * 4 + ["bias"] * 3 + ["tie"] * 2
+    model_path, reference_path = make_files(tmp_path, kinds)
+    records = {"model": json.loads(open(model_path).read()), "reference": json.loads(open(reference_path).read())}
+    for index, kind in enumerate(kinds):  # the model's winning answers and the reference's unjudged ones are longer
+        side = {"win": "model", "bias": "reference"}.get(kind)
+        if side:
+            records[side][index]["output"] += " and forty more characters of explanation"
+    utils.jdump(records["model"], model_path)
+    utils.jdump(records["reference"], reference_path)
+    results = run_judge(server, model_path, reference_path, tmp_path / "out")
+    biases = results["biases"]
+    # First shown: wins A then B (1 + 0), losses B then A (0 + 1), bias pairs A twice (2), ties 0.5 twice: 19 of 32.
+    assert biases["prefers_first"] == 19 / 32 and biases["judgments"] == 32
+    # Longer: the 14 judgments of the win pairs prefer it, the bias pairs' 6 half of the time.
+    assert (biases["prefers_longer"], biases["judgments_one_longer"]) == ((14 + 3) / 20, 20)
+    assert biases["orders_disagree"] == 3 / 16
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert ("| P(prefers the first shown) | 0.59 (32 judgments) | 0.52 | 0.50 | 0.54 | 0.53 |\n"
+            "| P(prefers the longer) | 0.85 (20 judgments with lengths 30+ characters apart) | 0.64 | 0.68 | 0.65 "
+            "| 0.61 |\n"
+            "| pairs whose two orders disagree | 0.19 (3 of 16) | – | – | – | – |") in report
