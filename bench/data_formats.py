@@ -11,6 +11,7 @@ same run.
 
 import argparse
 import csv
+import gc
 import importlib.util
 import logging
 import os
@@ -30,6 +31,7 @@ def best_time(load, path, repeats):
     load(path)  # warm-up: page cache, imports
     times = []
     for _ in range(repeats):
+        gc.collect()  # the previous read's garbage is not this one's cost
         start = time.perf_counter()
         load(path)
         times.append(time.perf_counter() - start)
@@ -80,11 +82,17 @@ def main():
                        ) if os.path.isdir(path) else os.path.getsize(path)
             print(f"  {kind:<24} {seconds:6.3f}  ({size / 1e6:.1f} MB), identical records")
         if args.baseline:
+            # Interleaved, one read of each in turn, so that a change of load on a shared machine hits both alike.
             baseline = module_at(args.baseline)
+            print(f"against data_files.py at {args.baseline}, interleaved, best of {args.repeats}:")
             for kind in ("JSON (the original file)", "JSON lines"):
                 assert baseline.load_alpaca_data(paths[kind]) == records
-                seconds = best_time(baseline.load_alpaca_data, paths[kind], args.repeats)
-                print(f"  {kind + ' at ' + args.baseline:<24} {seconds:6.3f}  (baseline)")
+                times = {"now": [], args.baseline: []}
+                for _ in range(args.repeats):
+                    for name, module in (("now", data_files), (args.baseline, baseline)):
+                        times[name].append(best_time(module.load_alpaca_data, paths[kind], 1))
+                print(f"  {kind:<24} now {min(times['now']):6.3f}, at {args.baseline} "
+                      f"{min(times[args.baseline]):6.3f}")
 
 
 if __name__ == "__main__":
