@@ -282,22 +282,31 @@ def _read_csv(path):
 
 def _read_saved_dataset(path):
     """(name for errors, records) of a folder written by Dataset.save_to_disk, or of a DatasetDict's train split."""
-    if not any(os.path.exists(os.path.join(path, marker)) for marker in ("state.json", "dataset_dict.json")):
+    name, folder = path, path
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):  # DatasetDict.save_to_disk: {"splits": [...]}
+        try:
+            with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
+                splits = list(json.load(f)["splits"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AlpacaDataError(f"{path}: cannot load it as a folder saved by datasets (dataset_dict.json: "
+                                  f"{_library_error(e)})") from None
+        if "train" not in splits:
+            splits.sort()
+            raise AlpacaDataError(f"{path}: a DatasetDict folder without a 'train' split (its splits: "
+                                  f"{', '.join(splits)}); pass a split's folder, e.g. {os.path.join(path, splits[0])}")
+        name, folder = f"{path} (split 'train')", os.path.join(path, "train")
+    elif not os.path.exists(os.path.join(path, "state.json")):
         raise AlpacaDataError(f"{path}: a folder, but not one saved by datasets' save_to_disk (it has no state.json "
                               "or dataset_dict.json); expected a data file or such a folder")
     import datasets
 
     try:
-        dataset = datasets.load_from_disk(path)
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            if json.load(f).get("_data_files") == []:
+                return name, []  # an empty dataset: saved with no shard, which load_from_disk fails on
+        dataset = datasets.load_from_disk(folder)
     except Exception as e:  # noqa: BLE001 -- whatever the library fails on in a damaged folder, said in one line
-        raise AlpacaDataError(f"{path}: cannot load it as a folder saved by datasets ({_library_error(e)})") from None
-    name = path
-    if isinstance(dataset, datasets.DatasetDict):
-        if "train" not in dataset:
-            splits = sorted(dataset)
-            raise AlpacaDataError(f"{path}: a DatasetDict folder without a 'train' split (its splits: "
-                                  f"{', '.join(splits)}); pass a split's folder, e.g. {os.path.join(path, splits[0])}")
-        dataset, name = dataset["train"], f"{path} (split 'train')"
+        raise AlpacaDataError(f"{name}: cannot load it as a folder saved by datasets ({_library_error(e)})") from None
     return name, _arrow_records(dataset.with_format("arrow")[:])
 
 

@@ -96,7 +96,7 @@ def read_outputs(path):
             raise EvalDataError(f"{path}: record {index}: no 'output' field (nor 'response'): not a file of outputs")
         output = _string_field(path, index, record, field, record[field])
         task_input = _string_field(path, index, record, "input", record.get("input", ""))
-        generator = record.get("generator", default_generator)
+        generator = record.get("generator") or default_generator  # a null one (a parquet column) too
         outputs.append({"instruction": record["instruction"], "input": task_input, "output": output.strip(),
                         "generator": str(generator),
                         **{field: record[field] for field in CARRIED_FIELDS if field in record}})

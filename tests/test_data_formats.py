@@ -120,6 +120,20 @@ def test_a_dataset_dict_without_train_names_its_splits(tmp_path):
                                               r"test, validation\); pass a split's folder, e.g. .*dd/test$"):
         utils.load_alpaca_data(tmp_path / "dd")
     assert utils.load_alpaca_data(tmp_path / "dd" / "test") == RECORDS
+    # A bad record of a train split names the split; an empty one has nothing to train on.
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"instruction": "a", "output": None}])}).save_to_disk(
+        str(tmp_path / "bad_train"))
+    with pytest.raises(AlpacaDataError, match=r"bad_train \(split 'train'\): record 0: field 'output' is null"):
+        utils.load_alpaca_data(tmp_path / "bad_train")
+    dataset.select([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(AlpacaDataError, match=r"empty: holds no records; nothing to train on"):
+        utils.load_training_data(tmp_path / "empty")
+
+
+def test_a_parquet_file_under_another_name_is_read_as_parquet(tmp_path):
+    """Decided by parquet's magic bytes, not only the extension (a download saved as data.json, say)."""
+    path = write_format(RECORDS, tmp_path / "exported.json", "parquet")
+    assert utils.load_alpaca_data(path) == RECORDS
 
 
 def test_every_reader_accepts_parquet(tmp_path):
