@@ -137,7 +137,8 @@ class AlpacaDataError(UserError, ValueError):
 
 
 def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
-    """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from any of the formats of DATA_FORMATS.
+    """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from JSON, JSON lines, parquet, CSV or a
+    folder saved by `datasets`; pyarrow and datasets read the last three, the json module the first two.
 
     The format is decided by the path: a folder saved by `datasets` (Dataset.save_to_disk; a DatasetDict's folder
     gives its `train` split), `.parquet` (or a file that starts with parquet's magic bytes, whatever its name),
@@ -188,14 +189,12 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     return records
 
 
-# The formats load_alpaca_data reads, as the documentation names them.
-DATA_FORMATS = ("JSON (a list of records)", "JSON lines", "parquet", "CSV", "a folder saved by datasets")
 PARQUET_MAGIC = b"PAR1"
 
 
 def _read_json(path):
-    """The records of a JSON list or JSON lines file (the json module: the 52K Alpaca file in about 0.15 s); None
-    when the file is parquet under another name."""
+    """The records of a JSON list or JSON lines file, read by the json module (pyarrow's JSON reader takes JSON lines
+    only, and makes one type of each column, where a bad record must be named); None for parquet under another name."""
     try:
         with open(path, "rb") as f:
             data = f.read()

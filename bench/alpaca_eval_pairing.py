@@ -35,7 +35,6 @@ def main():
     args = parser.parse_args()
     try:
         import alpaca_eval
-        from alpaca_eval.annotators import PairwiseAnnotator  # noqa: F401
     except ImportError:
         sys.exit("alpaca_eval is not installed: pip install alpaca-eval==0.6.6")
     import pandas as pd
