@@ -88,7 +88,7 @@ def read_outputs(path):
     folded instruction, record_key) found twice is an error: a pair could not be matched. An AlpacaEval file (no
     `input`, the input folded into `instruction`) reads as records with an empty input, and pairs with ours.
     """
-    default_generator = os.path.splitext(os.path.basename(path))[0]
+    default_generator = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]  # a folder: its name
     outputs, first_index = [], {}
     for index, record in enumerate(_load_records(path)):
         field = "output" if "output" in record else "response" if "response" in record else None
