@@ -60,7 +60,7 @@ def test_the_52k_alpaca_data_round_trips_through_parquet_and_csv(shared_data_dir
     records = utils.load_alpaca_data(shared_data_dir / "alpaca_data.json")
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "alpaca_data.parquet")
     assert utils.load_alpaca_data(tmp_path / "alpaca_data.parquet") == records
-    # CSV by pandas' defaults: its 28 empty outputs are empty cells, which CSV cannot tell from missing values.
+    # CSV with every cell quoted: its 28 empty outputs stay "" (an unquoted empty cell would be a missing value).
     write_format(records, tmp_path / "alpaca_data.csv", "csv")
     assert utils.load_alpaca_data(tmp_path / "alpaca_data.csv") == records
 
