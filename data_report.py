@@ -374,7 +374,8 @@ def data_report(data_path, output_dir, seed_tasks_path=None, spacy_model="en_cor
     take a capitalised "List ..." or "Name ..." for a noun).
 
     Args:
-        data_path: the dataset: Alpaca-format JSON list or JSON lines (instruction, input, output), e.g. regen.json
+        data_path: the dataset: Alpaca-format records (instruction, input, output) in JSON, JSON lines, parquet,
+            CSV or a folder saved by datasets, e.g. regen.json
             or alpaca_data.json; or self-instruct seed tasks (JSON lines with `instances`; the first one is used).
         output_dir: folder for the report files (created if needed; files of an earlier report are replaced).
         seed_tasks_path: seed tasks (self-instruct JSONL or Alpaca JSON/JSONL) for the histogram of each

@@ -119,7 +119,8 @@ def inference(
             adapter folder (with adapter_config.json; its base is --base_model or the one the adapter names).
         instruction: answer this one instruction and exit.
         input: the optional input (context) that goes with --instruction.
-        input_path: a file of instructions: Alpaca JSON or JSONL (`instruction`, optional `input`), or the
+        input_path: a file of instructions: Alpaca records (`instruction`, optional `input`) in JSON, JSON lines,
+            parquet, CSV or a folder saved by datasets; or the
             self-instruct user-oriented JSONL (`instances[0].input`), or an output file (its instructions).
         output_path: where the answers to --input_path go (AlpacaEval format; resumed when it exists).
         base_model: the base model of a LoRA adapter folder, when not the one in its adapter_config.json.

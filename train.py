@@ -94,8 +94,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(
-        default=None, metadata={"help": "Path to the training data: Alpaca-format .json list or .jsonl records, or "
-                                        "conversations ({\"messages\": [{\"role\", \"content\"}, ...]})."}
+        default=None, metadata={"help": "Path to the training data: Alpaca-format records or conversations "
+                                        "({\"messages\": [{\"role\", \"content\"}, ...]}) in JSON, JSON lines, "
+                                        "parquet, CSV, or a folder saved by datasets (its train split)."}
     )
     prompt_format: Optional[str] = field(
         default=None,
@@ -195,8 +196,8 @@ def check_args(namespace):
     check_config_files(namespace)  # before adapt_to_hardware drops them on a machine without GPUs
     notices = hardware.adapt_to_hardware(namespace, int(os.environ.get("WORLD_SIZE", "1")))
     if not namespace.data_path:
-        raise UsageError("--data_path is required (an Alpaca-format .json or .jsonl file, e.g. alpaca_data.json from "
-                         "`python utils.py download alpaca_data`)")
+        raise UsageError("--data_path is required (Alpaca-format JSON, JSON lines, parquet, CSV or a datasets "
+                         "folder, e.g. alpaca_data.json from `python utils.py download alpaca_data`)")
     if not namespace.output_dir:
         raise UsageError("--output_dir is required (the trained model and tokenizer are saved there)")
     cli.check_writable("output_dir", namespace.output_dir)  # before the data is tokenized and the model loaded

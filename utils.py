@@ -2,7 +2,8 @@
 
 PROMPT_DICT / format_prompt / IGNORE_INDEX are the original's, character for character. jload / jdump keep the
 original's signatures; writes to a path are atomic (temp file, fsync, os.replace). load_alpaca_data reads Alpaca-format
-JSON or JSON lines and names the file, record and field of the first bad record (alpaca_lib/data_files.py holds them).
+JSON, JSON lines, parquet, CSV or a `datasets` folder and names the file, record and field of the first bad record
+(alpaca_lib/data_files.py holds them).
 
     python utils.py download alpaca_data            # -> ./alpaca_data.json, sha256-verified
     python utils.py download seed_tasks_original    # -> ./seed_tasks_original.jsonl (the 175 self-instruct seeds)
@@ -10,6 +11,7 @@ JSON or JSON lines and names the file, record and field of the first bad record 
     python utils.py download text_davinci_003_predictions   # text-davinci-003's answers to them)
     python utils.py download smollm2_135m_instruct  # -> ./SmolLM2-135M-Instruct/, a real model (docs/models.md)
     python utils.py validate alpaca_data.json       # check a data file as train.py will, and print its counts
+    python utils.py to_alpaca_eval outputs/model.json --output_path alpaca_eval/model.json  # for alpaca_eval
 """
 
 import hashlib
@@ -49,11 +51,12 @@ def format_prompt(example: dict) -> str:
 
 
 def validate(path):
-    """Check a training data file (.json or .jsonl) exactly as train.py will, and print its counts.
+    """Check a training data file exactly as train.py will, and print its counts.
 
     Args:
-        path: the data file: a JSON list of records or JSON lines, each with string `instruction` and `output`, and
-            `input` (a record without it has an empty input); or conversations, each {"messages": [{"role":
+        path: the data: a JSON list of records, JSON lines, .parquet, .csv, or a folder saved by datasets
+            (Dataset.save_to_disk; a DatasetDict's train split); each record with string `instruction` and `output`,
+            and `input` (a record without it has an empty input); or conversations, each {"messages": [{"role":
             system|user|assistant, "content": str}, ...]} with at least one assistant turn.
     """
     from alpaca_lib import chat_format
@@ -67,6 +70,41 @@ def validate(path):
     with_input = sum(1 for r in records if r["input"] != "")
     empty_output = sum(1 for r in records if r["output"] == "")
     print(f"{path}: {len(records)} records, {with_input} with a non-empty input, {empty_output} with an empty output")
+    return None
+
+
+def to_alpaca_eval(input_path, output_path, generator=None):
+    """Write an outputs file in AlpacaEval's format, so that `alpaca_eval --model_outputs A --reference_outputs B`
+    pairs every task and its judge sees each task's input.
+
+    AlpacaEval reads a JSON list of {"instruction", "output", "generator"}, merges two files on `instruction` alone
+    and shows its judge only the instruction and the outputs; so the input is folded into the instruction: the
+    instruction and the input, each stripped of surrounding whitespace, joined by a blank line (the instruction alone
+    when there is no input). That is how AlpacaEval's own evaluation set writes the 252 self-instruct tasks, and the
+    same rule on both files makes their instructions equal. `id`, `motivation_app` and `dataset` are kept.
+
+    Args:
+        input_path: a file of outputs: inference.py's (--output_path), the self-instruct predictions
+            (text-davinci-003_predictions.jsonl, with `response`), an AlpacaEval file, or any Alpaca-format records
+            with `output`, in any format the data loader reads.
+        output_path: the AlpacaEval file to write (a .json file: AlpacaEval reads .json, not .jsonl).
+        generator: the model name to write in every record (default: each record's `generator`, or the input file's
+            name without extension), e.g. text-davinci-003.
+    """
+    from alpaca_lib import cli, eval_files
+
+    if not str(output_path).endswith(".json"):
+        raise cli.UsageError(f"--output_path {output_path}: AlpacaEval reads a .json file (a JSON list); name it "
+                             "*.json")
+    if generator is not None and (not isinstance(generator, str) or not generator.strip()):
+        raise cli.UsageError(f"--generator must be a non-empty name; got {generator!r}")
+    output_path = cli.check_writable("output_path", output_path, kind="file")
+    outputs = eval_files.read_outputs(input_path)
+    records = eval_files.to_alpaca_eval_records(outputs, generator)
+    jdump(records, output_path)
+    with_input = sum(1 for record in outputs if record["input"].strip())
+    print(f"{output_path}: {len(records)} records ({with_input} with the input folded into the instruction), "
+          f"generator {', '.join(sorted({record['generator'] for record in records}))}")
     return None
 
 
@@ -201,4 +239,4 @@ def _remove_empty(folders):
 if __name__ == "__main__":
     from alpaca_lib import cli
 
-    cli.main({"download": download, "validate": validate})
+    cli.main({"download": download, "validate": validate, "to_alpaca_eval": to_alpaca_eval})

@@ -3,7 +3,7 @@
   cli                 the command line of every script: flags checked first, --help, one-line errors
   interrupts          Ctrl-C while a script's libraries load: one line, as later
   errors              UserError, the one type every user-facing error derives from
-  data_files          Alpaca-format records and files: atomic writes, JSON / JSON lines, the data loader
+  data_files          Alpaca-format records and files: atomic writes, the one data loader (JSON, parquet, CSV...)
   tokenization        tokenizer and vocabulary rules shared by training, inference and the weight diff
   chat_format         prompt formats: the Alpaca prompt or the model's chat template, conversations, labels
   api_client          talking to OpenAI-compatible servers: checks, retries shown, usage, cost, budget
@@ -21,7 +21,7 @@
   checkpoint_tensors  checkpoint tensors streamed through memory allocated once (weight_diff.py)
   legacy_checkpoints  the 2023 naive integrity sum of weight_diff.py (transformers 4.28's key order, inv_freq)
   weight_diff_format  the weight diff: tensor-pair plan (mean rows), streamed pass, ulp corrections, manifest
-  eval_files          evaluation files: instruction sets in, AlpacaEval-format outputs out (resumable)
+  eval_files          evaluation files: instruction sets in, AlpacaEval-format outputs out (resumable), pairing
   judgment_cache      the judgments of judge.py, one JSON line each, appended and fsync'd (resumable)
   win_rates           win rates of pairwise judgments: tally, bootstrap interval, results.md and results.png
   report_charts       the pictures and the HTML page of data_report.py (matplotlib, small PNGs)

@@ -1,7 +1,8 @@
 """Alpaca-format records and the files that hold them: atomic writes, JSON / JSON lines, the one data loader.
 
 atomic_open / jdump write through a temporary file, fsync and os.replace, so a crash never leaves half a file.
-load_alpaca_data reads Alpaca-format JSON or JSON lines and names the file, record and field of the first bad record.
+load_alpaca_data reads Alpaca-format records from JSON, JSON lines, parquet, CSV or a folder saved by `datasets`
+(pyarrow / datasets read the last three) and names the file, record and field of the first bad record.
 utils.py re-exports the format's names (jload / jdump under the original's names).
 """
 
@@ -10,6 +11,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 
@@ -28,7 +30,8 @@ def optional_field(record, field):
     """The value of the optional `field` (OPTIONAL_FIELDS) of a record or a self-instruct instance (a dict): its
     default when the field is missing or null, else the value as it is (its type is for the caller to check)."""
     value = record.get(field)
-    return OPTIONAL_FIELDS[field] if value is None else value
+    missing = value is None or (isinstance(value, float) and math.isnan(value))  # NaN: pandas' missing value
+    return OPTIONAL_FIELDS[field] if missing else value
 
 
 def remove_stale_temp_files(path):
@@ -134,23 +137,76 @@ class AlpacaDataError(UserError, ValueError):
 
 
 def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
-    """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from a .json or .jsonl file.
+    """Load Alpaca-format data (`[{"instruction", "input", "output"}, ...]`) from JSON, JSON lines, parquet, CSV or a
+    folder saved by `datasets`; pyarrow and datasets read the last three, the json module the first two.
+
+    The format is decided by the path: a folder saved by `datasets` (Dataset.save_to_disk; a DatasetDict's folder
+    gives its `train` split), `.parquet` (or a file that starts with parquet's magic bytes, whatever its name),
+    `.csv` (every column read as text; an empty cell is a missing value), anything else JSON: one JSON list, or JSON
+    lines (decided by the content). Records are plain Python objects: nested columns (e.g. `messages`) are lists and
+    dicts, and a key a nested dict did not have (parquet gives every dict of a column every key, as null) is absent.
 
     Every record is validated: it must be an object with every required field, and each must be a string; a null
-    `input`, or a missing one where it is required, is the empty string (OPTIONAL_FIELDS; it is filled in). The first
-    bad record raises AlpacaDataError naming the file, the record index (0-based) and the field. Extra fields are kept
-    (regen.json carries `most_similar_instructions`, for example). An empty `output` is allowed, but counted and logged.
+    `input` (or NaN, or an empty CSV cell), or a missing one where it is required, is the empty string
+    (OPTIONAL_FIELDS; it is filled in). The first bad record raises AlpacaDataError naming the file, the record index
+    (0-based) and the field; a file the library cannot read raises it in one line naming the file. Extra fields are
+    kept (regen.json carries `most_similar_instructions`, for example). An empty `output` is allowed, but counted and
+    logged. required_fields=() reads any records (e.g. conversations) with the same formats and errors.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AlpacaDataError(f"{path}: no such file")
+    name, null_name = path, "null"  # how errors name the file, and a missing value
+    if os.path.isdir(path):
+        name, records = _read_saved_dataset(path)
+    elif path.lower().endswith(".csv"):
+        records, null_name = _read_csv(path), "an empty cell"
+    elif path.lower().endswith(".parquet"):
+        records = _read_parquet(path)
+    else:
+        records = _read_json(path)
+    if records is None:  # a parquet file under another name
+        records = _read_parquet(path)
+
+    empty_outputs = 0
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AlpacaDataError(f"{name}: record {index}: is {type(record).__name__}; expected an object")
+        for field in OPTIONAL_FIELDS:  # a missing one is filled in only where it is required: see eval_files
+            if field in record or field in required_fields:
+                record[field] = optional_field(record, field)
+        for field in required_fields:
+            if field not in record:
+                raise AlpacaDataError(f"{name}: record {index}: missing field '{field}'")
+            value = record[field]
+            if not isinstance(value, str):
+                kind = null_name if value is None else type(value).__name__
+                raise AlpacaDataError(f"{name}: record {index}: field '{field}' is {kind}; expected a string")
+        if "output" in required_fields and record["output"] == "":
+            empty_outputs += 1
+    if empty_outputs:
+        logger.warning("%s: %d of %d records have an empty 'output'", name, empty_outputs, len(records))
+    return records
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def _read_json(path):
+    """The records of a JSON list or JSON lines file, read by the json module (pyarrow's JSON reader takes JSON lines
+    only, and makes one type of each column, where a bad record must be named); None for parquet under another name."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:  # a folder, no permission
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # no permission
         raise AlpacaDataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if data.startswith(PARQUET_MAGIC):
+        return None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not content
     except UnicodeDecodeError as e:
-        raise AlpacaDataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON") from None
+        raise AlpacaDataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON, JSON lines, parquet or CSV "
+                              "(named .parquet / .csv)") from None
     if not text.strip():
         raise AlpacaDataError(f"{path}: the file is empty; expected a JSON list of records or JSON lines")
 
@@ -165,30 +221,105 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
         records = _parse_jsonl_text(path, text)
     if not isinstance(records, list):
         raise AlpacaDataError(f"{path}: top level is a JSON {type(records).__name__}; expected a list of records")
-
-    empty_outputs = 0
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise AlpacaDataError(f"{path}: record {index}: is {type(record).__name__}; expected an object")
-        for field in OPTIONAL_FIELDS:  # a missing one is filled in only where it is required: see eval_files
-            if field in record or field in required_fields:
-                record[field] = optional_field(record, field)
-        for field in required_fields:
-            if field not in record:
-                raise AlpacaDataError(f"{path}: record {index}: missing field '{field}'")
-            if not isinstance(record[field], str):
-                raise AlpacaDataError(
-                    f"{path}: record {index}: field '{field}' is {type(record[field]).__name__}; expected a string"
-                )
-        if "output" in required_fields and record["output"] == "":
-            empty_outputs += 1
-    if empty_outputs:
-        logger.warning("%s: %d of %d records have an empty 'output'", path, empty_outputs, len(records))
     return records
+
+
+def _arrow_records(table):
+    """A pyarrow Table's rows as plain Python dicts, without the null keys its struct columns add (see
+    load_alpaca_data)."""
+    import pyarrow as pa
+
+    records = table.to_pylist()
+    nested = [field.name for field in table.schema if pa.types.is_nested(field.type)]
+    for record in records if nested else ():
+        for column in nested:
+            record[column] = _without_null_keys(record[column])
+    return records
+
+
+def _without_null_keys(value):
+    if isinstance(value, dict):
+        return {key: _without_null_keys(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_null_keys(item) for item in value]
+    return value
+
+
+def _library_error(error):
+    """A library's error message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        message = _library_error(e).replace(f"Could not open Parquet input source '{path}': ", "")
+        raise AlpacaDataError(f"{path}: not a readable parquet file ({message})") from None
+    return _arrow_records(table)
+
+
+def _read_csv(path):
+    """CSV with a header row, every column as text (so "007", "NA" or "None" stay as written); an unquoted empty cell
+    is a missing value (None), a quoted one ("") an empty string; values may span lines inside quotes."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    parse = pa_csv.ParseOptions(newlines_in_values=True)  # Alpaca outputs hold newlines
+    try:
+        names = pa_csv.open_csv(path, parse_options=parse).schema.names
+        convert = pa_csv.ConvertOptions(column_types={name: pa.string() for name in names}, null_values=[""],
+                                        strings_can_be_null=True, quoted_strings_can_be_null=False)
+        table = pa_csv.read_csv(path, parse_options=parse, convert_options=convert)
+    except (pa.ArrowException, OSError) as e:
+        raise AlpacaDataError(f"{path}: not a readable CSV file ({_library_error(e)})") from None
+    return table.to_pylist()
+
+
+def _read_saved_dataset(path):
+    """(name for errors, records) of a folder written by Dataset.save_to_disk, or of a DatasetDict's train split."""
+    name, folder = path, path
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):  # DatasetDict.save_to_disk: {"splits": [...]}
+        try:
+            with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
+                splits = list(json.load(f)["splits"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AlpacaDataError(f"{path}: cannot load it as a folder saved by datasets (dataset_dict.json: "
+                                  f"{_library_error(e)})") from None
+        if "train" not in splits:
+            splits.sort()
+            raise AlpacaDataError(f"{path}: a DatasetDict folder without a 'train' split (its splits: "
+                                  f"{', '.join(splits)}); pass a split's folder, e.g. {os.path.join(path, splits[0])}")
+        name, folder = f"{path} (split 'train')", os.path.join(path, "train")
+    elif not os.path.exists(os.path.join(path, "state.json")):
+        raise AlpacaDataError(f"{path}: a folder, but not one saved by datasets' save_to_disk (it has no state.json "
+                              "or dataset_dict.json); expected a data file or such a folder")
+    import datasets
+
+    try:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            if json.load(f).get("_data_files") == []:
+                return name, []  # an empty dataset: saved with no shard, which load_from_disk fails on
+        dataset = datasets.load_from_disk(folder)
+    except Exception as e:  # noqa: BLE001 -- whatever the library fails on in a damaged folder, said in one line
+        raise AlpacaDataError(f"{name}: cannot load it as a folder saved by datasets ({_library_error(e)})") from None
+    return name, _arrow_records(dataset.with_format("arrow")[:])
 
 
 def _parse_jsonl_text(path, text):
     """JSON lines -> list; blank lines are skipped, a bad line raises AlpacaDataError (a ValueError) naming it."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    # One json.loads of the lines as a list is 3x faster than a call per line; a line that is not one JSON value
+    # breaks it, or changes the count, and the per-line parse below then names that line.
+    try:
+        records = json.loads("[" + ",".join(lines) + "]")
+        if len(records) == len(lines):
+            return records
+    except json.JSONDecodeError:
+        pass
     records = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -197,6 +328,8 @@ def _parse_jsonl_text(path, text):
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise AlpacaDataError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
+    if len(records) != len(lines):  # e.g. a line "1, 2": two values joined, one line alone
+        raise AlpacaDataError(f"{path}: holds {len(lines)} lines but {len(records)} JSON values")
     return records
 
 

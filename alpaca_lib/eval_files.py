@@ -1,12 +1,18 @@
 """The files of evaluation, shared by inference.py and judge.py: instruction sets in, model outputs out.
 
-Read (`read_instructions`, `read_outputs`): Alpaca JSON / JSONL records, the self-instruct user-oriented set
-(`instances[0].input`), AlpacaEval output files (`output`, `generator`) and the self-instruct prediction files
-(`response`, e.g. text-davinci-003_predictions.jsonl). A record is named by its stripped (instruction, input) pair
-(`record_key`): the prediction files carry the instruction with a trailing newline, the instruction sets without.
+Read (`read_instructions`, `read_outputs`): Alpaca records (in any format data_files reads), the self-instruct
+user-oriented set (`instances[0].input`), AlpacaEval output files (`output`, `generator`) and the self-instruct
+prediction files (`response`, e.g. text-davinci-003_predictions.jsonl).
+
+A record is named by its folded instruction (`record_key`, `fold_instruction`): the instruction and the input, each
+stripped of surrounding whitespace, joined by a blank line; the instruction alone when the input is empty. The
+prediction files carry the instruction with a trailing newline, the instruction sets without; AlpacaEval's files have
+no `input`, it is inside their instruction by this same rule (AlpacaEval's own evaluation set folds the 252
+self-instruct tasks so). So a record of ours and one of AlpacaEval's name the same task alike, and pair.
 
 Write (`OutputFile`): the AlpacaEval format, a JSON list of {"instruction", "input", "output", "generator"}, in the
 order of the instruction set, rewritten atomically; an existing file is resumed (its records are not asked again).
+`to_alpaca_eval_records`: any outputs file as AlpacaEval reads it (the input folded into the instruction, no `input`).
 """
 
 import collections
@@ -24,9 +30,17 @@ class EvalDataError(UserError, ValueError):
     """A file that is not an instruction set or an output file; the message names the file, the record and field."""
 
 
+def fold_instruction(instruction, task_input):
+    """The instruction AlpacaEval shows its judge for a task: "{instruction}\n\n{input}", each stripped, or the
+    stripped instruction when the input is empty. AlpacaEval merges two outputs files on this text exactly."""
+    instruction, task_input = instruction.strip(), task_input.strip()
+    return f"{instruction}\n\n{task_input}" if task_input else instruction
+
+
 def record_key(record):
-    """The name of a record: its (instruction, input) pair, stripped; a missing input is empty."""
-    return record["instruction"].strip(), record.get("input", "").strip()
+    """The name of a record, by which two files pair: its folded instruction (fold_instruction; a missing input is
+    empty). A record of an AlpacaEval file (input already inside the instruction) has the key of ours for the task."""
+    return fold_instruction(record["instruction"], record.get("input") or "")
 
 
 def _load_records(path):
@@ -70,10 +84,11 @@ def read_outputs(path):
     """A file of model outputs: [{"instruction", "input", "output", "generator", + CARRIED_FIELDS present}].
 
     The output is the field `output` (AlpacaEval) or `response` (self-instruct predictions), stripped of the space a
-    completion model puts after "Output:". `generator` defaults to the file's name without extension. A key (stripped
-    instruction and input) found twice is an error: a pair could not be matched.
+    completion model puts after "Output:". `generator` defaults to the file's name without extension. A key (the
+    folded instruction, record_key) found twice is an error: a pair could not be matched. An AlpacaEval file (no
+    `input`, the input folded into `instruction`) reads as records with an empty input, and pairs with ours.
     """
-    default_generator = os.path.splitext(os.path.basename(path))[0]
+    default_generator = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]  # a folder: its name
     outputs, first_index = [], {}
     for index, record in enumerate(_load_records(path)):
         field = "output" if "output" in record else "response" if "response" in record else None
@@ -81,7 +96,7 @@ def read_outputs(path):
             raise EvalDataError(f"{path}: record {index}: no 'output' field (nor 'response'): not a file of outputs")
         output = _string_field(path, index, record, field, record[field])
         task_input = _string_field(path, index, record, "input", record.get("input", ""))
-        generator = record.get("generator", default_generator)
+        generator = record.get("generator") or default_generator  # a null one (a parquet column) too
         outputs.append({"instruction": record["instruction"], "input": task_input, "output": output.strip(),
                         "generator": str(generator),
                         **{field: record[field] for field in CARRIED_FIELDS if field in record}})
@@ -152,3 +167,18 @@ class OutputFile:
     def where(self):
         return (f"{self.path} holds {len(self)} of {len(self.instructions)} outputs; rerun the same command to "
                 "resume")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AlpacaEval's format
+
+
+def to_alpaca_eval_records(outputs, generator=None):
+    """Records of read_outputs as AlpacaEval reads them: [{"instruction": folded, "output", "generator", +
+    CARRIED_FIELDS present}], in order. The input is folded into the instruction (fold_instruction), because
+    AlpacaEval merges two files on `instruction` alone and its judge templates show only {instruction} and the
+    outputs. `generator` replaces each record's generator (the name AlpacaEval's leaderboard shows)."""
+    return [{"instruction": record_key(record), "output": record["output"],
+             "generator": generator if generator is not None else record["generator"],
+             **{field: record[field] for field in CARRIED_FIELDS if field in record}} for record in outputs]
+

@@ -316,7 +316,8 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
     atomically: an error or Ctrl-C leaves no partial file. Records keep all their fields.
 
     Args:
-        input_path: Alpaca-format data, a JSON list or JSON lines; each record needs a string `instruction`.
+        input_path: Alpaca-format data (JSON, JSON lines, parquet, CSV or a folder saved by datasets); each record
+            needs a string `instruction`.
         output_path: where to write the kept records (.jsonl: JSON lines; anything else: a JSON list, indent 4).
         seed_tasks_path: optional JSON/JSONL file (e.g. the self-instruct seed_tasks.jsonl) whose instructions start
             the pool, as in generation; the seeds themselves are not written out.
