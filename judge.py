@@ -193,7 +193,8 @@ class Judgment:
 
 
 def pair_records(model_records, reference_records):
-    """Pairs in the model file's order, matched on the stripped (instruction, input); and the unmatched counts."""
+    """Pairs in the model file's order, matched on the folded instruction (eval_files.record_key: instruction and
+    input stripped, joined by a blank line, so AlpacaEval files pair too); and the unmatched counts."""
     reference_by_key = {record_key(record): record for record in reference_records}
     pairs = [Pair(record, reference_by_key[record_key(record)], index) for index, record in enumerate(model_records)
              if record_key(record) in reference_by_key]
@@ -445,7 +446,8 @@ def judge(
 ):
     """Compare two models' outputs on the same instructions with an LLM judge; report wins, ties and losses.
 
-    Outputs are paired on their stripped (instruction, input). Each pair is judged twice, the model's output shown
+    Outputs are paired on their folded instruction (instruction and input stripped, joined by a blank line; so an
+    AlpacaEval file pairs with ours). Each pair is judged twice, the model's output shown
     first (Response A) and then second, at temperature 0, with a prompt written for this project that asks for a
     final line "Verdict: A", "Verdict: B" or "Verdict: tie". The rule: a pair is a win when both orders prefer the
     model, a loss when both prefer the reference, and a tie otherwise (both ties, one tie, or the two orders
