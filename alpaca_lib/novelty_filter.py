@@ -59,6 +59,8 @@ FEW_PAIRS = 8
 BOUND_MARGIN = 1e-9
 # The index's newer postings (sorted for every block) are merged into its large part past this many.
 INDEX_REBUILD_MIN_PAIRS = 1 << 16
+# The index's newer postings are pre-filtered against a block's keys with a table of 2**this bits (~1% false hits).
+KEY_HASH_BITS = 22
 # Instructions of 2 to this many tokens are indexed by the pairs of elements of their prefixes (at most ~this**2/4
 # pairs each); longer ones, and those that can pair with them, by their prefixes' elements (see _PrefixIndex).
 PAIR_SIGNATURE_MAX_TOKENS = 64
@@ -424,7 +426,7 @@ class _PrefixIndex:
         self.order = np.empty(0, dtype=np.int64)  # by element id: its place in the global order (rarest first)
         self.pool_strings = np.empty(1024, dtype=object)  # the pool's token strings, for fancy indexing
         self.pool_size = 0
-        self.postings = {1: _Postings(0), 2: _Postings(32)}  # by l; the shift gives a key's first element id
+        self.postings = {1: _Postings(), 2: _Postings()}  # by l
         self.prefix_pairs = 0  # pairs whose l-prefixes share l elements, for tests and benchmarks
         self.scored_pairs = 0  # those that passed the other bounds too, and were scored
 
@@ -522,7 +524,7 @@ class _PrefixIndex:
         found = []
         for ell, postings in self.postings.items():
             indptr, keys, last, suffix = signatures[ell]
-            rows, targets, shared = postings.candidates(indptr, keys, pool_size, len(self.order))
+            rows, targets, shared = postings.candidates(indptr, keys, pool_size)
             self.prefix_pairs += len(rows)
             if ell == 2:  # shared pairs of elements -> shared elements k, as shared = k*(k-1)/2
                 shared = np.rint((1 + np.sqrt(1 + 8 * shared.astype(np.float64))) / 2)
@@ -580,8 +582,7 @@ class _Postings:
     copied O(log N) times; the newer ones are looked up by sorting them per block.
     """
 
-    def __init__(self, shift):
-        self.shift = shift  # key >> shift is the key's first element id
+    def __init__(self):
         self.keys = np.empty(1024, dtype=np.int64)
         self.entries = np.empty(1024, dtype=np.int64)
         self.size = 0
@@ -608,7 +609,7 @@ class _Postings:
                                                 shape=(len(self.large_keys), pool_end))
             self.large_size = self.size
 
-    def candidates(self, indptr, keys, pool_size, num_elements):
+    def candidates(self, indptr, keys, pool_size):
         """(rows, targets, shared): for each block string (row) with these keys (CSR), each pool entry (target) and
         each earlier block string (target pool_size + its row) sharing keys with it, and how many it shares."""
         num_rows = len(indptr) - 1
@@ -626,9 +627,9 @@ class _Postings:
                                        shape=(num_rows, len(local_keys)))
         if self.size > self.large_size and len(keys):
             newer_keys, newer_entries = self.keys[self.large_size:self.size], self.entries[self.large_size:self.size]
-            in_block = np.zeros(num_elements, dtype=bool)  # a cheap pre-filter on the key's first element
-            in_block[local_keys >> self.shift] = True
-            maybe = np.flatnonzero(in_block[newer_keys >> self.shift])
+            in_block = np.zeros(1 << KEY_HASH_BITS, dtype=bool)  # a cheap pre-filter: a hash table of the block's keys
+            in_block[_key_hash(local_keys)] = True
+            maybe = np.flatnonzero(in_block[_key_hash(newer_keys)])
             where = np.minimum(np.searchsorted(local_keys, newer_keys[maybe]), len(local_keys) - 1)
             hit = local_keys[where] == newer_keys[maybe]
             newer = scipy.sparse.csr_array((np.ones(int(hit.sum()), dtype=np.int32),
@@ -646,6 +647,11 @@ class _Postings:
         targets.append(pool_size + within.col[earlier].astype(np.int64))
         shared.append(within.data[earlier])
         return np.concatenate(rows), np.concatenate(targets), np.concatenate(shared)
+
+
+def _key_hash(keys):
+    """KEY_HASH_BITS-bit hashes of int64 keys (Fibonacci hashing: the top bits of key * 2**64/golden ratio)."""
+    return (keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - KEY_HASH_BITS)
 
 
 def _element_keys(token_strings):
