@@ -20,6 +20,7 @@ instructions in minutes instead of hours.
 import collections
 import concurrent.futures
 import os
+import re
 import time
 
 import numpy as np
@@ -27,7 +28,6 @@ import scipy.sparse
 import tqdm
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
-from rouge_score import tokenize as rouge_score_tokenize
 
 from alpaca_lib import cli, data_files
 
@@ -65,6 +65,8 @@ KEY_HASH_BITS = 22
 # pairs each); longer ones, and those that can pair with them, by their prefixes' elements (see _PrefixIndex).
 PAIR_SIGNATURE_MAX_TOKENS = 64
 
+_TOKEN_RE = re.compile(r"[a-z0-9]+")
+
 # Tokens become characters; Python strings hold any code point except that we skip the UTF-16 surrogate range.
 _SURROGATES = range(0xD800, 0xE000)
 _MAX_DISTINCT_TOKENS = 0x110000 - len(_SURROGATES)  # 1,112,064
@@ -72,9 +74,11 @@ _MAX_DISTINCT_TOKENS = 0x110000 - len(_SURROGATES)  # 1,112,064
 
 def rouge_tokens(text):
     """rouge_score's default tokenizer without stemming, as the original used it (RougeScorer(["rougeL"],
-    use_stemmer=False)._tokenizer.tokenize): lower-case, every run of non-[a-z0-9] characters becomes a space, split.
-    (Its tokenize module directly: the DefaultTokenizer class imports all of nltk, a second at start-up.)"""
-    return rouge_score_tokenize.tokenize(text, None)
+    use_stemmer=False)._tokenizer.tokenize, i.e. rouge_score.tokenize.tokenize(text, None)): lower-case, every run of
+    non-[a-z0-9] characters becomes a space, split on spaces, keep the tokens matching ^[a-z0-9]+$. That leaves
+    exactly the runs of [a-z0-9] of the lower-cased text, found here in one regex pass (2.7x faster; the tests compare
+    the two on real and Unicode text)."""
+    return _TOKEN_RE.findall(text.lower())
 
 
 def available_cpus():

@@ -9,6 +9,7 @@ import random
 
 import pytest
 from rouge_score import rouge_scorer
+from rouge_score import tokenize as rouge_tokenize
 
 from alpaca_lib import novelty_filter
 from alpaca_lib.novelty_filter import NoveltyFilter
@@ -16,6 +17,13 @@ import utils
 from conftest import SAMPLE_RECORDS
 from original_alpaca import original_novelty_filter as reference_filter
 from test_novelty_filter import BUILT_IN_TEXTS, synthetic_instructions, tokenize, words
+
+
+def test_rouge_tokens_are_rouge_score_tokens(shared_data_dir):
+    records = utils.jload(shared_data_dir / "alpaca_data.json")
+    texts = [r["instruction"] for r in records] + [r["output"] for r in records[:5000]] + BUILT_IN_TEXTS + [
+        "İstanbul ǅ ẞ ﬃ Ⅻ ½ ² ٣ \u212a", "ＡＢＣ abc_def-ghi", "x\x00y\ny\r\nz", "trailing newline\n", "  ", "Ǆ\u0130"]
+    assert [novelty_filter.rouge_tokens(t) for t in texts] == [rouge_tokenize.tokenize(t, None) for t in texts]
 
 
 def judge_both(seeds, candidates, threshold=0.7):
