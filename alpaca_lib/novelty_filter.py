@@ -298,7 +298,8 @@ class NoveltyFilter:
             kept_strings = [string for string, keep in zip(block_strings, kept.tolist()) if keep]
             for text, token_string in zip(kept_texts, kept_strings):
                 self._append(text, token_string)
-            index.add_pool_entries(kept_strings, len(self) - len(kept_strings))
+            index.add_pool_entries(kept_strings, len(self) - len(kept_strings),
+                                   signatures=_select_signatures(signatures, start + np.flatnonzero(kept)))
             for keep, nearest, score in zip(kept.tolist(), best_entry.tolist(), best_score.tolist()):
                 yield ({} if keep else None), nearest, score
 
@@ -502,9 +503,11 @@ class _PrefixIndex:
             out[ell] = (np.concatenate(([0], np.cumsum(counts))), keys, last, n - prefix)
         return out
 
-    def add_pool_entries(self, token_strings, first_index, also_counted=()):
-        """Index pool entries first_index, first_index + 1, ... (appended to the pool in that order)."""
-        signatures = self.signatures(token_strings, also_counted)
+    def add_pool_entries(self, token_strings, first_index, also_counted=(), signatures=None):
+        """Index pool entries first_index, first_index + 1, ... (appended to the pool in that order), given their
+        signatures if already known."""
+        if signatures is None:
+            signatures = self.signatures(token_strings, also_counted)
         for ell, postings in self.postings.items():
             indptr, keys, last, suffix = signatures[ell]
             postings.add(keys, first_index + np.repeat(np.arange(len(token_strings)), np.diff(indptr)), first_index,
@@ -575,6 +578,19 @@ def _slice_signatures(signatures, start, end):
         indptr, keys, last, suffix = signatures[ell]
         out[ell] = (indptr[start:end + 1] - indptr[start], keys[indptr[start]:indptr[end]], last[start:end],
                     suffix[start:end])
+    return out
+
+
+def _select_signatures(signatures, rows):
+    """The signatures of the strings at positions `rows` (see _PrefixIndex.signatures)."""
+    out = {"lengths": signatures["lengths"][rows]}
+    for ell in (1, 2):
+        indptr, keys, last, suffix = signatures[ell]
+        counts = np.diff(indptr)[rows]
+        new_indptr = np.concatenate(([0], np.cumsum(counts)))
+        # Position j of selected string i is keys[indptr[rows[i]] + j].
+        positions = np.repeat(indptr[rows] - new_indptr[:-1], counts) + np.arange(new_indptr[-1])
+        out[ell] = (new_indptr, keys[positions], last[rows], suffix[rows])
     return out
 
 
