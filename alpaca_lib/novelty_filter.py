@@ -57,11 +57,11 @@ FEW_PAIRS = 8
 # is within a few float64 roundings (relative error < 1e-15) of the exact 2*lcs/(m+n), so no pair whose float F
 # exceeds the threshold is ever pruned, and the bounds' own float roundings (< 1e-15 relative) are covered too.
 BOUND_MARGIN = 1e-9
-# The index's newer postings (sorted for every block) are merged into its large part past this many.
+# The index's newer postings (looked up anew for every block) are merged into its large part past this many.
 INDEX_REBUILD_MIN_PAIRS = 1 << 16
 # The index's newer postings are pre-filtered against a block's keys with a table of 2**this bits (~1% false hits).
 KEY_HASH_BITS = 22
-# Instructions of 2 to this many tokens are indexed by the pairs of elements of their prefixes (at most ~this**2/4
+# Instructions of 2 to this many tokens are indexed by the pairs of elements of their prefixes (at 0.7, at most 465
 # pairs each); longer ones, and those that can pair with them, by their prefixes' elements (see _PrefixIndex).
 PAIR_SIGNATURE_MAX_TOKENS = 64
 
@@ -418,7 +418,8 @@ class _PrefixIndex:
     a 1-prefix only when the prefix is the whole instruction (one token), and a 2-prefix pairs it with rarer ones.
 
     Memory is linear in the pool's tokens: each indexed entry has a few elements (l = 1) or pairs of elements (l = 2,
-    ~20 for an Alpaca instruction; at most PAIR_SIGNATURE_MAX_TOKENS**2 / 2), in the two _Postings.
+    ~20 for an Alpaca instruction; C(prefix length, 2) with at most PAIR_SIGNATURE_MAX_TOKENS tokens), in the two
+    _Postings.
     """
 
     def __init__(self, threshold):
@@ -599,7 +600,7 @@ class _Postings:
 
     The (key, pool index) pairs are kept in insertion order; the older ones also as `large`, a CSR matrix (rows: its
     distinct keys, sorted; columns: pool entries), rebuilt when the newer ones outnumber half of it, so each pair is
-    copied O(log N) times; the newer ones are looked up by sorting them per block.
+    copied O(log N) times; the newer ones are matched with each block's keys (a hash table, then a binary search).
     """
 
     def __init__(self):
