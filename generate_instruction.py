@@ -101,6 +101,7 @@ def generate_instruction_following_data(
     batch_input_file=None,
     batch_output_file=None,
     batch_poll_seconds=30.0,
+    drop_similarity_fields=False,
 ):
     """Self-instruct: generate instruction-following data with an LLM, appending the novel tasks to regen.json.
 
@@ -155,6 +156,10 @@ def generate_instruction_following_data(
         batch_output_file: continue from a runner's finished output file of the job written by --batch_input_file
             (every line checked: its custom_id must be one of the job's; a line that failed is reported).
         batch_poll_seconds: seconds between two polls of a batch job's status.
+        drop_similarity_fields: write kept records without `most_similar_instructions` and `avg_similarity_score`.
+            The keep/reject decisions are the same, but each candidate is scored only against the pool entries that
+            can pass the threshold (length, count and prefix bounds), not the whole pool: for pools of hundreds of
+            thousands (a large resumed regen.json).
     """
     # -- check every argument before anything is read, sent or written
     check_numbers(num_instructions_to_generate=(num_instructions_to_generate, 0, int),
@@ -164,6 +169,7 @@ def generate_instruction_following_data(
                   top_p=(top_p, 0, float, 1), similarity_threshold=(similarity_threshold, 0, float, 1),
                   batch_poll_seconds=(batch_poll_seconds, 0.001, float))
     batch = cli.check_switch("batch", batch)
+    drop_similarity_fields = cli.check_switch("drop_similarity_fields", drop_similarity_fields)
     batch_input_file, batch_output_file = batch_jobs.check_runner_files(batch_input_file, batch_output_file)
     offline = batch_input_file is not None or batch_output_file is not None
     if num_prompt_instructions > LAST_TASK_NUMBER - 2:
@@ -196,7 +202,8 @@ def generate_instruction_following_data(
         print(f"{regen.path} already holds {len(regen)} >= {num_instructions_to_generate} instructions; nothing to do")
         return
     # The novelty pool: seeds, then the generated instructions in their order, exactly as an uninterrupted run had it.
-    novelty_filter = NoveltyFilter([d["instruction"] for d in seeds + regen.records], threshold=similarity_threshold)
+    novelty_filter = NoveltyFilter([d["instruction"] for d in seeds + regen.records], threshold=similarity_threshold,
+                                   similarity_fields=not drop_similarity_fields)
 
     # -- rounds until regen.json holds num_instructions_to_generate records: sample num_prompt_instructions seed
     # tasks for each of request_batch_size prompts, ask, then in round order parse each reply into tasks, drop those

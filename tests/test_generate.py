@@ -259,6 +259,19 @@ def test_end_to_end_chat_with_restated_headers(env):
     assert len(records) >= 50
 
 
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_drop_similarity_fields_keeps_the_same_records_without_the_fields(env, api, tmp_path):
+    """The pruned novelty filter (only pool entries that can pass 0.7 are scored) keeps exactly the records of the
+    all-pairs one, given the same replies; only the two similarity fields are gone."""
+    with OpenAIServer() as server:
+        with_fields = generate(server, env, api=api, num_instructions_to_generate=80, concurrency=1)
+    with OpenAIServer() as server:
+        without = generate(server, dict(env, output_dir=str(tmp_path / "pruned")), api=api,
+                           num_instructions_to_generate=80, concurrency=1, drop_similarity_fields=True)
+    assert len(with_fields) >= 80
+    assert without == [{k: r[k] for k in ("instruction", "input", "output")} for r in with_fields]
+
+
 def test_resume_rebuilds_the_pool_from_seeds_then_regen(env, capsys):
     with OpenAIServer() as server:
         first = generate(server, env, num_instructions_to_generate=40, concurrency=1)
