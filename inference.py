@@ -160,7 +160,6 @@ def inference(
 
     # a local model; what its mode reads first (the file's earlier answers, a pipe's first line) is read before it loads
     output = tasks = None
-    prompt_format = chat_format.read_prompt_format(model_name_or_path)  # an adapter folder holds it too
     if input_path is not None:
         output = resumed_output(input_path, output_path,
                                 default_generator(model_name_or_path) if generator is None else generator)
@@ -168,6 +167,8 @@ def inference(
             return None
     elif instruction is None:
         tasks = typed_or_piped_tasks()
+    # after the input is read: for a hub id, this asks the hub (an adapter folder holds it too)
+    prompt_format = chat_format.read_prompt_format(model_name_or_path)
     model, tokenizer, generation_config = load_local_model(decoding, model_name_or_path, base_model, dtype, device,
                                                            trust_remote_code)
     prompter = Prompter(tokenizer, prompt_format)
