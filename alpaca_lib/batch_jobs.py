@@ -223,25 +223,17 @@ def read_results(path, expected, input_name, prompts_per_request):
     per line). GenerationError naming the file and line for a line that is not JSON, a custom_id that is not one of
     `expected` (the job's requests) or appears twice, or a 200 response without choices."""
     outcomes, first_line = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}: line {number}"
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise GenerationError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
-                raise GenerationError(f"{where}: not a batch output line (an object with a custom_id)")
-            key = line["custom_id"]
-            if key not in expected:
-                raise GenerationError(f"{where}: custom_id {key!r} is not one of the {len(expected)} requests of "
-                                      f"{input_name}: the output of another input file?")
-            if key in first_line:
-                raise GenerationError(f"{where}: custom_id {key!r} appears twice (first on line {first_line[key]})")
-            first_line[key] = number
-            outcomes[key] = outcome_of(line, where, prompts_per_request)
+    for where, line in data_files.json_lines(path, GenerationError):
+        if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+            raise GenerationError(f"{where}: not a batch output line (an object with a custom_id)")
+        key = line["custom_id"]
+        if key not in expected:
+            raise GenerationError(f"{where}: custom_id {key!r} is not one of the {len(expected)} requests of "
+                                  f"{input_name}: the output of another input file?")
+        if key in first_line:
+            raise GenerationError(f"{where}: custom_id {key!r} appears twice (first on {first_line[key]})")
+        first_line[key] = where.rsplit(": ", 1)[1]
+        outcomes[key] = outcome_of(line, where, prompts_per_request)
     return outcomes
 
 

@@ -121,6 +121,20 @@ def read_jsonl(path):
         return _parse_jsonl_text(path, f.read())
 
 
+def json_lines(path, error):
+    """Yield (where, value) for each non-blank line of a JSON-lines file, `where` being "PATH: line N" for messages;
+    a line that is not JSON raises `error` (a UserError class) naming the file and the line."""
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: not valid JSON ({e.msg})") from None
+
+
 def write_jsonl(records, path):
     """Atomically write an iterable of JSON-serialisable objects as JSON lines."""
     with atomic_open(path, "w") as f:

@@ -1,6 +1,5 @@
 """Seed tasks: the self-instruct JSONL file of human-written tasks that stage 1 samples into its prompts."""
 
-import json
 import os
 
 from alpaca_lib import data_files
@@ -15,28 +14,20 @@ def load_seed_instruction_data(seed_tasks_path):
     if not os.path.exists(seed_tasks_path):
         raise GenerationError(f"{seed_tasks_path}: no such file (the seed tasks, one JSON object per line)")
     seed_instruction_data = []
-    with open(seed_tasks_path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{seed_tasks_path}: line {line_number}"
-            try:
-                task = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerationError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(task, dict):
-                raise GenerationError(f"{where}: is a JSON {type(task).__name__}; expected an object")
-            if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
-                raise GenerationError(f"{where}: field 'instruction' is missing or not a non-empty string")
-            instances = task.get("instances")
-            if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
-                raise GenerationError(f"{where}: field 'instances' must be a non-empty list of objects")
-            # a missing or null input is ""
-            instance = {**instances[0], "input": data_files.optional_field(instances[0], "input")}
-            for field in ("input", "output"):
-                if not isinstance(instance.get(field), str):
-                    raise GenerationError(f"{where}: field 'instances[0].{field}' is missing or not a string")
-            seed_instruction_data.append(
-                {"instruction": task["instruction"], "input": instance["input"], "output": instance["output"]}
-            )
+    for where, task in data_files.json_lines(seed_tasks_path, GenerationError):
+        if not isinstance(task, dict):
+            raise GenerationError(f"{where}: is a JSON {type(task).__name__}; expected an object")
+        if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
+            raise GenerationError(f"{where}: field 'instruction' is missing or not a non-empty string")
+        instances = task.get("instances")
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            raise GenerationError(f"{where}: field 'instances' must be a non-empty list of objects")
+        # a missing or null input is ""
+        instance = {**instances[0], "input": data_files.optional_field(instances[0], "input")}
+        for field in ("input", "output"):
+            if not isinstance(instance.get(field), str):
+                raise GenerationError(f"{where}: field 'instances[0].{field}' is missing or not a string")
+        seed_instruction_data.append(
+            {"instruction": task["instruction"], "input": instance["input"], "output": instance["output"]}
+        )
     return seed_instruction_data

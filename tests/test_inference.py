@@ -605,6 +605,11 @@ def test_the_prompt_ids_are_those_of_the_training_row_in_every_mode(family, toke
 
     folder = tokenizer_matrix[family]
     expected = training_prompt_ids(folder, records_without_merges())
+    assert_every_mode_feeds(folder, expected, alpaca_sample_path, tmp_path, monkeypatch, prompts_fed_to_generate)
+
+
+def assert_every_mode_feeds(folder, expected, alpaca_sample_path, tmp_path, monkeypatch, prompts_fed_to_generate):
+    """inference.py feeds `expected[(instruction, input)]` to generate in file, single and interactive modes."""
     # file mode: left-padded batches of different lengths
     run_batch(folder, alpaca_sample_path, tmp_path / "out.json", batch_size=5, max_new_tokens=1)
     assert sorted(prompts_fed_to_generate) == sorted(expected[r["instruction"], r["input"]] for r in SAMPLE_RECORDS)
@@ -726,21 +731,7 @@ def test_a_chat_template_model_is_prompted_as_its_training_rows_in_every_mode(fa
                                                                               prompts_fed_to_generate):
     folder = chat_trained_folder(tokenizer_matrix, family, tmp_path / "chat_model")
     expected = chat_training_prompt_ids(folder, SAMPLE_RECORDS)
-    run_batch(folder, alpaca_sample_path, tmp_path / "out.json", batch_size=5, max_new_tokens=1)
-    assert sorted(prompts_fed_to_generate) == sorted(expected[r["instruction"], r["input"]] for r in SAMPLE_RECORDS)
-    for record in SAMPLE_RECORDS[:2]:
-        prompts_fed_to_generate.clear()
-        inference.inference(model_name_or_path=str(folder), instruction=record["instruction"],
-                            input=record["input"], max_new_tokens=1, device="cpu")
-        assert prompts_fed_to_generate == [expected[record["instruction"], record["input"]]]
-    prompts_fed_to_generate.clear()
-    read_end, write_end = os.pipe()
-    os.write(write_end, f"{SAMPLE_RECORDS[1]['instruction']}\n{SAMPLE_RECORDS[1]['input']}\n".encode())
-    os.close(write_end)
-    with open(read_end, encoding="utf-8") as stdin:
-        monkeypatch.setattr(sys, "stdin", stdin)
-        inference.inference(model_name_or_path=str(folder), max_new_tokens=1, device="cpu")
-    assert prompts_fed_to_generate == [expected[SAMPLE_RECORDS[1]["instruction"], SAMPLE_RECORDS[1]["input"]]]
+    assert_every_mode_feeds(folder, expected, alpaca_sample_path, tmp_path, monkeypatch, prompts_fed_to_generate)
 
 
 def test_the_real_smollm2_trained_through_its_template_is_prompted_as_trained(tokenizer_matrix, tmp_path,
