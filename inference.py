@@ -100,6 +100,7 @@ def inference(
     concurrency=8,
     request_timeout=300.0,
     max_retries=8,
+    prompt_format=None,
 ):
     """Answer instructions with an Alpaca model: interactively, one at a time, or a whole file.
 
@@ -146,8 +147,14 @@ def inference(
         max_retries: A prompt whose request still fails is skipped, and a rerun fills it in. A prompt the server
             refuses (longer than its context, or a content filter) is left out, named in a warning and in the last
             line.
+        prompt_format: alpaca or chat_template, the format the model was trained with. Default: the one its folder
+            records (prompt_format.json; alpaca without one); with --api_base, that of --model_name when it is a
+            folder here, else alpaca. Give it for a model a server serves under another name.
     """
     check_modes(model_name_or_path, instruction, input, input_path, output_path, api_base, model_name)
+    if prompt_format is not None and prompt_format not in chat_format.PROMPT_FORMATS:
+        raise InferenceError(f"--prompt_format must be one of {', '.join(chat_format.PROMPT_FORMATS)}; got "
+                             f"{prompt_format!r}")
     server = check_values(instruction, input, max_new_tokens, temperature, top_p, seed, batch_size, dtype, api_base,
                           concurrency, request_timeout, max_retries, model_name_or_path)
     decoding = Decoding(max_new_tokens, temperature, top_p, seed)
@@ -155,7 +162,7 @@ def inference(
     if api_base is not None:  # a server answers a file
         output = resumed_output(input_path, output_path, model_name if generator is None else generator)
         if output is not None:
-            answer_file_with_api(output, decoding, server, model_name, batch_size)
+            answer_file_with_api(output, decoding, server, model_name, batch_size, prompt_format)
         return None
 
     # a local model; what its mode reads first (the file's earlier answers, a pipe's first line) is read before it loads
@@ -168,7 +175,8 @@ def inference(
     elif instruction is None:
         tasks = typed_or_piped_tasks()
     # after the input is read: for a hub id, this asks the hub (an adapter folder holds it too)
-    prompt_format = chat_format.read_prompt_format(model_name_or_path)
+    if prompt_format is None:
+        prompt_format = chat_format.read_prompt_format(model_name_or_path)
     model, tokenizer, generation_config = load_local_model(decoding, model_name_or_path, base_model, dtype, device,
                                                            trust_remote_code)
     prompter = Prompter(tokenizer, prompt_format)
@@ -309,12 +317,19 @@ def generate_missing_outputs(model, tokenizer, generation_config, output, batch_
         bar.close()
 
 
-def answer_file_with_api(output, decoding, server, model_name, batch_size):
+def answer_file_with_api(output, decoding, server, model_name, batch_size, prompt_format=None):
     """--api_base: the missing outputs from the server, the file written after every `batch_size` answers; the last
     line says what the server refused and the usage. InferenceError when prompts failed after all retries."""
     api = server.client()
+    if prompt_format is None:
+        if os.path.isdir(model_name):
+            prompt_format = chat_format.read_prompt_format(model_name)
+        else:  # a served name: its folder (and so its format) cannot be known from here
+            prompt_format = "alpaca"
+            print(f"{model_name}: asked with the Alpaca prompt (/v1/completions); for a model trained with "
+                  "--prompt_format chat_template, pass --prompt_format chat_template", file=sys.stderr)
     # A model trained through its chat template is asked through the server's chat endpoint, which renders it
-    chat = os.path.isdir(model_name) and chat_format.read_prompt_format(model_name) == "chat_template"
+    chat = prompt_format == "chat_template"
     prompts = {index: (user_turn if chat else build_prompt)(record["instruction"], record["input"])
                for index, record in enumerate(output.instructions) if not output.done(index)}
     try:

@@ -778,3 +778,24 @@ def test_api_base_asks_a_chat_template_model_through_the_chat_endpoint(api_env, 
     assert sent == sorted(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in SAMPLE_RECORDS)
     outputs = json.loads((tmp_path / "out.json").read_text())
     assert [r["output"] for r in outputs] == [f"Answer to: {r['instruction']}" for r in SAMPLE_RECORDS]
+
+
+def test_api_base_a_served_name_gets_the_format_given_or_the_alpaca_prompt_with_a_note(api_env, tmp_path,
+                                                                                       alpaca_sample_path, capsys):
+    """A model served under a name (vllm --served-model-name) has no folder here to read its format from: the Alpaca
+    prompt, said in one line, unless --prompt_format says otherwise."""
+    with OpenAIServer(respond=lambda prompt, body: "ok") as server:
+        inference.inference(api_base=server.base_url, model_name="alpaca-7b", input_path=str(alpaca_sample_path),
+                            output_path=str(tmp_path / "a.json"), max_new_tokens=8)
+        assert {r["path"] for r in server.completed_requests()} == {"/v1/completions"}
+    assert ("alpaca-7b: asked with the Alpaca prompt (/v1/completions); for a model trained with --prompt_format "
+            "chat_template, pass --prompt_format chat_template") in capsys.readouterr().err
+    with OpenAIServer(respond=lambda prompt, body: "ok") as server:
+        inference.inference(api_base=server.base_url, model_name="alpaca-7b", input_path=str(alpaca_sample_path),
+                            output_path=str(tmp_path / "c.json"), max_new_tokens=8, prompt_format="chat_template")
+        assert {r["path"] for r in server.completed_requests()} == {"/v1/chat/completions"}
+    assert "asked with the Alpaca prompt" not in capsys.readouterr().err
+    with pytest.raises(inference.InferenceError, match="--prompt_format must be one of alpaca, chat_template; got "
+                                                       "'chatml'"):
+        inference.inference(api_base="http://127.0.0.1:9/v1", model_name="m", input_path=str(alpaca_sample_path),
+                            output_path=str(tmp_path / "x.json"), prompt_format="chatml")
