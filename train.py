@@ -533,12 +533,14 @@ def start_logging(training_args):
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
-def check_checkpoints(model_args, training_args):
+def check_checkpoints(model_args, data_args, training_args):
     """UsageError for full fine-tuning of a quantized model (only adapters train over one), or a checkpoint to resume
-    that does not match the LoRA flags; reads config.json and adapter_config.json only, before anything loads."""
+    that does not match the LoRA flags or the prompt format; reads config.json, adapter_config.json and
+    prompt_format.json only, before anything loads."""
     lora.check_quantized_base(model_args, training_args.cache_dir)
     if training_args.resume_from_checkpoint:
         lora.check_resume(model_args, training_args.resume_from_checkpoint, training_args.cache_dir)
+        chat_format.check_resume(training_args.resume_from_checkpoint, data_args.prompt_format)
 
 
 def configure_padding_free(data_args, training_args, model):
@@ -591,7 +593,7 @@ def train(argv=None):
     """Fine-tune: parse the command line (default sys.argv[1:]), train, save model + tokenizer to --output_dir."""
     model_args, data_args, training_args = parse_args(argv)  # every flag and every record checked; nothing loaded
     start_logging(training_args)
-    check_checkpoints(model_args, training_args)
+    check_checkpoints(model_args, data_args, training_args)
     # Seeded before loading, not only by the Trainer after: LoRA draws its A matrices when the adapters are added.
     transformers.set_seed(training_args.seed)
 

@@ -291,6 +291,16 @@ def save_prompt_format(folder, prompt_format):
     data_files.jdump({"prompt_format": prompt_format or "alpaca"}, os.path.join(folder, FORMAT_FILE))
 
 
+def check_resume(checkpoint, prompt_format):
+    """ChatTemplateError when the checkpoint to resume was trained in another prompt format (its FORMAT_FILE; a
+    checkpoint without one was trained with the Alpaca prompt): its steps and the rest would train two formats."""
+    saved = read_prompt_format(checkpoint)
+    if saved != (prompt_format or "alpaca"):
+        raise ChatTemplateError(f"--resume_from_checkpoint {checkpoint}: prompt format {prompt_format or 'alpaca'}, "
+                                f"but the checkpoint was trained with {saved} (its {FORMAT_FILE}): pass "
+                                f"--prompt_format {saved} to resume it, with data in that format")
+
+
 def read_prompt_format(name_or_path):
     """The prompt format a model folder (or LoRA adapter folder, or hub id) was trained with: its FORMAT_FILE's, or
     "alpaca" without one (the original's folders, and base models). ChatTemplateError for a file with another value."""

@@ -5,6 +5,7 @@ before anything loads. Tiny fixture Llama, offline. (QLoRA itself needs a CUDA G
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -473,6 +474,31 @@ def test_resuming_with_other_lora_flags_than_the_checkpoints_is_one_line_before_
         line = run_main(argv + ["--resume_from_checkpoint", str(checkpoint), "--lora_r", "8", *extra], capsys)
         assert line.startswith(f"train.py: error: --model_name_or_path {no_weights}: cannot load the model"), extra
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_in_another_prompt_format_than_the_checkpoints_is_one_line_before_loading(tmp_path, capsys,
+                                                                                         llama_dir,
+                                                                                         alpaca_sample_path,
+                                                                                         checkpoints):
+    """A checkpoint trained through a chat template resumed with the Alpaca prompt (or the reverse) would train two
+    formats in one model: refused, naming both; a checkpoint without prompt_format.json was trained with Alpaca."""
+    chat_checkpoint = tmp_path / "chat" / "checkpoint-2"
+    shutil.copytree(checkpoints["full"], chat_checkpoint)
+    (chat_checkpoint / "prompt_format.json").write_text('{"prompt_format": "chat_template"}')
+    argv = ["--model_name_or_path", str(llama_dir), "--data_path", str(alpaca_sample_path),
+            "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(chat_checkpoint)]
+    assert run_main(argv, capsys) == (
+        f"train.py: error: --resume_from_checkpoint {chat_checkpoint}: prompt format alpaca, but the checkpoint was "
+        "trained with chat_template (its prompt_format.json): pass --prompt_format chat_template to resume it, with "
+        "data in that format")
+    assert not (tmp_path / "out").exists()
+    assert train.chat_format.read_prompt_format(checkpoints["full"]) == "alpaca"
+    old = tmp_path / "old" / "checkpoint-2"  # written before prompt_format.json existed
+    shutil.copytree(checkpoints["full"], old)
+    (old / "prompt_format.json").unlink()
+    train.chat_format.check_resume(str(old), None)
+    with pytest.raises(train.chat_format.ChatTemplateError, match="trained with alpaca"):
+        train.chat_format.check_resume(str(old), "chat_template")
 
 
 def test_resume_from_last_says_which_checkpoint(tmp_path, capsys, alpaca_sample_path, checkpoints):
