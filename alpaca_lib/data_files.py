@@ -156,12 +156,12 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
 
     The format is decided by the path: a folder saved by `datasets` (Dataset.save_to_disk; a DatasetDict's folder
     gives its `train` split), `.parquet` (or a file that starts with parquet's magic bytes, whatever its name),
-    `.csv` (every column read as text; an empty cell is a missing value), anything else JSON: one JSON list, or JSON
+    `.csv` (every column read as text; an empty cell is an empty string), anything else JSON: one JSON list, or JSON
     lines (decided by the content). Records are plain Python objects: nested columns (e.g. `messages`) are lists and
     dicts, and a key a nested dict did not have (parquet gives every dict of a column every key, as null) is absent.
 
     Every record is validated: it must be an object with every required field, and each must be a string; a null
-    `input` (or NaN, or an empty CSV cell), or a missing one where it is required, is the empty string
+    `input` (or NaN), or a missing one where it is required, is the empty string
     (OPTIONAL_FIELDS; it is filled in). The first bad record raises AlpacaDataError naming the file, the record index
     (0-based) and the field; a file the library cannot read raises it in one line naming the file. Extra fields are
     kept (regen.json carries `most_similar_instructions`, for example). An empty `output` is allowed, but counted and
@@ -170,11 +170,11 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AlpacaDataError(f"{path}: no such file")
-    name, null_name = path, "null"  # how errors name the file, and a missing value
+    name = path  # how errors name the file
     if os.path.isdir(path):
         name, records = _read_saved_dataset(path)
     elif path.lower().endswith(".csv"):
-        records, null_name = _read_csv(path), "an empty cell"
+        records = _read_csv(path)
     elif path.lower().endswith(".parquet"):
         records = _read_parquet(path)
     else:
@@ -194,7 +194,7 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
                 raise AlpacaDataError(f"{name}: record {index}: missing field '{field}'")
             value = record[field]
             if not isinstance(value, str):
-                kind = null_name if value is None else type(value).__name__
+                kind = "null" if value is None else type(value).__name__
                 raise AlpacaDataError(f"{name}: record {index}: field '{field}' is {kind}; expected a string")
         if "output" in required_fields and record["output"] == "":
             empty_outputs += 1
@@ -277,16 +277,16 @@ def _read_parquet(path):
 
 
 def _read_csv(path):
-    """CSV with a header row, every column as text (so "007", "NA" or "None" stay as written); an unquoted empty cell
-    is a missing value (None), a quoted one ("") an empty string; values may span lines inside quotes."""
+    """CSV with a header row, every column as text (so "007", "NA" or "None" stay as written); CSV has no null, so an
+    empty cell, quoted or not, is the empty string (as pandas' to_csv writes one); values may span lines in quotes."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
     parse = pa_csv.ParseOptions(newlines_in_values=True)  # Alpaca outputs hold newlines
     try:
         names = pa_csv.open_csv(path, parse_options=parse).schema.names
-        convert = pa_csv.ConvertOptions(column_types={name: pa.string() for name in names}, null_values=[""],
-                                        strings_can_be_null=True, quoted_strings_can_be_null=False)
+        convert = pa_csv.ConvertOptions(column_types={name: pa.string() for name in names}, null_values=[],
+                                        strings_can_be_null=False)
         table = pa_csv.read_csv(path, parse_options=parse, convert_options=convert)
     except (pa.ArrowException, OSError) as e:
         raise AlpacaDataError(f"{path}: not a readable CSV file ({_library_error(e)})") from None

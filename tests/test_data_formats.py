@@ -60,9 +60,14 @@ def test_the_52k_alpaca_data_round_trips_through_parquet_and_csv(shared_data_dir
     records = utils.load_alpaca_data(shared_data_dir / "alpaca_data.json")
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "alpaca_data.parquet")
     assert utils.load_alpaca_data(tmp_path / "alpaca_data.parquet") == records
-    # CSV with every cell quoted: its 28 empty outputs stay "" (an unquoted empty cell would be a missing value).
+    # CSV with every cell quoted, and as pandas writes it by default (empty cells unquoted): its 28 empty outputs
+    # stay "" either way.
     write_format(records, tmp_path / "alpaca_data.csv", "csv")
     assert utils.load_alpaca_data(tmp_path / "alpaca_data.csv") == records
+    import pandas as pd
+
+    pd.DataFrame(records).to_csv(tmp_path / "plain.csv", index=False)
+    assert utils.load_alpaca_data(tmp_path / "plain.csv") == records
 
 
 def test_null_input_and_extra_columns_in_every_format(tmp_path):
@@ -188,8 +193,8 @@ def bad_inputs(tmp_path):
     cases.append((tmp_path / "cut.parquet", "not a readable parquet file (Parquet magic bytes not found in footer."))
     (tmp_path / "empty.parquet").write_bytes(b"")
     cases.append((tmp_path / "empty.parquet", "not a readable parquet file (Parquet file size is 0 bytes)"))
-    (tmp_path / "cells.csv").write_text("instruction,input,output\nName a colour.,,Blue.\nAdd 2 and 3.,,\n")
-    cases.append((tmp_path / "cells.csv", "record 1: field 'output' is an empty cell; expected a string"))
+    (tmp_path / "cells.csv").write_text("instruction,input\nName a colour.,\n")
+    cases.append((tmp_path / "cells.csv", "record 0: missing field 'output'"))
     (tmp_path / "ragged.csv").write_text("instruction,input,output\na,b\n")
     cases.append((tmp_path / "ragged.csv", "not a readable CSV file (CSV parse error: Expected 3 columns, got 2: a,b)"))
     (tmp_path / "latin1.csv").write_bytes("instruction,output\ncafé,x\n".encode("latin-1"))
