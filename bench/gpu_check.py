@@ -135,6 +135,15 @@ def parse_args(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="The GPU's dense bf16 peak for MFU (default: its datasheet's, when known: H100/H200 989).")
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
+    # A misspelled flag is named with the closest one, as every command of the project does (stdlib-only module)
+    from alpaca_lib.cli import closest_name
+
+    known = [option for action in parser._actions for option in action.option_strings]
+    for token in sys.argv[1:] if argv is None else argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            match = closest_name(flag, [k for k in known if k != "--step"])
+            raise UsageError(f"unknown flag {flag}" + (f" (did you mean {match}?)" if match else ""))
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STEPS]

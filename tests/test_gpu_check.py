@@ -110,7 +110,8 @@ def test_a_step_past_the_time_budget_is_stopped_and_the_rest_skipped(tmp_path, a
     (["--steps", "prepare,warmup"], "gpu_check: error: --steps: unknown step(s) warmup (the steps: install, "),
     (["--data_path", "missing.json"], "gpu_check: error: --data_path missing.json: no such file"),
     (["--wheels", "no-wheels-here"], "gpu_check: error: --wheels no-wheels-here: no such folder"),
-    (["--dry"], "gpu_check: error: unrecognized arguments: --dry\n"),
+    (["--dry"], "gpu_check: error: unknown flag --dry (did you mean --dry_run?)\n"),
+    (["--outptu_dir", "x"], "gpu_check: error: unknown flag --outptu_dir (did you mean --output_dir?)\n"),
 ])
 def test_flag_errors_are_one_line_before_any_work(tmp_path, argv, message):
     result = gpu_check("--dry_run", "--output_dir", str(tmp_path / "out"), *argv, timeout=60)
