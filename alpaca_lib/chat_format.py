@@ -127,7 +127,9 @@ def render(tokenizer, messages, add_generation_prompt=False):
 def prompt_ids(tokenizer, messages):
     """The ids a chat model is prompted with: `messages` rendered with the generation prompt, tokenized as
     apply_chat_template tokenizes (the template writes the BOS itself): exactly the start of a training row."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    # verbose=False: a row past model_max_length is counted and dropped by the caller, not warned about per row
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False,
+                     verbose=False)["input_ids"]
 
 
 def special_tokens(tokenizer):
@@ -182,7 +184,8 @@ def tokenize_conversations(tokenizer, conversations, max_length=None):
         except jinja2.TemplateError as e:  # e.g. a template that raises on a system turn or roles out of order
             raise ChatTemplateError(f"record {index}: the chat template refuses it: {cli.first_line(e)}") from None
         texts = [text] + [piece for span in spans for piece in span]
-        ids, *pieces = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        ids, *pieces = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                 verbose=False)["input_ids"]  # rows too long are counted and dropped below
         label = [IGNORE_INDEX] * len(ids)
         for before_ids, through_ids in zip(pieces[::2], pieces[1::2]):
             start, end = len(before_ids), len(through_ids)

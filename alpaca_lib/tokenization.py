@@ -149,7 +149,9 @@ def prompt_token_ids(tokenizer, texts, max_length=None):
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "right"  # restored below: the caller's tokenizer is left as it was
     try:
-        rows = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, **truncation)["input_ids"]
+        # verbose=False: a prompt past model_max_length is the caller's to report (inference's check_context)
+        rows = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False,
+                         **truncation)["input_ids"]
     finally:
         tokenizer.truncation_side = side
     return [(leading + row)[:max_length] if max_length is not None else leading + row for row in rows]
