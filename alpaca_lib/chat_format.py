@@ -81,8 +81,11 @@ def check_conversations(path, records):
             role, content = message.get("role"), message.get("content")
             if role not in ROLES:
                 raise AlpacaDataError(f"{field}: role {role!r} is not one of {', '.join(ROLES)}")
+            if "content" not in message:  # (parquet gives a message every key: a null there is absent too)
+                raise AlpacaDataError(f"{field}: missing field 'content'")
             if not isinstance(content, str):
-                raise AlpacaDataError(f"{field}: field 'content' is {type(content).__name__}; expected a string")
+                kind = "null" if content is None else type(content).__name__
+                raise AlpacaDataError(f"{field}: field 'content' is {kind}; expected a string")
         if not any(message["role"] == "assistant" for message in messages):
             raise AlpacaDataError(f"{where}: field 'messages' has no assistant turn; nothing to learn")
     return records

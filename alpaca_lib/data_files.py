@@ -191,7 +191,10 @@ def load_alpaca_data(path, required_fields=ALPACA_FIELDS):
                 record[field] = optional_field(record, field)
         for field in required_fields:
             if field not in record:
-                raise AlpacaDataError(f"{name}: record {index}: missing field '{field}'")
+                # a file of conversations trains with train.py; the other commands read instructions
+                hint = " (a file of conversations: only train.py and validate read those)" if "messages" in record \
+                    else ""
+                raise AlpacaDataError(f"{name}: record {index}: missing field '{field}'{hint}")
             value = record[field]
             if not isinstance(value, str):
                 kind = "null" if value is None else type(value).__name__

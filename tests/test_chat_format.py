@@ -142,6 +142,8 @@ def test_template_merges_are_counted_and_rows_past_the_length_dropped(caplog):
                                                          "user, assistant"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]}],
      "record 0: messages[1]: field 'content' is int; expected a string"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}],
+     "record 0: messages[1]: missing field 'content'"),
     ([{"messages": [{"role": "user", "content": "a"}]}], "record 0: field 'messages' has no assistant turn"),
     ([{"messages": []}], "record 0: field 'messages' is list (empty); expected a list"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -156,6 +158,15 @@ def test_a_bad_conversation_file_names_file_record_and_field(tmp_path, records, 
     with pytest.raises(AlpacaDataError) as raised:
         chat_format.load_training_records(str(path))
     assert str(raised.value).startswith(f"{path}: {message}")
+
+
+def test_a_conversations_file_where_instructions_are_read_says_what_it_is(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello"}]}))
+    with pytest.raises(AlpacaDataError, match=r"record 0: missing field 'instruction' \(a file of conversations: only "
+                                              r"train.py and validate read those\)"):
+        utils.load_alpaca_data(path, required_fields=("instruction",))
 
 
 def test_conversations_imply_the_chat_template_and_refuse_alpaca(tmp_path, capsys):
@@ -260,7 +271,8 @@ def test_a_lora_adapter_and_its_merged_model_carry_the_format(prompt_format, tmp
 def test_help_explains_the_flag():
     parser = transformers.HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
     text = " ".join(parser.format_help().split())
-    assert "--prompt_format {alpaca,chat_template}" in text and "Unset: chat_template for a file of conversations" in text
+    assert "--prompt_format {alpaca,chat_template}" in text
+    assert "Unset: chat_template for a file of conversations" in text
 
 
 def test_a_template_that_refuses_a_record_names_file_and_record(tokenizer_matrix, tmp_path):
