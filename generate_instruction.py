@@ -22,7 +22,7 @@ import re
 from alpaca_lib import interrupts  # noqa: F401 -- first of all: Ctrl-C while the libraries load is one line
 
 from alpaca_lib import api_client, batch_jobs, cli
-from alpaca_lib.generation_rounds import (GenerationError, Progress, RequestSettings, RoundPlan, choose_api,
+from alpaca_lib.generation_rounds import (GenerationError, Progress, RequestSettings, RoundPlan, choose_api, plural,
                                           resolve_logit_bias, run_rounds)
 from alpaca_lib.novelty_filter import NoveltyFilter, deduplicate
 from alpaca_lib.regen_file import RegenFile
@@ -154,7 +154,8 @@ def generate_instruction_following_data(
             `vllm run-batch -i FILE -o OUT --model MODEL`, or any runner of that format), and stop. /v1/chat/completions
             lines, or /v1/completions with --api completions (which vllm run-batch may refuse).
         batch_output_file: continue from a runner's finished output file of the job written by --batch_input_file
-            (every line checked: its custom_id must be one of the job's; a line that failed is reported).
+            (every line checked: its custom_id must be one of the job's; a line that failed is reported). An empty
+            file, or one given when no job written by --batch_input_file waits for its output, is an error.
         batch_poll_seconds: seconds between two polls of a batch job's status.
         drop_similarity_fields: write kept records without `most_similar_instructions` and `avg_similarity_score`.
             The keep/reject decisions are the same, but each candidate is scored only against the pool entries that
@@ -177,6 +178,8 @@ def generate_instruction_following_data(
                               f"prompt lists {LAST_TASK_NUMBER} tasks and every reply stops before task "
                               f"{LAST_TASK_NUMBER}, so use at most {LAST_TASK_NUMBER - 2}")
     cli.check_writable("output_dir", output_dir)
+    if batch_output_file is not None:  # before --output_dir is created: a job written for a runner must wait for it
+        batch_jobs.check_output_awaited(output_dir, batch_output_file)
     api = choose_api(model_name, api)
     settings = RequestSettings(model_name, api, temperature, top_p, max_tokens,
                                resolve_logit_bias(logit_bias, model_name, api))
@@ -194,12 +197,15 @@ def generate_instruction_following_data(
     if len(seeds) < num_prompt_instructions:
         raise GenerationError(f"{seed_tasks_path}: {len(seeds)} seed tasks, fewer than "
                               f"--num_prompt_instructions={num_prompt_instructions}")
-    print(f"Loaded {len(seeds)} human-written seed instructions")
+    print(f"Loaded {plural(len(seeds), 'human-written seed instruction')}")
     regen = RegenFile.resume(output_dir)
     if regen.records:
-        print(f"Loaded {len(regen)} machine-generated instructions")
+        print(f"Loaded {plural(len(regen), 'machine-generated instruction')}")
     if len(regen) >= num_instructions_to_generate:
-        print(f"{regen.path} already holds {len(regen)} >= {num_instructions_to_generate} instructions; nothing to do")
+        holds = f"{regen.path} already holds {len(regen):,} >= {plural(num_instructions_to_generate, 'instruction')}"
+        if batch_output_file is not None:  # never ignored silently
+            raise GenerationError(f"--batch_output_file {batch_output_file} not read: {holds}")
+        print(f"{holds}; nothing to do")
         return
     # The novelty pool: seeds, then the generated instructions in their order, exactly as an uninterrupted run had it.
     novelty_filter = NoveltyFilter([d["instruction"] for d in seeds + regen.records], threshold=similarity_threshold,
@@ -223,12 +229,14 @@ def generate_instruction_following_data(
             input_file=batch_input_file, output_file=batch_output_file, poll_seconds=batch_poll_seconds,
             redact=str if client is None else client.redact)
         short = jobs.run() == "budget"
-        usage = jobs.usage
 
     # -- stop: the target or the budget is reached (a run that cannot go on raised GenerationError)
-    print(f"{'budget reached: ' if short else ''}{len(regen)} instructions in {regen.path} ({progress.kept} new this "
-          "run)")
-    print(f"Total usage {'of the batch jobs' if batch or offline else 'this run'}: {budget.describe(usage)}")
+    print(f"{'budget reached: ' if short else ''}{plural(len(regen), 'instruction')} in {regen.path} "
+          f"({progress.kept:,} new this run)")
+    if batch or offline:
+        print(f"Total usage of the batch jobs: {jobs.describe_usage()}")
+    else:
+        print(f"Total usage this run: {budget.describe(usage)}")
 
 
 def check_numbers(**values):

@@ -33,7 +33,8 @@ import tqdm
 
 from alpaca_lib import cli, data_files
 from alpaca_lib.api_client import Budget, Reply, Usage, connection_failure_cause, server_message
-from alpaca_lib.generation_rounds import (GenerationError, RequestResult, Tally, check_stop_rules, select_tasks)
+from alpaca_lib.generation_rounds import (GenerationError, RequestResult, Tally, check_stop_rules, plural,
+                                          select_tasks)
 
 # OpenAI's Batch API bills half the live price (its Batch guide and pricing page, as price lists quote them in 2026;
 # Anthropic's and Google's batch modes do too): the prices given on the command line are live list prices, and batch
@@ -67,7 +68,9 @@ _CUSTOM_ID = re.compile(r"^round-(\d+)-request-(\d+)$")
 
 def check_runner_files(input_file, output_file):
     """(--batch_input_file, --batch_output_file) with ~ expanded, checked before anything is read or sent:
-    cli.UsageError for both at once, an input file that cannot be written, an output file that does not exist."""
+    cli.UsageError for both at once, an input file that cannot be written, an output file that does not exist;
+    GenerationError for an output file without a line (a runner that crashed or has not finished: taken as it is,
+    each of the job's requests would count as not run and use up one of its MAX_SENDS)."""
     if input_file is not None and output_file is not None:
         raise cli.UsageError("--batch_input_file and --batch_output_file are two steps: give one at a time (the "
                              "input for the runner, then, once it has finished, its output)")
@@ -77,7 +80,27 @@ def check_runner_files(input_file, output_file):
         output_file = cli.expand_path(os.fspath(output_file))
         if not os.path.isfile(output_file):
             raise cli.UsageError(f"--batch_output_file {output_file}: no such file")
+        if not holds_a_line(output_file):
+            raise GenerationError(f"--batch_output_file {output_file} holds no lines: did the runner finish? Nothing "
+                                  "was read; continue with its output once it has")
     return input_file, output_file
+
+
+def holds_a_line(path):
+    """Whether the file has a character other than whitespace (read until the first one)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def check_output_awaited(output_dir, output_file):
+    """--batch_output_file, checked before anything is created: OUTPUT_DIR/batch_state.json must hold a job written
+    for a runner (--batch_input_file) whose output was not read yet. GenerationError saying what to do otherwise."""
+    path = os.path.join(cli.expand_path(os.fspath(output_dir)), STATE_FILE)
+    state = BatchState.load(path) if os.path.exists(path) else None
+    (state or BatchState(path, 0, 0)).check_awaits_output(output_file)
 
 
 def open_client(api):
@@ -167,18 +190,42 @@ class BatchState:
         data_files.remove_stale_temp_files(path)
         if not os.path.exists(path):
             return cls(path, plan.base_seed, plan.num_loaded, applied_records=len(regen))
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            jobs = [Job(**job) for job in saved.pop("jobs")]
-            state = cls(path=path, jobs=jobs, **saved)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise GenerationError(f"{path}: not a batch state this program wrote ({e})") from None
+        state = cls.load(path)
         if plan.seed is not None and plan.seed != state.base_seed:
             raise GenerationError(f"{path} holds batch jobs planned with --seed {state.base_seed}, not {plan.seed}: "
                                   "rerun with that seed (or none), or give another --output_dir")
         plan.base_seed, plan.num_loaded = state.base_seed, state.num_loaded
         return state
+
+    @classmethod
+    def load(cls, path):
+        """The state saved in `path`; GenerationError for a file this program did not write."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            jobs = [Job(**job) for job in saved.pop("jobs")]
+            return cls(path=path, jobs=jobs, **saved)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise GenerationError(f"{path}: not a batch state this program wrote ({e})") from None
+
+    def check_awaits_output(self, output_file):
+        """GenerationError, saying what to do, unless the open job was written for a runner (its output is awaited):
+        an output file no job waits for is never ignored."""
+        job = self.open_job()
+        if job is not None and job.offline:
+            return
+        if job is not None:
+            raise GenerationError(f"batch job {job.number} was sent to the server, not written for a runner: rerun "
+                                  "without --batch_output_file to resume it")
+        written = [job for job in self.jobs if job.offline]
+        if not written:
+            raise GenerationError(f"--batch_output_file {output_file}: no batch input file was written for "
+                                  f"{self.folder}: write one with --batch_input_file PATH first, run it, then continue "
+                                  "with --batch_output_file")
+        raise GenerationError(f"--batch_output_file {output_file}: no batch job in {self.path} waits for a runner's "
+                              f"output (job {written[-1].number}'s, written to {written[-1].written_to}, was read "
+                              "already): write the next requests with --batch_input_file PATH first, run them, then "
+                              "continue with --batch_output_file")
 
     def save(self):
         fields = dataclasses.asdict(self)
@@ -195,9 +242,9 @@ class BatchState:
                 self.kept = self.checkpoint["kept"]
             self.checkpoint = None
         if len(regen) < self.applied_records:
-            raise GenerationError(f"{regen.path} holds {len(regen)} records, fewer than the {self.applied_records} "
-                                  f"the batch jobs of {self.path} left in it: it was replaced; restore it, or give "
-                                  "another --output_dir")
+            raise GenerationError(f"{regen.path} holds {plural(len(regen), 'record')}, fewer than the "
+                                  f"{self.applied_records:,} the batch jobs of {self.path} left in it: it was "
+                                  "replaced; restore it, or give another --output_dir")
         self.applied_records = len(regen)  # records added by a live run in between join the pool as they are
 
     def open_job(self):
@@ -216,6 +263,7 @@ class Outcome:
     usage: Usage
     error: str | None = None
     retry: bool = False  # the error may pass: sending it again can succeed
+    ran: bool = True  # False: an `error` line without a response, or missing (expired, cancelled, a runner's gap)
 
 
 def read_results(path, expected, input_name, prompts_per_request):
@@ -243,7 +291,7 @@ def outcome_of(line, where, prompts_per_request):
         if not isinstance(error, dict):
             raise GenerationError(f"{where}: neither a response nor an error")
         # Not run (the batch expired or was cancelled): nothing was charged, and it is worth sending again.
-        return Outcome(None, Usage(), f"{error.get('code')}: {error.get('message')}", retry=True)
+        return Outcome(None, Usage(), f"{error.get('code')}: {error.get('message')}", retry=True, ran=False)
     status, body = response.get("status_code"), response.get("body")
     if not isinstance(status, int) or not isinstance(body, dict):
         raise GenerationError(f"{where}: response has no integer status_code and object body")
@@ -285,9 +333,22 @@ class BatchRun:
         self.state = BatchState.open(os.path.dirname(regen.path), plan, regen)
         self.outcomes = {}  # custom_id -> Outcome, from the finished jobs
         self.usage = Usage()  # of every finished job: exactly what their output files report
+        self.not_run = 0  # lines of the finished jobs that did not run: not requests (see describe_usage)
 
     def log(self, text):
         print(text, file=sys.stderr, flush=True)
+
+    def describe_usage(self):
+        """The usage of the finished jobs, e.g. "5 requests run (1 failed), 2 not run, 3,400 prompt + 7,900 completion
+        tokens, $0.0082". A request is a line that ran, in every job that ran it: answered (billed by its usage) or
+        failed with an HTTP status (sent and failed, costing nothing, as a live run counts it). A line that did not
+        run (an `error` without a response: expired, cancelled; or missing from a runner's output) is not a request:
+        it is counted apart, costs nothing, and is sent again."""
+        usage = self.usage
+        text = (f"{plural(usage.requests, 'request')} run ({usage.failed_requests:,} failed), {self.not_run:,} not "
+                f"run, {usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} completion tokens")
+        cost = self.budget.cost(usage)
+        return text if cost is None else f"{text}, ${cost:.4f}"
 
     def run(self):
         try:
@@ -301,9 +362,8 @@ class BatchRun:
     def _run(self):
         state = self.state
         state.reconcile(self.regen)
-        if self.output_file is not None and not any(job.offline for job in state.jobs):
-            raise GenerationError(f"no batch input file was written for {state.folder}: write one with "
-                                  "--batch_input_file PATH first, run it, then continue with --batch_output_file")
+        if self.output_file is not None:
+            state.check_awaits_output(self.output_file)
         for job in state.jobs:
             if job.done:
                 self.read_job(job, report=False)
@@ -364,7 +424,7 @@ class BatchRun:
         if not self.state.applied_rounds:
             return math.ceil(remaining / (EXPECTED_KEPT_PER_PROMPT * self.plan.request_batch_size))
         if not self.state.kept:
-            raise GenerationError(f"the {self.state.applied_rounds} rounds of the batch jobs so far kept no "
+            raise GenerationError(f"the {plural(self.state.applied_rounds, 'round')} of the batch jobs so far kept no "
                                   "instruction (their lines above say why): not sending more. "
                                   f"{self.regen.where()}")
         return math.ceil(remaining / (self.state.kept / self.state.applied_rounds))
@@ -426,12 +486,12 @@ class BatchRun:
             size += group_size
             estimate = [a + b for a, b in zip(estimate, group_estimate)]
         if not chosen:
-            self.log(f"Budget reached ({self.budget.describe(self.usage)} so far; the next "
+            self.log(f"Budget reached ({self.describe_usage()} so far; the next "
                      f"{'requests' if resend else 'round'} would pass it by the estimate): nothing more is sent")
             return None
         if what is None:
             rounds = len(chosen) // self.plan.requests_per_round
-            what = f"rounds {state.rounds_planned + 1}-{state.rounds_planned + rounds}"
+            what = round_span(state.rounds_planned, state.rounds_planned + rounds)
             state.rounds_planned += rounds
         content = "".join(lines[key] for key in chosen).encode()
         job = Job(len(state.jobs) + 1, chosen, hashlib.sha256(content).hexdigest(), what)
@@ -456,10 +516,10 @@ class BatchRun:
             counts = last.counts or {}
             missing = sum(not self.is_final(key) for key in last.custom_ids)
             raise GenerationError(f"batch {last.batch_id} (job {last.number}) was cancelled on the server after "
-                                  f"{counts.get('completed', 0)} of {counts.get('total', len(last.custom_ids))} "
-                                  f"requests; their replies are applied. Rerun the same command to send the other "
-                                  f"{missing} in a new batch job, or use --batch False to go on live. "
-                                  f"{self.regen.where()}")
+                                  f"{counts.get('completed', 0)} of "
+                                  f"{plural(counts.get('total', len(last.custom_ids)), 'request')}; their replies "
+                                  f"are applied. Rerun the same command to send the other {missing} in a new batch "
+                                  f"job, or use --batch False to go on live. {self.regen.where()}")
 
     def check_unchanged(self, job):
         """An unfinished job must be the one these flags make: else the flags changed since it was planned."""
@@ -495,9 +555,6 @@ class BatchRun:
         return "offline"
 
     def take_runner_output(self, job):
-        if not job.offline:
-            raise GenerationError(f"batch job {job.number} was sent to the server, not written for a runner: rerun "
-                                  "without --batch_output_file to resume it")
         outcomes = read_results(self.output_file, set(job.custom_ids), job.written_to,
                                 self.plan.request_batch_size if self.settings.api == "completions" else 1)
         with data_files.atomic_open(self.state.job_file(job, "output"), "wb") as f, open(self.output_file, "rb") as src:
@@ -647,7 +704,8 @@ class BatchRun:
         self.finish(job, batch.status)
         if batch.status == "expired":
             self.log(f"warning: batch {batch.id} (job {job.number}) expired with {batch.request_counts.completed} of "
-                     f"{batch.request_counts.total} requests answered: the others are sent again in a new job")
+                     f"{plural(batch.request_counts.total, 'request')} answered: the others are sent again in a new "
+                     "job")
 
     def call(self, function):
         """function() with the server's refusals and lost connections (after the client's retries) as one line."""
@@ -687,8 +745,10 @@ class BatchRun:
                     raise GenerationError(f"{path}: custom_id {sorted(repeated)[0]!r} is also in the output file")
                 outcomes.update(found)
         for key in job.custom_ids:
-            outcome = outcomes.get(key) or Outcome(None, Usage(), "not run (missing from the output)", retry=True)
+            outcome = outcomes.get(key) or Outcome(None, Usage(), "not run (missing from the output)", retry=True,
+                                                   ran=False)
             self.usage.add(outcome.usage)
+            self.not_run += not outcome.ran
             if outcome.error is not None and self.outcomes.get(key) is not None and \
                     self.outcomes[key].error is None:
                 continue  # already answered by an earlier job
@@ -698,9 +758,9 @@ class BatchRun:
         if errors and report:
             failed, again = sum(errors.values()), sum(not self.is_final(key) for key in job.custom_ids)
             kinds = "; ".join(f"{count} {self.redact(error)}" for error, count in errors.most_common(3))
-            self.log(f"warning: batch job {job.number}: {failed} of {plural(len(job.custom_ids), 'request')} failed "
-                     f"({kinds}{'; ...' if len(errors) > 3 else ''}): {again} will be sent again, {failed - again} "
-                     "skipped (their prompts yield nothing, as a live run skips a failed request)")
+            self.log(f"warning: batch job {job.number}: {failed} of {plural(len(job.custom_ids), 'request')} got "
+                     f"no reply ({kinds}{'; ...' if len(errors) > 3 else ''}): {again} will be sent again, "
+                     f"{failed - again} skipped (their prompts yield nothing, as a live run skips a failed request)")
 
     def apply_ready_rounds(self):
         """Apply, in round order, every round whose requests all have a final outcome (a reply, a refusal, or failures
@@ -739,7 +799,8 @@ class BatchRun:
                 bar.close()
             if end > start:
                 self.checkpoint(end)
-                self.log(f"Rounds {start + 1}-{end} applied: {total.describe()}; {regen.path} holds {len(regen)}")
+                self.log(f"{round_span(start, end).capitalize()} applied: {total.describe()}; {regen.path} holds "
+                         f"{len(regen):,}")
 
     def checkpoint(self, rounds):
         """regen.json rewritten with the rounds applied up to `rounds`, the state around it so that a kill anywhere
@@ -752,12 +813,13 @@ class BatchRun:
         state.save()
 
 
-def plural(count, noun):
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
 def format_duration(seconds):
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def round_span(start, end):
+    """Rounds start..end-1 (from 0) as the messages name them: "round 3", "rounds 3-5"."""
+    return f"round {end}" if end - start == 1 else f"rounds {start + 1}-{end}"

@@ -38,6 +38,11 @@ class GenerationError(UserError, RuntimeError):
 # The requests: which API, and the decoding arguments every request carries
 
 
+def plural(count, noun):
+    """"1 task", "2 tasks", "52,000 tasks": the counts printed read as English."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def choose_api(model_name, api="auto"):
     """"completions" or "chat". auto: completions for OpenAI's completion-only models (gpt-3.5-turbo-instruct,
     davinci-002, babbage-002, text-*), chat for every other name (gpt-4o, local chat models...)."""
@@ -180,7 +185,8 @@ class Tally:
     def describe(self):
         reasons = ", ".join(f"{count} {reason}" for reason, count in self.dropped.most_common())
         dropped = f"dropped {sum(self.dropped.values())}" + (f" ({reasons})" if reasons else "")
-        return f"parsed {self.parsed} tasks, {dropped}, {self.near_duplicates} near-duplicates, kept {self.kept}"
+        return (f"parsed {plural(self.parsed, 'task')}, {dropped}, {plural(self.near_duplicates, 'near-duplicate')}, "
+                f"kept {self.kept}")
 
 
 def select_tasks(replies, num_prompt_instructions, novelty_filter):

@@ -5,7 +5,7 @@ import dataclasses
 import os
 
 from alpaca_lib import data_files
-from alpaca_lib.generation_rounds import GenerationError
+from alpaca_lib.generation_rounds import GenerationError, plural
 
 
 regen_record_json = data_files.jdump_item  # one regen.json record, serialized once
@@ -55,5 +55,7 @@ class RegenFile:
         write_regen_json(self.path, self.texts)  # atomic: a kill leaves the previous file
 
     def where(self):
-        return f"{self.path} holds all {len(self.records)} accepted records; rerun the same command to resume"
+        count = len(self.records)
+        held = "the 1 accepted record" if count == 1 else f"all {plural(count, 'accepted record')}"
+        return f"{self.path} holds {held}; rerun the same command to resume"
 

@@ -4,8 +4,9 @@ OpenAI-protocol test server's /v1/files and /v1/batches, through the real `opena
 What is checked: given the same replies, a batch run writes byte for byte the regen.json of a live run (chat and
 completions, with failed and expired lines sent again, with a top-up job); kill -9 while polling, or between a create
 and the save of its id, then rerun: one upload and one batch in all; a server that restarts between polls; a batch
-cancelled or failed on the server; the offline runner's files (written, read back, every bad line named); the
-estimate at the batch price, the budget checked before any upload, and the exact usage line.
+cancelled or failed on the server; the offline runner's files (written, read back, every bad line named, an empty
+file or one no job waits for refused before anything is written); the estimate at the batch price, the budget checked
+before any upload, and the exact usage line (lines run and not run counted apart).
 """
 
 import functools
@@ -53,11 +54,13 @@ def live_regen(env, tmp_path, **kwargs):
 
 
 def usage_line(text):
-    match = re.search(r"Total usage of the batch jobs: (\d+) requests \((\d+) failed\), ([\d,]+) prompt \+ ([\d,]+) "
-                      r"completion tokens(?:, \$([\d.]+))?", text)
+    """(requests run, failed, not run, prompt tokens, completion tokens, cost or None) of the last line."""
+    match = re.search(r"Total usage of the batch jobs: (\d+) requests? run \((\d+) failed\), (\d+) not run, ([\d,]+) "
+                      r"prompt \+ ([\d,]+) completion tokens(?:, \$([\d.]+))?", text)
     assert match, text[-2000:]
-    requests, failed, prompt, completion, cost = match.groups()
-    return int(requests), int(failed), int(prompt.replace(",", "")), int(completion.replace(",", "")), cost
+    requests, failed, not_run, prompt, completion, cost = match.groups()
+    return (int(requests), int(failed), int(not_run), int(prompt.replace(",", "")), int(completion.replace(",", "")),
+            cost)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,8 +97,8 @@ def test_a_batch_run_writes_the_regen_json_of_a_live_run(env, tmp_path, capsys, 
     assert [int(done) for _, done, *_ in statuses] == sorted(int(done) for _, done, *_ in statuses)
     assert re.search(rf"Batch job 1: {requests} requests \(rounds 1-4, 20 prompts\), about [\d,]+ prompt \+ 32,000 "
                      r"completion tokens \(at most 61,440\), about \$[\d.]+ at the batch price", text)
-    sent, failed, prompt, completion, cost = usage_line(text)
-    assert (sent, failed) == (requests, 0)
+    sent, failed, not_run, prompt, completion, cost = usage_line(text)
+    assert (sent, failed, not_run) == (requests, 0, 0)
     assert (prompt, completion) == (server.usage["prompt_tokens"], server.usage["completion_tokens"])
     assert float(cost) == pytest.approx((prompt * 0.75 + completion * 1.0) / 1e6, abs=5e-5)
     assert API_KEY not in text
@@ -112,14 +115,15 @@ def test_failed_and_expired_lines_are_sent_again_and_the_records_match_a_live_ru
     assert len(server.batch_api.creates) == 3
     assert "batch job 1: expired, 10/20 done, 10 failed" in text
     assert "warning: batch batch_0001 (job 1) expired with 10 of 20 requests answered" in text
-    assert ("warning: batch job 1: 10 of 20 requests failed (8 batch_expired: This request could not be executed "
-            "before the completion window expired.; 1 HTTP 500: The server had an error while processing your "
+    assert ("warning: batch job 1: 10 of 20 requests got no reply (8 batch_expired: This request could not be "
+            "executed before the completion window expired.; 1 HTTP 500: The server had an error while processing your "
             "request.; 1 HTTP 503: The server had an error while processing your request.): 10 will be sent again, "
             "0 skipped (their prompts yield nothing, as a live run skips a failed request)") in text
     assert "Batch job 2: 10 requests (10 requests sent again, 10 prompts)" in text
     assert "Batch job 3: 1 request (1 request sent again, 1 prompt)" in text
-    sent, failed, *_ = usage_line(text)
-    assert (sent, failed) == (12 + 10 + 1, 3)  # the lines not run before the expiry are neither billed nor counted
+    sent, failed, not_run, *_ = usage_line(text)
+    # the lines not run before the expiry are not requests (not billed): counted apart
+    assert (sent, failed, not_run) == (12 + 10 + 1, 3, 8)
 
 
 def test_a_refused_line_is_reported_and_skipped_a_passing_failure_after_three_jobs_too(env, tmp_path, capsys):
@@ -127,10 +131,10 @@ def test_a_refused_line_is_reported_and_skipped_a_passing_failure_after_three_jo
     with OpenAIServer(batch_options=dict(failing_lines=failing)) as server:
         records = json.loads(run(server, env, str(tmp_path / "batch"), num_instructions_to_generate=40))
     text = "".join(capsys.readouterr())
-    assert ("warning: batch job 1: 2 of 10 requests failed (1 HTTP 400: Invalid request: refused.; 1 HTTP 500: The "
-            "server had an error while processing your request.): 1 will be sent again, 1 skipped") in text
-    assert ("warning: batch job 3: 1 of 1 request failed (1 HTTP 500: The server had an error while processing your "
-            "request.): 0 will be sent again, 1 skipped") in text
+    assert ("warning: batch job 1: 2 of 10 requests got no reply (1 HTTP 400: Invalid request: refused.; 1 HTTP 500: "
+            "The server had an error while processing your request.): 1 will be sent again, 1 skipped") in text
+    assert ("warning: batch job 3: 1 of 1 request got no reply (1 HTTP 500: The server had an error while processing "
+            "your request.): 0 will be sent again, 1 skipped") in text
     assert len(server.batch_api.creates) == 3 and len(records) >= 40
 
 
@@ -149,7 +153,7 @@ def test_a_job_that_falls_short_is_topped_up_from_its_keep_rate(env, tmp_path, c
     text = "".join(capsys.readouterr())
     assert "Batch job 1: 10 requests (rounds 1-2, 10 prompts)" in text
     # 2 rounds kept 20: 10 more need 1 round at that rate
-    assert "Batch job 2: 5 requests (rounds 3-3, 5 prompts)" in text
+    assert "Batch job 2: 5 requests (round 3, 5 prompts)" in text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def test_missing_lines_of_a_runner_are_reported_and_written_again(env, tmp_path,
         run_like_vllm(server, input_path, output_path, drop=("round-1-request-2",))
         gen.generate_instruction_following_data(**args, batch_output_file=output_path)
         err = capsys.readouterr().err
-        assert ("warning: batch job 1: 1 of 20 requests failed (1 not run (missing from the output)): 1 will be "
+        assert ("warning: batch job 1: 1 of 20 requests got no reply (1 not run (missing from the output)): 1 will be "
                 "sent again, 0 skipped") in err
         assert "1 more request needed (requests sent again, or more rounds to reach the target): write them with " \
                "--batch_input_file PATH" in err
@@ -401,6 +405,121 @@ def test_missing_lines_of_a_runner_are_reported_and_written_again(env, tmp_path,
         run_like_vllm(server, str(tmp_path / "in2.jsonl"), str(tmp_path / "out2.jsonl"))
         gen.generate_instruction_following_data(**args, batch_output_file=str(tmp_path / "out2.jsonl"))
     assert len(json.load(open(tmp_path / "batch" / "regen.json"))) >= 80
+
+
+def offline_flags(env, output_dir, target=80):
+    return ["generate_instruction_following_data", "--output_dir", output_dir, "--seed_tasks_path",
+            env["seed_tasks_path"], "--prompt_path", env["prompt_path"], "--model_name", "test-model", "--api", "chat",
+            "--seed", "7", "--num_instructions_to_generate", str(target)]
+
+
+def exit_code(argv):
+    """The exit code of `python -m generate_instruction ARGV`, run in this process: 0 when the command returned."""
+    try:
+        gen.cli.main({"generate_instruction_following_data": gen.generate_instruction_following_data}, argv=argv,
+                     prog="python -m generate_instruction")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def folder_bytes(folder):
+    """{file name: bytes} of a folder: what a command left there."""
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("content", ["", "\n \n"], ids=["empty", "blank lines"])
+def test_a_runner_output_without_lines_is_one_line_and_uses_up_no_send(env, tmp_path, capsys, content):
+    """A runner that crashed leaves an empty output file: one error naming it, the state untouched (no send used
+    up), and the real output given next is applied."""
+    output_dir, input_path, output_path = str(tmp_path / "batch"), str(tmp_path / "in.jsonl"), str(tmp_path / "out")
+    flags = offline_flags(env, output_dir)
+    assert exit_code(flags + ["--batch_input_file", input_path]) == 0
+    before = folder_bytes(output_dir)
+    open(output_path, "w").write(content)
+    capsys.readouterr()
+    assert exit_code(flags + ["--batch_output_file", output_path]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --batch_output_file {output_path} holds no lines: did the runner finish? "
+                                "Nothing was read; continue with its output once it has"]
+    assert folder_bytes(output_dir) == before
+    with OpenAIServer() as server:
+        run_like_vllm(server, input_path, output_path)
+    assert exit_code(flags + ["--batch_output_file", output_path]) == 0
+    assert len(json.load(open(os.path.join(output_dir, "regen.json")))) >= 80
+    assert json.load(open(os.path.join(output_dir, "batch_state.json")))["sends"]["round-1-request-1"] == 1
+
+
+def test_an_output_file_that_no_job_waits_for_is_an_error_saying_what_to_do(env, tmp_path, capsys):
+    """Never silently ignored: with no input file ever written (and nothing created, not even --output_dir), and once
+    the job's output was read (the same file given again)."""
+    output_dir, input_path, output_path = str(tmp_path / "a" / "b"), str(tmp_path / "in.jsonl"), str(tmp_path / "out")
+    flags = offline_flags(env, output_dir)
+    open(output_path, "w").write('{"custom_id": "round-1-request-1"}\n')
+    assert exit_code(flags + ["--batch_output_file", output_path]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --batch_output_file {output_path}: no batch input file was written for {output_dir}: write one with "
+        "--batch_input_file PATH first, run it, then continue with --batch_output_file"]
+    assert not os.path.exists(tmp_path / "a")
+    assert exit_code(flags + ["--batch_input_file", input_path]) == 0
+    with OpenAIServer() as server:
+        run_like_vllm(server, input_path, output_path, drop=("round-1-request-2",))
+    assert exit_code(flags + ["--batch_output_file", output_path]) == 0
+    assert "1 more request needed" in capsys.readouterr().err
+    before = folder_bytes(output_dir)
+    assert exit_code(flags + ["--batch_output_file", output_path]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --batch_output_file {output_path}: no batch job in {output_dir}/batch_state.json waits for a "
+        f"runner's output (job 1's, written to {input_path}, was read already): write the next requests with "
+        "--batch_input_file PATH first, run them, then continue with --batch_output_file"]
+    assert folder_bytes(output_dir) == before
+
+
+def chat_line(key, content, prompt_tokens=10, completion_tokens=5):
+    return json.dumps({"custom_id": key, "response": {"status_code": 200, "body": {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}}, "error": None})
+
+
+def test_batch_usage_counts_the_lines_run_and_apart_those_not_run(env, tmp_path, capsys):
+    """A line that ran is a request, answered or failed with a status (an HTTP 500 line: sent and failed, billed
+    nothing); a line that did not run (an `error` without a response, or missing) is counted apart as not run. And the
+    counts read in the singular where they are 1."""
+    output_dir, input_path, output_path = str(tmp_path / "batch"), str(tmp_path / "in.jsonl"), str(tmp_path / "out")
+    flags = offline_flags(env, output_dir, target=20)
+    assert exit_code(flags + ["--batch_input_file", input_path]) == 0
+    one_task = " Explain the water cycle to a child in simple words.\n4. Input:\n<noinput>\n4. Output:\nRain.\n###\n"
+    lines = [chat_line("round-1-request-1", one_task), chat_line("round-1-request-2", ""),
+             json.dumps({"custom_id": "round-1-request-3", "response": {"status_code": 500, "body": {
+                 "error": {"message": "The server had an error."}}}, "error": None}),
+             json.dumps({"custom_id": "round-1-request-4", "response": None, "error": {
+                 "code": "batch_expired", "message": "Not run before the completion window expired."}})]
+    open(output_path, "w").write("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert exit_code(flags + ["--batch_output_file", output_path]) == 0
+    out, err = capsys.readouterr()
+    assert ("warning: batch job 1: 3 of 5 requests got no reply (1 HTTP 500: The server had an error.; 1 "
+            "batch_expired: Not run before the completion window expired.; 1 not run (missing from the output)): 3 "
+            "will be sent again, 0 skipped") in err
+    assert out.splitlines()[-2:] == [
+        f"0 instructions in {output_dir}/regen.json (0 new this run)",
+        "Total usage of the batch jobs: 3 requests run (1 failed), 2 not run, 20 prompt + 10 completion tokens"]
+    assert exit_code(flags + ["--batch_input_file", str(tmp_path / "in2.jsonl")]) == 0
+    again = [json.loads(line)["custom_id"] for line in open(tmp_path / "in2.jsonl")]
+    assert again == ["round-1-request-3", "round-1-request-4", "round-1-request-5"]
+    open(tmp_path / "out2.jsonl", "w").write("".join(chat_line(key, "") + "\n" for key in again))
+    capsys.readouterr()
+    assert exit_code(flags + ["--batch_output_file", str(tmp_path / "out2.jsonl")]) == 0
+    out, err = capsys.readouterr()
+    assert (f"Round 1 applied: parsed 1 task, dropped 0, 0 near-duplicates, kept 1; {output_dir}/regen.json holds 1"
+            in err)
+    assert out.splitlines()[-2:] == [
+        f"1 instruction in {output_dir}/regen.json (1 new this run)",
+        "Total usage of the batch jobs: 6 requests run (1 failed), 2 not run, 50 prompt + 25 completion tokens"]
+    assert exit_code(flags + ["--batch_input_file", str(tmp_path / "in3.jsonl")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:2] == ["Loaded 16 human-written seed instructions",
+                                    "Loaded 1 machine-generated instruction"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -428,8 +547,8 @@ def test_the_budget_caps_the_job_before_upload(env, tmp_path, capsys):
         run(server, env, str(tmp_path / "none"), budget_tokens=5_000)
     assert server.requests == [] and server.batch_api.uploads == []
     out = capsys.readouterr()
-    assert "Budget reached (0 requests (0 failed), 0 prompt + 0 completion tokens so far; the next round would pass " \
-           "it by the estimate): nothing more is sent" in out.err
+    assert "Budget reached (0 requests run (0 failed), 0 not run, 0 prompt + 0 completion tokens so far; the next " \
+           "round would pass it by the estimate): nothing more is sent" in out.err
     assert "budget reached: 0 instructions" in out.out
     with OpenAIServer() as server:
         run(server, env, str(tmp_path / "two"), budget_usd=0.02, prompt_price_per_million=1.0,
