@@ -794,7 +794,8 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
         rejected_path: also write the rejected records (JSON lines) there, each with `rejected_similar_to` (the
             most similar earlier instruction) and `rejected_score` (its ROUGE-L F), to audit what was dropped.
         num_cpus: CPUs to use (default: all this process may use): threads for the LCS and, on large inputs, for
-            the sorting behind `most_similar_instructions` (with --drop_similarity_fields True, one CPU is used).
+            the sorting behind `most_similar_instructions` (with --drop_similarity_fields True: threads probing the
+            index and for the LCS).
         quiet: no progress bar and no summary line.
     """
     start_time = time.perf_counter()
