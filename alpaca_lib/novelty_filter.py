@@ -532,7 +532,7 @@ class _PrefixIndex:
                          last, suffix, executor)
         size = first_index + len(token_strings)
         if size > len(self.pool_strings):
-            self.pool_strings = np.resize(self.pool_strings, max(size, 2 * len(self.pool_strings)))
+            self.pool_strings = _grown(self.pool_strings, max(size, 2 * len(self.pool_strings)))
         self.pool_strings[first_index:size] = token_strings
         self.pool_size = size
 
@@ -660,14 +660,14 @@ class _Postings:
             self.rebuilding = None
         end = self.size + len(keys)
         if end > len(self.keys):
-            self.keys = np.resize(self.keys, max(end, 2 * len(self.keys)))
-            self.entries = np.resize(self.entries, len(self.keys))
+            self.keys = _grown(self.keys, max(end, 2 * len(self.keys)))
+            self.entries = _grown(self.entries, len(self.keys))
         self.keys[self.size:end], self.entries[self.size:end] = keys, entries
         self.size = end
         pool_end = first_index + len(last)
         if pool_end > len(self.last):
-            self.last = np.resize(self.last, max(pool_end, 2 * len(self.last)))
-            self.suffix = np.resize(self.suffix, len(self.last))
+            self.last = _grown(self.last, max(pool_end, 2 * len(self.last)))
+            self.suffix = _grown(self.suffix, len(self.last))
         self.last[first_index:pool_end], self.suffix[first_index:pool_end] = last, suffix
         if self.rebuilding is None and self.size - self.large_size > max(INDEX_REBUILD_MIN_PAIRS, self.large_size // 2):
             # The pairs so far, as views: later adds write past them (or into a new array when growing).
@@ -709,6 +709,13 @@ class _Postings:
         newer = scipy.sparse.csr_array((np.ones(int(hit.sum()), dtype=np.int32),
                                         (where[hit], newer_entries[maybe[hit]])), shape=(len(local_keys), pool_size))
         return _csr_pairs((block @ newer).tocsr())
+
+
+def _grown(array, size):
+    """A new array of `size` starting with `array`'s values, the rest unset (np.resize would fill it with copies)."""
+    out = np.empty(size, dtype=array.dtype)
+    out[:len(array)] = array
+    return out
 
 
 def _large_postings(keys, entries, pool_size):
