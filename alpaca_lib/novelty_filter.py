@@ -19,6 +19,7 @@ instructions in minutes instead of hours.
 
 import collections
 import concurrent.futures
+import itertools
 import os
 import re
 import time
@@ -50,9 +51,6 @@ SORT_BACKLOG_BYTES = 64 << 20
 # Without the two fields (`similarity_fields=False`), candidates are decided this many at a time against an inverted
 # index of the pool (see _PrefixIndex): large enough to amortize the sparse products, small enough for their output.
 PRUNED_BLOCK_SIZE = 2048
-# A candidate with at most this many pool entries left to score calls LCSseq.similarity per pair (~0.3 us each) rather
-# than process.cdist (~3 us a call).
-FEW_PAIRS = 8
 # The bounds prune a pair only when it could not pass `threshold - BOUND_MARGIN` in exact arithmetic. rouge_score's F
 # is within a few float64 roundings (relative error < 1e-15) of the exact 2*lcs/(m+n), so no pair whose float F
 # exceeds the threshold is ever pruned, and the bounds' own float roundings (< 1e-15 relative) are covered too.
@@ -179,7 +177,7 @@ class NoveltyFilter:
         token_strings = self._to_token_strings(instructions)
         lcs_threads = -1 if num_cpus is None else int(num_cpus)  # rapidfuzz: -1 is every CPU
         if not self.similarity_fields:
-            yield from self._judge_pruned(instructions, token_strings)
+            yield from self._judge_pruned(instructions, token_strings, num_cpus)
             return
         helpers = self._start_helpers(instructions, num_cpus)
         try:
@@ -204,14 +202,16 @@ class NoveltyFilter:
     # -- internals --------------------------------------------------------------------------------------------------
 
     def _to_token_strings(self, instructions):
-        token_lists = []
         for instruction in instructions:
             if not isinstance(instruction, str):
                 raise TypeError(f"an instruction must be a string, got {type(instruction).__name__}: "
                                 f"{instruction!r:.80}")
-            token_lists.append(rouge_tokens(instruction))
+        find_tokens = _TOKEN_RE.findall
+        token_lists = [find_tokens(instruction.lower()) for instruction in instructions]  # rouge_tokens, inlined
         char_of_token = self._char_of_token
-        new_tokens = collections.Counter(t for tokens in token_lists for t in tokens if t not in char_of_token)
+        # Counted in C, then the known tokens dropped: the same counts and first-seen order (most_common's ties).
+        counts = collections.Counter(itertools.chain.from_iterable(token_lists))
+        new_tokens = collections.Counter({t: n for t, n in counts.items() if t not in char_of_token})
         for token, _ in new_tokens.most_common():
             code_point = len(char_of_token)
             if code_point >= _SURROGATES.start:
@@ -220,7 +220,8 @@ class NoveltyFilter:
                 raise RuntimeError(f"NoveltyFilter: more than {_MAX_DISTINCT_TOKENS:,} distinct tokens; each token "
                                    "must map to its own Unicode character")
             char_of_token[token] = chr(code_point)
-        return ["".join([char_of_token[t] for t in tokens]) for tokens in token_lists]
+        to_char = char_of_token.__getitem__
+        return ["".join(map(to_char, tokens)) for tokens in token_lists]
 
     def _append(self, instruction, token_string):
         n = len(self._token_strings)
@@ -250,19 +251,34 @@ class NoveltyFilter:
         numerator /= denominator
         return numerator
 
-    def _judge_pruned(self, texts, token_strings):
+    def _judge_pruned(self, texts, token_strings, num_cpus=None):
         """judge without the fields: each candidate is scored only against the pool entries the index cannot rule
         out, block by block, with the same LCS and float rule as the exact path (so the same decisions)."""
+        num_cpus = available_cpus() if num_cpus is None else int(num_cpus)
+        executor = None
+        if num_cpus > 1 and len(texts) > 1:
+            executor = concurrent.futures.ThreadPoolExecutor(num_cpus, thread_name_prefix="novelty-probe")
+        try:
+            yield from self._judge_pruned_blocks(texts, token_strings, executor, num_cpus)
+        finally:
+            if executor is not None:  # without waiting for an index rebuild: the next judge may use it
+                executor.shutdown(wait=False, cancel_futures=True)
+
+    def _judge_pruned_blocks(self, texts, token_strings, executor, num_threads):
         if self._index is None:  # its rarity order is taken from the pool and this first batch together
             self._index = _PrefixIndex(self.threshold)
-            self._index.add_pool_entries(self._token_strings, 0, also_counted=token_strings)
+            both = self._index.signatures(self._token_strings + token_strings)  # one pass over both
+            pool_size = len(self._token_strings)
+            self._index.add_pool_entries(self._token_strings, 0, signatures=_slice_signatures(both, 0, pool_size))
+            signatures = _slice_signatures(both, pool_size, pool_size + len(token_strings))
+        else:
+            signatures = self._index.signatures(token_strings)
         index = self._index
-        signatures = index.signatures(token_strings)
         for start in range(0, len(texts), PRUNED_BLOCK_SIZE):
             end = min(start + PRUNED_BLOCK_SIZE, len(texts))
             block_strings = token_strings[start:end]
             rows, targets, lcs, new_lengths, other_lengths = index.score_block(
-                block_strings, _slice_signatures(signatures, start, end), self._lengths)
+                block_strings, _slice_signatures(signatures, start, end), self._lengths, executor, num_threads)
             pool_size = len(self)
             # The exact path's float rule, pair by pair: p = lcs/len(b), r = lcs/len(a), 2*p*r/(p+r) (lcs >= 1 here:
             # every pair shares a prefix token; the maximum only guards 0/0 as _fmeasures does).
@@ -299,7 +315,8 @@ class NoveltyFilter:
             for text, token_string in zip(kept_texts, kept_strings):
                 self._append(text, token_string)
             index.add_pool_entries(kept_strings, len(self) - len(kept_strings),
-                                   signatures=_select_signatures(signatures, start + np.flatnonzero(kept)))
+                                   signatures=_select_signatures(signatures, start + np.flatnonzero(kept)),
+                                   executor=executor)
             for keep, nearest, score in zip(kept.tolist(), best_entry.tolist(), best_score.tolist()):
                 yield ({} if keep else None), nearest, score
 
@@ -504,48 +521,59 @@ class _PrefixIndex:
             out[ell] = (np.concatenate(([0], np.cumsum(counts))), keys, last, n - prefix)
         return out
 
-    def add_pool_entries(self, token_strings, first_index, also_counted=(), signatures=None):
+    def add_pool_entries(self, token_strings, first_index, also_counted=(), signatures=None, executor=None):
         """Index pool entries first_index, first_index + 1, ... (appended to the pool in that order), given their
-        signatures if already known."""
+        signatures if already known; executor: an optional thread pool for the postings' rebuilds."""
         if signatures is None:
             signatures = self.signatures(token_strings, also_counted)
         for ell, postings in self.postings.items():
             indptr, keys, last, suffix = signatures[ell]
             postings.add(keys, first_index + np.repeat(np.arange(len(token_strings)), np.diff(indptr)), first_index,
-                         last, suffix)
+                         last, suffix, executor)
         size = first_index + len(token_strings)
         if size > len(self.pool_strings):
-            self.pool_strings = np.resize(self.pool_strings, max(size, 2 * len(self.pool_strings)))
+            self.pool_strings = _grown(self.pool_strings, max(size, 2 * len(self.pool_strings)))
         self.pool_strings[first_index:size] = token_strings
         self.pool_size = size
 
-    def score_block(self, block_strings, signatures, pool_lengths):
+    def score_block(self, block_strings, signatures, pool_lengths, executor=None, num_threads=1):
         """The LCS of each (candidate, pool entry or earlier candidate of the block) pair that passes the bounds.
 
         signatures: self.signatures(...) sliced to the block (see _slice_signatures).
+        executor, num_threads: an optional thread pool of num_threads; the index's parts (l = 1 and 2, large and
+            newer postings) are then probed in it, each independent of the others and read only (the sparse
+            products, sorts and searches release the GIL), while this thread finds the pairs within the block.
         Returns (rows, targets, lcs, m, n), arrays sorted by row: the candidate's position in the block, the other side
         (a pool index, or pool size + block position for an earlier candidate of the block), their LCS, and the
         token counts of the candidate and of the other side (float64).
         """
         pool_size = self.pool_size
         block_lengths = signatures["lengths"].astype(np.float64)
+
+        def probe(ell, part):  # the pairs of the block's rows with one part of the pool as it was before the block
+            indptr, keys, _, _ = signatures[ell]
+            if part == "large":
+                rows, targets, shared = self.postings[ell].large_candidates(indptr, keys)
+            else:
+                rows, targets, shared = self.postings[ell].newer_candidates(indptr, keys, pool_size)
+            return self._passing(ell, rows, targets, shared, signatures, block_lengths, pool_lengths), len(rows)
+
+        tasks = [(ell, part) for ell in self.postings for part in ("large", "newer")]
+        if executor is None:
+            probes = [probe(*task) for task in tasks]
+        else:
+            probes = [executor.submit(probe, *task) for task in tasks]
         found = []
-        for ell, postings in self.postings.items():
-            indptr, keys, last, suffix = signatures[ell]
-            rows, targets, shared = postings.candidates(indptr, keys, pool_size)
+        for ell in self.postings:  # pairs inside the block: only earlier strings count
+            indptr, keys, _, _ = signatures[ell]
+            rows, targets, shared = _within_block(indptr, keys)
+            found.append(self._passing(ell, rows, pool_size + targets, shared, signatures, block_lengths,
+                                       pool_lengths))
             self.prefix_pairs += len(rows)
-            if ell == 2:  # shared pairs of elements -> shared elements k, as shared = k*(k-1)/2
-                shared = np.rint((1 + np.sqrt(1 + 8 * shared.astype(np.float64))) / 2)
-            from_pool = targets < pool_size
-            pool_targets = np.minimum(targets, max(pool_size - 1, 0))
-            block_targets = np.maximum(targets - pool_size, 0)
-            m = block_lengths[rows]
-            n = np.where(from_pool, pool_lengths[pool_targets], block_lengths[block_targets])
-            other_last = np.where(from_pool, postings.last[pool_targets], last[block_targets])
-            other_suffix = np.where(from_pool, postings.suffix[pool_targets], suffix[block_targets])
-            rest = np.where(last[rows] <= other_last, suffix[rows], other_suffix)  # the count bound's suffix
-            passes = 2 * np.minimum(np.minimum(m, n), shared + rest) > self.bound * (m + n)  # count, length bounds
-            found.append(rows[passes] << 32 | targets[passes])
+        for result in probes:
+            probe_found, num_found = result if executor is None else result.result()
+            found.append(probe_found)
+            self.prefix_pairs += num_found
         pairs = np.unique(np.concatenate(found))  # sorted by row, then target; a pair found by both l once
         rows, targets = pairs >> 32, pairs & 0xFFFFFFFF
         from_pool = targets < pool_size
@@ -558,19 +586,30 @@ class _PrefixIndex:
         block_array = np.empty(len(block_strings), dtype=object)
         block_array[:] = block_strings
         others[~from_pool] = block_array[targets[~from_pool] - pool_size]
-        lcs = np.empty(len(targets), dtype=np.int64)
         self.scored_pairs += len(targets)
-        bounds = np.searchsorted(rows, np.arange(len(block_strings) + 1))
-        for i in np.flatnonzero(np.diff(bounds)).tolist():
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            if hi - lo <= FEW_PAIRS:
-                query = block_strings[i]
-                lcs[lo:hi] = [LCSseq.similarity(query, other) for other in others[lo:hi]]
-            else:
-                lcs[lo:hi] = process.cdist([block_strings[i]], others[lo:hi].tolist(), scorer=LCSseq.similarity,
-                                           processor=None, dtype=np.int32, workers=1)[0]
+        # Pair by pair in one call (no Python loop over candidates), on num_threads threads.
+        lcs = process.cpdist(block_array[rows].tolist(), others.tolist(), scorer=LCSseq.similarity, processor=None,
+                             dtype=np.int64, workers=num_threads if executor is not None else 1)
         return rows, targets, lcs, m, n
 
+    def _passing(self, ell, rows, targets, shared, signatures, block_lengths, pool_lengths):
+        """The (row << 32 | target) keys of the index's candidate pairs (rows, targets: see score_block; shared:
+        the l-signatures they share) that pass the count and length bounds. Reads the index only: safe in threads."""
+        pool_size = self.pool_size
+        postings = self.postings[ell]
+        _, _, last, suffix = signatures[ell]
+        if ell == 2:  # shared pairs of elements -> shared elements k, as shared = k*(k-1)/2
+            shared = np.rint((1 + np.sqrt(1 + 8 * shared.astype(np.float64))) / 2)
+        from_pool = targets < pool_size
+        pool_targets = np.minimum(targets, max(pool_size - 1, 0))
+        block_targets = np.maximum(targets - pool_size, 0)
+        m = block_lengths[rows]
+        n = np.where(from_pool, pool_lengths[pool_targets], block_lengths[block_targets])
+        other_last = np.where(from_pool, postings.last[pool_targets], last[block_targets])
+        other_suffix = np.where(from_pool, postings.suffix[pool_targets], suffix[block_targets])
+        rest = np.where(last[rows] <= other_last, suffix[rows], other_suffix)  # the count bound's suffix
+        passes = 2 * np.minimum(np.minimum(m, n), shared + rest) > self.bound * (m + n)  # count, length bounds
+        return rows[passes] << 32 | targets[passes]
 
 def _slice_signatures(signatures, start, end):
     """The signatures of strings start..end (see _PrefixIndex.signatures)."""
@@ -601,6 +640,8 @@ class _Postings:
     The (key, pool index) pairs are kept in insertion order; the older ones also as `large`, a CSR matrix (rows: its
     distinct keys, sorted; columns: pool entries), rebuilt when the newer ones outnumber half of it, so each pair is
     copied O(log N) times; the newer ones are matched with each block's keys (a hash table, then a binary search).
+    Given a thread pool, the rebuild (a sort of every pair: the largest single cost) runs in it while blocks go on
+    being judged against the old `large` and the newer pairs, and replaces them between blocks once done.
     """
 
     def __init__(self):
@@ -608,66 +649,100 @@ class _Postings:
         self.entries = np.empty(1024, dtype=np.int64)
         self.size = 0
         self.large_keys, self.large, self.large_size = np.empty(0, dtype=np.int64), None, 0
+        self.rebuilding = None  # the future of a rebuild running in a helper thread
         self.last = np.empty(1024, dtype=np.int64)  # by pool index: the last prefix element's place in the order
         self.suffix = np.empty(1024, dtype=np.int64)  # and the number of elements after the prefix
 
-    def add(self, keys, entries, first_index, last, suffix):
+    def add(self, keys, entries, first_index, last, suffix, executor=None):
+        if self.rebuilding is not None and self.rebuilding.done():  # between blocks: no probe is reading `large`
+            if not self.rebuilding.cancelled():
+                self.large_keys, self.large, self.large_size = self.rebuilding.result()
+            self.rebuilding = None
         end = self.size + len(keys)
         if end > len(self.keys):
-            self.keys = np.resize(self.keys, max(end, 2 * len(self.keys)))
-            self.entries = np.resize(self.entries, len(self.keys))
+            self.keys = _grown(self.keys, max(end, 2 * len(self.keys)))
+            self.entries = _grown(self.entries, len(self.keys))
         self.keys[self.size:end], self.entries[self.size:end] = keys, entries
         self.size = end
         pool_end = first_index + len(last)
         if pool_end > len(self.last):
-            self.last = np.resize(self.last, max(pool_end, 2 * len(self.last)))
-            self.suffix = np.resize(self.suffix, len(self.last))
+            self.last = _grown(self.last, max(pool_end, 2 * len(self.last)))
+            self.suffix = _grown(self.suffix, len(self.last))
         self.last[first_index:pool_end], self.suffix[first_index:pool_end] = last, suffix
-        if self.size - self.large_size > max(INDEX_REBUILD_MIN_PAIRS, self.large_size // 2):
+        if self.rebuilding is None and self.size - self.large_size > max(INDEX_REBUILD_MIN_PAIRS, self.large_size // 2):
+            # The pairs so far, as views: later adds write past them (or into a new array when growing).
             keys, entries = self.keys[:self.size], self.entries[:self.size]
-            self.large_keys, rows = np.unique(keys, return_inverse=True)
-            self.large = scipy.sparse.csr_array((np.ones(len(keys), dtype=np.int32), (rows, entries)),
-                                                shape=(len(self.large_keys), pool_end))
-            self.large_size = self.size
+            if executor is None:
+                self.large_keys, self.large, self.large_size = _large_postings(keys, entries, pool_end)
+            else:
+                self.rebuilding = executor.submit(_large_postings, keys, entries, pool_end)
 
-    def candidates(self, indptr, keys, pool_size):
-        """(rows, targets, shared): for each block string (row) with these keys (CSR), each pool entry (target) and
-        each earlier block string (target pool_size + its row) sharing keys with it, and how many it shares."""
+    def large_candidates(self, indptr, keys):
+        """(rows, targets, shared): for each block string (row) with these keys (CSR), each pool entry (target) of
+        the large part sharing keys with it, and how many it shares. Reads the postings only: safe in threads."""
         num_rows = len(indptr) - 1
+        if self.large is None or not len(keys):
+            return _csr_pairs(scipy.sparse.csr_array((num_rows, 0), dtype=np.int32))
         rows_of_keys = np.repeat(np.arange(num_rows), np.diff(indptr))
-        parts = []
-        if self.large is not None and len(keys):
-            where = np.minimum(np.searchsorted(self.large_keys, keys), len(self.large_keys) - 1)
-            hit = self.large_keys[where] == keys
-            queries = scipy.sparse.csr_array((np.ones(int(hit.sum()), dtype=np.int32), (rows_of_keys[hit],
-                                              where[hit])), shape=(num_rows, len(self.large_keys)))
-            parts.append((queries @ self.large).tocsr())
-        # The block's own keys, numbered 0..; the newer pool pairs and the block itself are matched against them.
+        where = np.minimum(np.searchsorted(self.large_keys, keys), len(self.large_keys) - 1)
+        hit = self.large_keys[where] == keys
+        queries = scipy.sparse.csr_array((np.ones(int(hit.sum()), dtype=np.int32), (rows_of_keys[hit], where[hit])),
+                                         shape=(num_rows, len(self.large_keys)))
+        return _csr_pairs((queries @ self.large).tocsr())
+
+    def newer_candidates(self, indptr, keys, pool_size):
+        """The same as large_candidates for the newer pool entries (those not yet in the large part)."""
+        num_rows = len(indptr) - 1
+        if self.size == self.large_size or not len(keys):
+            return _csr_pairs(scipy.sparse.csr_array((num_rows, 0), dtype=np.int32))
+        rows_of_keys = np.repeat(np.arange(num_rows), np.diff(indptr))
+        # The block's own keys, numbered 0..; the newer pool pairs are matched against them.
         local_keys, local_ids = np.unique(keys, return_inverse=True)
         block = scipy.sparse.csr_array((np.ones(len(keys), dtype=np.int32), (rows_of_keys, local_ids)),
                                        shape=(num_rows, len(local_keys)))
-        if self.size > self.large_size and len(keys):
-            newer_keys, newer_entries = self.keys[self.large_size:self.size], self.entries[self.large_size:self.size]
-            in_block = np.zeros(1 << KEY_HASH_BITS, dtype=bool)  # a cheap pre-filter: a hash table of the block's keys
-            in_block[_key_hash(local_keys)] = True
-            maybe = np.flatnonzero(in_block[_key_hash(newer_keys)])
-            where = np.minimum(np.searchsorted(local_keys, newer_keys[maybe]), len(local_keys) - 1)
-            hit = local_keys[where] == newer_keys[maybe]
-            newer = scipy.sparse.csr_array((np.ones(int(hit.sum()), dtype=np.int32),
-                                            (where[hit], newer_entries[maybe[hit]])),
-                                           shape=(len(local_keys), pool_size))
-            parts.append((block @ newer).tocsr())
-        rows, targets, shared = [], [], []
-        for part in parts:
-            rows.append(np.repeat(np.arange(num_rows), np.diff(part.indptr)))
-            targets.append(part.indices.astype(np.int64))
-            shared.append(part.data)
-        within = (block @ block.T).tocoo()  # pairs inside the block: only earlier strings count
-        earlier = within.col < within.row
-        rows.append(within.row[earlier].astype(np.int64))
-        targets.append(pool_size + within.col[earlier].astype(np.int64))
-        shared.append(within.data[earlier])
-        return np.concatenate(rows), np.concatenate(targets), np.concatenate(shared)
+        newer_keys, newer_entries = self.keys[self.large_size:self.size], self.entries[self.large_size:self.size]
+        in_block = np.zeros(1 << KEY_HASH_BITS, dtype=bool)  # a cheap pre-filter: a hash table of the block's keys
+        in_block[_key_hash(local_keys)] = True
+        maybe = np.flatnonzero(in_block[_key_hash(newer_keys)])
+        where = np.minimum(np.searchsorted(local_keys, newer_keys[maybe]), len(local_keys) - 1)
+        hit = local_keys[where] == newer_keys[maybe]
+        newer = scipy.sparse.csr_array((np.ones(int(hit.sum()), dtype=np.int32),
+                                        (where[hit], newer_entries[maybe[hit]])), shape=(len(local_keys), pool_size))
+        return _csr_pairs((block @ newer).tocsr())
+
+
+def _grown(array, size):
+    """A new array of `size` starting with `array`'s values, the rest unset (np.resize would fill it with copies)."""
+    out = np.empty(size, dtype=array.dtype)
+    out[:len(array)] = array
+    return out
+
+
+def _large_postings(keys, entries, pool_size):
+    """(distinct keys, sorted; CSR matrix: key row -> its pool entries; number of pairs) of (key, entry) pairs."""
+    large_keys, rows = np.unique(keys, return_inverse=True)
+    large = scipy.sparse.csr_array((np.ones(len(keys), dtype=np.int32), (rows, entries)),
+                                   shape=(len(large_keys), pool_size))
+    return large_keys, large, len(keys)
+
+
+def _csr_pairs(matrix):
+    """(rows, columns, values) of a CSR matrix's stored entries, row by row (int64, int64, its dtype)."""
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    return rows, matrix.indices.astype(np.int64), matrix.data
+
+
+def _within_block(indptr, keys):
+    """(rows, targets, shared): for each block string (row) with these keys (CSR), each earlier block string
+    (target: its row) sharing keys with it, and how many it shares."""
+    num_rows = len(indptr) - 1
+    rows_of_keys = np.repeat(np.arange(num_rows), np.diff(indptr))
+    local_keys, local_ids = np.unique(keys, return_inverse=True)
+    block = scipy.sparse.csr_array((np.ones(len(keys), dtype=np.int32), (rows_of_keys, local_ids)),
+                                   shape=(num_rows, len(local_keys)))
+    within = (block @ block.T).tocoo()
+    earlier = within.col < within.row
+    return within.row[earlier].astype(np.int64), within.col[earlier].astype(np.int64), within.data[earlier]
 
 
 def _key_hash(keys):
@@ -726,7 +801,8 @@ def deduplicate(input_path, output_path, seed_tasks_path=None, threshold=0.7, dr
         rejected_path: also write the rejected records (JSON lines) there, each with `rejected_similar_to` (the
             most similar earlier instruction) and `rejected_score` (its ROUGE-L F), to audit what was dropped.
         num_cpus: CPUs to use (default: all this process may use): threads for the LCS and, on large inputs, for
-            the sorting behind `most_similar_instructions` (with --drop_similarity_fields True, one CPU is used).
+            the sorting behind `most_similar_instructions` (with --drop_similarity_fields True: threads probing the
+            index and for the LCS).
         quiet: no progress bar and no summary line.
     """
     start_time = time.perf_counter()

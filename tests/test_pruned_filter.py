@@ -87,6 +87,23 @@ def test_decisions_match_the_exact_filter_and_rouge_score_on_adversarial_data(th
         assert 0 < sum(p[0] is None for p in pruned) < len(pruned)
 
 
+def test_one_cpu_and_helper_threads_give_the_same_judgements(monkeypatch):
+    # With two CPUs the index is probed and rebuilt in helper threads; the results must not depend on it.
+    monkeypatch.setattr(novelty_filter, "PRUNED_BLOCK_SIZE", 32)
+    monkeypatch.setattr(novelty_filter, "INDEX_REBUILD_MIN_PAIRS", 50)
+    seeds = [record["instruction"] for record in SAMPLE_RECORDS[:6]]
+    candidates = adversarial_instructions()
+    results = []
+    for num_cpus in (1, 2, 2):
+        pruned_filter = NoveltyFilter(seeds, similarity_fields=False)
+        judgements = list(pruned_filter.judge(candidates[:300], num_cpus=num_cpus))
+        judgements += list(pruned_filter.judge(candidates[300:], num_cpus=num_cpus))  # a rebuild may be pending
+        index = pruned_filter._index
+        results.append(([(f, i, s.hex()) for f, i, s in judgements], index.prefix_pairs, index.scored_pairs))
+    assert results[0] == results[1] == results[2]
+    assert 0 < sum(f is None for f, _, _ in results[0][0]) < len(candidates)
+
+
 @pytest.mark.parametrize("max_tokens", [3, 12])
 def test_long_instructions_indexed_by_elements_give_the_same_decisions(max_tokens, monkeypatch):
     # Few enough tokens for the pair signatures that most instructions take the other index (elements, l = 1).
