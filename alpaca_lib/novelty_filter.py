@@ -261,8 +261,8 @@ class NoveltyFilter:
         try:
             yield from self._judge_pruned_blocks(texts, token_strings, executor, num_cpus)
         finally:
-            if executor is not None:  # without waiting for an index rebuild: the next judge may use it
-                executor.shutdown(wait=False, cancel_futures=True)
+            if executor is not None:  # a rebuild still running finishes here: no work outlives the call (or its
+                executor.shutdown(wait=True, cancel_futures=True)  # timing); the next judge swaps it in
 
     def _judge_pruned_blocks(self, texts, token_strings, executor, num_threads):
         if self._index is None:  # its rarity order is taken from the pool and this first batch together
