@@ -569,17 +569,24 @@ class DistributedCheck(transformers.TrainerCallback):
         hardware.check_distributed(self.trainer, self.world_size, args)
 
 
-class PromptFormatSaver(transformers.TrainerCallback):
-    """Writes the prompt format into every checkpoint-N folder, so inference.py prompts a checkpoint as trained."""
+class SavedFolderFiles(transformers.TrainerCallback):
+    """What a saved folder needs beside the Trainer's files: the base's tokenizer.model (llama.cpp's converter reads
+    it: saved_models) and prompt_format.json (inference.py prompts the model as trained). `write` does the output
+    folder; on_save every checkpoint-N, by the process that saves."""
 
-    def __init__(self, prompt_format):
+    def __init__(self, tokenizer, base_name_or_path, prompt_format, cache_dir=None):
+        self.tokenizer, self.base_name_or_path, self.cache_dir = tokenizer, base_name_or_path, cache_dir
         self.prompt_format = prompt_format
+
+    def write(self, folder):
+        saved_models.keep_sentencepiece_model(self.tokenizer, self.base_name_or_path, folder, self.cache_dir)
+        chat_format.save_prompt_format(folder, self.prompt_format)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
                                                    f"{state.global_step}")
         if args.should_save and os.path.isdir(checkpoint):
-            chat_format.save_prompt_format(checkpoint, self.prompt_format)
+            self.write(checkpoint)
 
 
 def safe_save_model_for_hf_trainer(trainer: transformers.Trainer, output_dir: str):
@@ -608,17 +615,14 @@ def train(argv=None):
 
     trainer = transformers.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     trainer.add_callback(DistributedCheck(trainer, int(os.environ.get("WORLD_SIZE", "1"))))
-    trainer.add_callback(saved_models.SentencepieceModelKeeper(tokenizer, model_args.model_name_or_path,
-                                                               training_args.cache_dir))
-    trainer.add_callback(PromptFormatSaver(data_args.prompt_format))
+    saved_folder_files = SavedFolderFiles(tokenizer, model_args.model_name_or_path, data_args.prompt_format,
+                                          training_args.cache_dir)
+    trainer.add_callback(saved_folder_files)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # parse_args resolved `last`
     trainer.save_state()
     safe_save_model_for_hf_trainer(trainer=trainer, output_dir=training_args.output_dir)
     if training_args.should_save:
-        # the base's tokenizer.model, for llama.cpp's converter (saved_models); the prompt format, for inference
-        saved_models.keep_sentencepiece_model(tokenizer, model_args.model_name_or_path, training_args.output_dir,
-                                              training_args.cache_dir)
-        chat_format.save_prompt_format(training_args.output_dir, data_args.prompt_format)
+        saved_folder_files.write(training_args.output_dir)
         logger.info("Saved the %s and tokenizer to %s", "LoRA adapter" if model_args.lora_r else "model",
                     training_args.output_dir)
     if model_args.merge_lora and training_args.should_save:

@@ -121,16 +121,18 @@ def read_jsonl(path):
         return _parse_jsonl_text(path, f.read())
 
 
-def json_lines(path, error):
-    """Yield (where, value) for each non-blank line of a JSON-lines file, `where` being "PATH: line N" for messages;
-    a line that is not JSON raises `error` (a UserError class) naming the file and the line."""
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
+def json_lines(path, error, text=None):
+    """Yield (where, value) for each non-blank line of a JSON-lines file (read line by line; or `text`, its content
+    when already read), `where` being "PATH: line N" for messages; a line that is not JSON raises `error` (a
+    UserError class) naming the file and the line."""
+    with contextlib.ExitStack() as stack:
+        lines = text.split("\n") if text is not None else stack.enter_context(open(path, encoding="utf-8"))
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
                 continue
             where = f"{path}: line {number}"
             try:
-                yield where, json.loads(text)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: not valid JSON ({e.msg})") from None
 
@@ -337,17 +339,7 @@ def _parse_jsonl_text(path, text):
             return records
     except json.JSONDecodeError:
         pass
-    records = []
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise AlpacaDataError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
-    if len(records) != len(lines):  # e.g. a line "1, 2": two values joined, one line alone
-        raise AlpacaDataError(f"{path}: holds {len(lines)} lines but {len(records)} JSON values")
-    return records
+    return [value for _, value in json_lines(path, AlpacaDataError, text)]
 
 
 def load_training_data(path):

@@ -4,15 +4,12 @@
     for the tokens train.py added ([PAD]), as the original's slow tokenizer saved them. transformers 5 saves only
     tokenizer.json; without tokenizer.model, llama.cpp's convert_hf_to_gguf.py reads the vocabulary from tokenizer.json,
     gives every token the score -1000, and llama.cpp then splits Alpaca prompts into other tokens than training did.
-  * SentencepieceModelKeeper: the same for every checkpoint-N folder the Trainer writes.
 """
 
 import json
 import logging
 import os
 import shutil
-
-import transformers
 
 from alpaca_lib.data_files import atomic_open
 
@@ -74,15 +71,3 @@ def keep_sentencepiece_model(tokenizer, base_name_or_path, folder, cache_dir=Non
             f.write(json.dumps(added, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     return target
 
-
-class SentencepieceModelKeeper(transformers.TrainerCallback):
-    """keep_sentencepiece_model for every checkpoint-N folder, by the process that saves (args.should_save)."""
-
-    def __init__(self, tokenizer, base_name_or_path, cache_dir=None):
-        self.tokenizer, self.base_name_or_path, self.cache_dir = tokenizer, base_name_or_path, cache_dir
-
-    def on_save(self, args, state, control, **kwargs):
-        prefix = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
-        folder = os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            keep_sentencepiece_model(self.tokenizer, self.base_name_or_path, folder, self.cache_dir)

@@ -541,9 +541,12 @@ class OpenAIServer:
 
     @staticmethod
     def _send_text(handler, status, text):
-        data = text.encode("utf-8")
+        OpenAIServer._send_bytes(handler, status, text.encode("utf-8"), "text/plain; charset=utf-8")
+
+    @staticmethod
+    def _send_bytes(handler, status, data, content_type):
         handler.send_response(status)
-        handler.send_header("Content-Type", "text/plain; charset=utf-8")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
@@ -668,12 +671,7 @@ class FilesAndBatches:
             status, answer = self._route(method, path, query, raw, handler.headers.get("Content-Type", ""))
             self._save()
         if isinstance(answer, bytes):
-            handler.send_response(status)
-            handler.send_header("Content-Type", "application/octet-stream")
-            handler.send_header("Content-Length", str(len(answer)))
-            handler.end_headers()
-            handler.wfile.write(answer)
-            handler.wfile.flush()
+            server._send_bytes(handler, status, answer, "application/octet-stream")
         elif status >= 400:
             server._send_error(handler, status, answer, "invalid_request_error", None)
         else:
