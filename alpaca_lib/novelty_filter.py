@@ -79,6 +79,24 @@ def rouge_tokens(text):
     return _TOKEN_RE.findall(text.lower())
 
 
+def fmeasures(lcs, other_lengths, new_lengths):
+    """ROUGE-L F-measures of pairs (arrays, or a scalar new length), bit-identical to rouge_score's Python floats.
+
+    rouge_score computes p = lcs/len(b), r = lcs/len(a), then 2*p*r/(p+r) in Python floats. The same IEEE float64
+    operations in the same order (2*p first, then *r, then / (p+r)) give the same bits in NumPy.
+    """
+    precision = lcs / other_lengths  # int -> float64 exactly, then divided
+    recall = lcs / new_lengths
+    numerator = 2 * precision
+    numerator *= recall
+    denominator = np.add(precision, recall, out=precision)
+    # p + r is 0 exactly when lcs is 0, where the F-measure is 0. Any positive p + r is at least 1/len(b), far above
+    # the smallest float, so raising 0 to it leaves every other value alone and makes 0/0 into 0/tiny = 0.
+    np.maximum(denominator, np.finfo(np.float64).smallest_subnormal, out=denominator)
+    numerator /= denominator
+    return numerator
+
+
 def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -233,23 +251,10 @@ class NoveltyFilter:
         self.instructions.append(instruction)
 
     def _fmeasures(self, lcs, new_length):
-        """F-measures from LCS lengths against the pool (pool order), bit-identical to rouge_score's Python floats.
-
-        rouge_score computes p = lcs/len(b), r = lcs/len(a), then 2*p*r/(p+r) in Python floats. The same IEEE float64
-        operations in the same order (2*p first, then *r, then / (p+r)) give the same bits in NumPy.
-        """
+        """F-measures from LCS lengths against the pool (pool order), bit-identical to rouge_score's (fmeasures)."""
         if new_length == 0:
             return np.zeros(len(lcs), dtype=np.float64)
-        precision = lcs / self._lengths[: len(lcs)]  # int32 -> float64 exactly, then divided
-        recall = lcs / new_length
-        numerator = 2 * precision
-        numerator *= recall
-        denominator = np.add(precision, recall, out=precision)
-        # p + r is 0 exactly when lcs is 0, where the F-measure is 0. Any positive p + r is at least 1/len(b), far
-        # above the smallest float, so raising 0 to it leaves every other value alone and makes 0/0 into 0/tiny = 0.
-        np.maximum(denominator, np.finfo(np.float64).smallest_subnormal, out=denominator)
-        numerator /= denominator
-        return numerator
+        return fmeasures(lcs, self._lengths[: len(lcs)], new_length)
 
     def _judge_pruned(self, texts, token_strings, num_cpus=None):
         """judge without the fields: each candidate is scored only against the pool entries the index cannot rule
@@ -280,13 +285,7 @@ class NoveltyFilter:
             rows, targets, lcs, new_lengths, other_lengths = index.score_block(
                 block_strings, _slice_signatures(signatures, start, end), self._lengths, executor, num_threads)
             pool_size = len(self)
-            # The exact path's float rule, pair by pair: p = lcs/len(b), r = lcs/len(a), 2*p*r/(p+r) (lcs >= 1 here:
-            # every pair shares a prefix token; the maximum only guards 0/0 as _fmeasures does).
-            precision = lcs / other_lengths
-            recall = lcs / new_lengths
-            fmeasure = 2 * precision
-            fmeasure *= recall
-            fmeasure /= np.maximum(precision + recall, np.finfo(np.float64).smallest_subnormal)
+            fmeasure = fmeasures(lcs, other_lengths, new_lengths)  # the exact path's float rule, pair by pair
 
             # The best pool entry (highest F, then lowest pool index, as argmax) among those from before the block.
             before = targets < pool_size
